@@ -1,0 +1,53 @@
+# mergedistill: `make demo` runs the whole pipeline on the embedded default; `make test` runs the suite.
+# Both set everything up on a fresh clone (a virtualenv in .venv; torch pinned to the CPU wheel).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MD := $(VENV)/bin/mergedistill
+STAMP := $(VENV)/.installed
+# pip prints one harmless warning per package about this machine's extra index; keep the log readable
+PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: setup test test-all demo corpora teachers vocab bench bench-vocab clean-demo help
+
+help:
+	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
+	@echo "make test      # the test suite (fast tests; make test-all adds the slow ones)"
+	@echo "make corpora teachers vocab   # single stages of the demo"
+	@echo "make bench     # benchmarks (ratios measured side by side)"
+
+setup: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip $(PIPQ)
+	# torch first, from the pinned CPU wheel: an unpinned torch would pull GBs of CUDA packages
+	$(PY) -m pip install -q -c constraints.txt torch $(PIPQ)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]' $(PIPQ)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+corpora: setup
+	$(PY) -m mergedistill.corpora --out corpora
+
+teachers: corpora
+	$(PY) -m mergedistill.teachers_build --config configs/teachers.yaml --out teachers
+
+vocab: teachers
+	$(MD) vocab --config configs/demo.yaml
+
+demo: vocab
+	@echo "demo: vocabulary report at vocab/demo/report.md, teachers' report at teachers/report.md"
+
+bench: bench-vocab
+
+bench-vocab: setup
+	$(PY) benchmarks/bench_vocab.py
+
+clean-demo:
+	rm -rf vocab/demo runs/demo

@@ -1,0 +1,111 @@
+"""`mergedistill <stage> --config C [--section.key=value ...]`: one entry point, one subcommand per stage.
+
+Exit status: 0 on success, 2 on bad input (config, files, models), 1 on an internal failure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import textwrap
+from typing import Callable
+
+from .configlib import describe
+from .config import RunConfig, load_config
+from .errors import StageNotAvailable, UserError
+
+log = logging.getLogger("mergedistill")
+
+# stage name -> (one-line summary, "module:function" taking (cfg, args) or None while not built yet)
+STAGES: dict[str, tuple[str, str | None]] = {
+    "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab_stage:run_vocab"),
+    "data": ("routed, masked corpora + offline teacher top-k shards", None),
+    "train": ("Lightning training of the student; --resume continues", None),
+    "evaluate": ("student vs teachers vs baselines, per language", None),
+    "select": ("rank candidate teachers per language, write a routing", None),
+    "ablate": ("teacher-selection variants end to end, one table", None),
+    "run": ("all stages in order, skipping what is already done", None),
+}
+
+
+def _fields_help() -> str:
+    lines = describe(RunConfig)
+    wrapped = [textwrap.fill(line, width=110, subsequent_indent="      ") for line in lines]
+    return (
+        "config fields (YAML keys; override any of them as --section.key=value):\n  "
+        + "\n  ".join(wrapped)
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergedistill",
+        description="Merge several pretrained masked LMs into one multilingual student by task-agnostic distillation.",
+    )
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE")
+    for name, (summary, _) in STAGES.items():
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=f"mergedistill {name}: {summary}.",
+            epilog=_fields_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--config", "-c", metavar="FILE", help="the run's YAML config (e.g. configs/demo.yaml)")
+        p.add_argument("-v", "--verbose", action="store_true", help="log details")
+        p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
+        if name in ("train", "run"):
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    return parser
+
+
+def _resolve(target: str) -> Callable:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.stage is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not args.verbose:
+        for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "datasets", "fsspec"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    try:
+        if bad:
+            raise UserError(f"unrecognised arguments {' '.join(bad)}: overrides take the form --section.key=value")
+        cfg = load_config(args.config, rest)
+        summary, target = STAGES[args.stage]
+        if target is None:
+            raise StageNotAvailable(
+                f"`mergedistill {args.stage}` ({summary}) is not implemented in this version yet; "
+                "available: " + ", ".join(n for n, (_, t) in STAGES.items() if t)
+            )
+        _resolve(target)(cfg, args)
+    except UserError as e:
+        print(f"mergedistill {args.stage}: error: {e.render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mergedistill {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception:  # an internal failure: show where
+        log.exception(f"mergedistill {args.stage}: internal error (please report it with the traceback above)")
+        return 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,289 @@
+"""The run config: one dataclass per stage, one docstring per field (printed by `--help`).
+
+`load_config(path, overrides)` reads YAML, applies `--section.key=value` overrides, converts to
+these dataclasses and runs the cross-field checks, raising one `ConfigError` that lists every
+problem found (unknown keys with a did-you-mean, wrong types, routing to undefined teachers,
+missing files) before any work starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .configlib import apply_override, from_dict, parse_override
+from .errors import ConfigError
+
+
+@dataclass
+class TeacherConfig:
+    path: str
+    """A Hugging Face model id or a local folder holding a masked-LM (config, weights, tokenizer)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `path` is a hub id."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off by default: only standard transformers classes load."""
+
+
+@dataclass
+class LanguageConfig:
+    train: str
+    """Training corpus: a .txt file (one document or paragraph per line), a .jsonl file (field `text`),
+    or a datasets spec `datasets:<id or local dir>[:<config>]:<split>[:<column>]`."""
+    valid: str | None = None
+    """Validation corpus, same formats (used for validation losses and by `select`)."""
+    test: str | None = None
+    """Held-out test corpus, same formats (used by `evaluate`)."""
+    teacher: str | None = None
+    """The teacher that serves this language; defaults to `default_teacher`."""
+    candidates: list[str] = field(default_factory=list)
+    """Other teachers that know this language: compared by `evaluate`, ranked by `select`."""
+
+
+@dataclass
+class VocabConfig:
+    prune: bool = False
+    """Keep only the tokens each teacher's tokenizer produces on the corpora routed to it (plus
+    specials); the rest map to [UNK] and are dropped from teacher predictions."""
+    prune_splits: list[str] = field(default_factory=lambda: ["train"])
+    """Corpus splits scanned for pruning (train, valid, test)."""
+    keep_single_chars: bool = True
+    """When pruning, keep every single-character piece too, so unseen text still splits into known
+    pieces instead of [UNK]."""
+    max_lines: int | None = None
+    """Read at most this many lines per corpus when pruning (null: all of it)."""
+    report_lines: int = 20000
+    """Lines per language used for the fertility figures of the report (0: all)."""
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 128
+    """Tokens per training sequence, [CLS]/[SEP] included."""
+    mask_prob: float = 0.15
+    """Fraction of (non-special) tokens selected for prediction."""
+    top_k: int = 8
+    """Teacher predictions kept per masked position (ids mapped to the student vocabulary)."""
+    whole_word_mask: bool = False
+    """Mask all pieces of a word together."""
+    dupe_factor: int = 1
+    """Masked copies of each sequence, each with its own mask."""
+    seed: int = 0
+    """Masking seed."""
+    batch_size: int = 32
+    """Sequences per teacher forward pass."""
+    shard_sequences: int = 4096
+    """Sequences per Arrow shard (the unit of resumption and of parallel work)."""
+
+
+@dataclass
+class StudentConfig:
+    layers: int = 4
+    """Transformer layers."""
+    hidden: int = 256
+    """Hidden size (also the embedding size)."""
+    heads: int = 4
+    """Attention heads."""
+    intermediate: int = 1024
+    """Feed-forward size."""
+    max_position: int = 512
+    """Maximum sequence length the position embeddings cover."""
+    init: str = "random"
+    """`random`, or `teacher:<name>` to copy every other layer of that teacher (sizes must match)."""
+    embeddings_from_teachers: bool = True
+    """Copy embedding rows from the teachers through the id maps where hidden sizes match (averaged
+    where several teachers share a token)."""
+
+
+@dataclass
+class TrainConfig:
+    alpha: float = 0.5
+    """Weight of the KD loss; 1 - alpha weighs the MLM loss on gold tokens (0 = MLM-only baseline)."""
+    temperature: float = 1.0
+    """Softmax temperature of the KD loss."""
+    sampling_alpha: float = 0.3
+    """Language sampling exponent: p(lang) proportional to size**sampling_alpha."""
+    max_steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per device per step (before gradient accumulation)."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    warmup_steps: int = 100
+    """Linear warmup steps, followed by linear decay to 0."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0: off)."""
+    devices: int | str = "auto"
+    """Devices per node (a number, or `auto`)."""
+    accelerator: str = "auto"
+    """`cpu`, `gpu` or `auto`."""
+    strategy: str = "auto"
+    """Lightning strategy, e.g. `ddp`."""
+    num_nodes: int = 1
+    """Machines."""
+    precision: str = "auto"
+    """`auto` (bf16-mixed on GPU, 32 on CPU) or any Lightning precision string."""
+    val_every: int = 200
+    """Validate every this many steps."""
+    seed: int = 0
+    """Seed for initialisation and sampling."""
+    logger: Literal["csv", "tensorboard", "wandb"] = "csv"
+    """Where metrics go; wandb runs offline unless WANDB_MODE says otherwise."""
+    mode: Literal["offline", "online"] = "offline"
+    """`offline`: teacher predictions come from the data stage's shards; `online`: the teacher runs
+    inside the training step (small runs and benchmarks)."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 32
+    """Sequences per forward pass during evaluation."""
+    max_lines: int | None = None
+    """Evaluate on at most this many test lines per language (null: all)."""
+
+
+@dataclass
+class RunConfig:
+    run: str
+    """Run name: outputs go to vocab/<run>/ and runs/<run>/ under the current directory."""
+    teachers: dict[str, TeacherConfig]
+    """Teacher name -> where its model is."""
+    languages: dict[str, LanguageConfig]
+    """Language code -> its corpora and its teacher."""
+    default_teacher: str | None = None
+    """Teacher for languages that name none."""
+    vocab: VocabConfig = field(default_factory=VocabConfig)
+    """The vocabulary stage."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data stage."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The student model."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The train stage."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The evaluate stage."""
+
+    # ---- derived ----------------------------------------------------------------------------
+    def teacher_of(self, lang: str) -> str:
+        return self.languages[lang].teacher or self.default_teacher  # type: ignore[return-value]
+
+    def languages_of(self, teacher: str) -> list[str]:
+        """Languages routed to `teacher`, in config order."""
+        return [lang for lang in self.languages if self.teacher_of(lang) == teacher]
+
+    @property
+    def vocab_dir(self) -> Path:
+        return Path("vocab") / self.run
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.run
+
+
+DATASETS_PREFIX = "datasets:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`bert-base-cased` or `google/muril-base-cased`; a path starting with ./, / or ~ is local."""
+    return bool(_HUB_ID.match(path)) and not os.path.exists(path)
+
+
+def _check(cfg: RunConfig, problems: list[str]) -> None:
+    """Cross-field checks: routing, files, value ranges."""
+    if not re.match(r"^[\w.-]+$", cfg.run or ""):
+        problems.append(f"run: {cfg.run!r} must be a plain name (letters, digits, . _ -): it names output folders")
+    if not cfg.teachers:
+        problems.append("teachers: define at least one teacher, e.g. `multi: {path: teachers/multi}`")
+    if not cfg.languages:
+        problems.append("languages: define at least one language, e.g. `de: {train: corpora/de/train.txt, teacher: de}`")
+    if cfg.default_teacher is not None and cfg.default_teacher not in cfg.teachers:
+        problems.append(f"default_teacher: {cfg.default_teacher!r} is not a teacher; defined: {', '.join(cfg.teachers)}")
+    for name, t in cfg.teachers.items():
+        if t is None:
+            continue
+        if not looks_like_hub_id(t.path) and not Path(t.path).is_dir():
+            problems.append(
+                f"teachers.{name}.path: no folder {t.path!r} (resolved against {os.getcwd()}); "
+                "build it (the demo's teachers: `make teachers`) or give a hub model id"
+            )
+    for lang, lc in cfg.languages.items():
+        if lc is None:
+            continue
+        teacher = lc.teacher or cfg.default_teacher
+        if teacher is None:
+            problems.append(f"languages.{lang}: no teacher assigned; add `teacher: <name>` or a top-level `default_teacher`")
+        elif teacher not in cfg.teachers:
+            problems.append(f"languages.{lang}.teacher: {teacher!r} is not defined under teachers ({', '.join(cfg.teachers)})")
+        for cand in lc.candidates:
+            if cand not in cfg.teachers:
+                problems.append(f"languages.{lang}.candidates: {cand!r} is not defined under teachers ({', '.join(cfg.teachers)})")
+        for split in ("train", "valid", "test"):
+            spec = getattr(lc, split)
+            if spec and not spec.startswith(DATASETS_PREFIX) and not Path(spec).is_file():
+                problems.append(f"languages.{lang}.{split}: no file {spec!r} (resolved against {os.getcwd()})")
+    for split in cfg.vocab.prune_splits:
+        if split not in ("train", "valid", "test"):
+            problems.append(f"vocab.prune_splits: {split!r} is not one of train, valid, test")
+    d = cfg.data
+    if not 0.0 < d.mask_prob < 1.0:
+        problems.append(f"data.mask_prob: {d.mask_prob} must be between 0 and 1")
+    if d.top_k < 1:
+        problems.append(f"data.top_k: {d.top_k} must be at least 1")
+    if d.seq_len < 8:
+        problems.append(f"data.seq_len: {d.seq_len} must be at least 8")
+    if d.dupe_factor < 1:
+        problems.append(f"data.dupe_factor: {d.dupe_factor} must be at least 1")
+    t = cfg.train
+    if not 0.0 <= t.alpha <= 1.0:
+        problems.append(f"train.alpha: {t.alpha} must be between 0 and 1")
+    if t.temperature <= 0:
+        problems.append(f"train.temperature: {t.temperature} must be positive")
+    if t.max_steps < 1:
+        problems.append(f"train.max_steps: {t.max_steps} must be at least 1")
+    s = cfg.student
+    if s.hidden % max(s.heads, 1):
+        problems.append(f"student.hidden: {s.hidden} must be a multiple of student.heads ({s.heads})")
+    if s.init != "random" and not (s.init.startswith("teacher:") and s.init[8:] in cfg.teachers):
+        problems.append(f"student.init: {s.init!r} must be `random` or `teacher:<name>` with a defined teacher")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, data: dict | None = None) -> RunConfig:
+    """Read a YAML config (or take `data`), apply overrides, check everything, return a RunConfig.
+
+    Raises ConfigError listing every problem."""
+    problems: list[str] = []
+    if data is None:
+        if path is None:
+            raise ConfigError("no config given: pass --config FILE (the demo's is configs/demo.yaml)")
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no file {str(path)!r}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (run, teachers, languages, ...)")
+    for arg in overrides or []:
+        try:
+            keys, value = parse_override(arg)
+        except (ValueError, yaml.YAMLError) as e:
+            problems.append(str(e))
+            continue
+        apply_override(data, keys, value)
+    cfg = from_dict(RunConfig, data, "", problems)
+    if cfg is not None:
+        _check(cfg, problems)
+    if problems:
+        where = f"config {path}" if path else "config"
+        raise ConfigError(problems, header=f"{where}: {len(problems)} problem(s); nothing was run:")
+    return cfg

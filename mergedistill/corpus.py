@@ -1,0 +1,136 @@
+"""Reading corpora: plain text (one document or paragraph per line), JSON lines (field `text`), or a
+`datasets` spec `datasets:<id or local dir>[:<config>]:<split>[:<column>]`.
+
+Problems (missing, empty, not UTF-8, no `text` field) raise UserError naming the field and file."""
+from __future__ import annotations
+
+import codecs
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .config import DATASETS_PREFIX
+from .errors import UserError
+from .fsutil import sha256_file
+
+
+def _parse_datasets_spec(spec: str, where: str) -> tuple[str, str | None, str, str]:
+    parts = spec[len(DATASETS_PREFIX):].split(":")
+    if len(parts) == 2:
+        return parts[0], None, parts[1], "text"
+    if len(parts) == 3:
+        return parts[0], parts[1] or None, parts[2], "text"
+    if len(parts) == 4:
+        return parts[0], parts[1] or None, parts[2], parts[3]
+    raise UserError(f"{where}: {spec!r} is not a datasets spec `datasets:<id or dir>[:<config>]:<split>[:<column>]`")
+
+
+def iter_lines(spec: str, where: str, max_lines: int | None = None) -> Iterator[str]:
+    """Non-blank texts of a corpus, stripped, at most `max_lines` of them."""
+    n = 0
+    for text in _iter_raw(spec, where):
+        text = text.strip()
+        if not text:
+            continue
+        yield text
+        n += 1
+        if max_lines is not None and n >= max_lines:
+            return
+
+
+def _iter_raw(spec: str, where: str) -> Iterator[str]:
+    if spec.startswith(DATASETS_PREFIX):
+        yield from _iter_datasets(spec, where)
+        return
+    path = Path(spec)
+    if not path.is_file():
+        raise UserError(f"{where}: no file {spec!r}")
+    is_jsonl = path.suffix in (".jsonl", ".json")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{where}: {spec} is not UTF-8 (line {lineno}, byte {e.start}); convert it, "
+                    f"e.g. `iconv -f latin1 -t utf-8 {spec} > fixed.txt`"
+                ) from None
+            if is_jsonl:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where}: {spec} line {lineno} is not JSON ({e.msg})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise UserError(f"{where}: {spec} line {lineno} has no string field `text`")
+                yield obj["text"]
+            else:
+                yield line
+
+
+def _iter_datasets(spec: str, where: str) -> Iterator[str]:
+    import datasets
+
+    name, config, split, column = _parse_datasets_spec(spec, where)
+    try:
+        if (Path(name) / "dataset_dict.json").exists() or (Path(name) / "state.json").exists():
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:
+        raise UserError(f"{where}: cannot load {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    if column not in ds.column_names:
+        raise UserError(f"{where}: {spec!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    for row in ds:
+        yield row[column]
+
+
+def check_corpus(spec: str, where: str) -> str | None:
+    """A problem with a corpus (missing, empty, not UTF-8, bad JSON), or None. Reads plain files in
+    blocks with an incremental decoder, so a large corpus is checked at disk speed."""
+    if spec.startswith(DATASETS_PREFIX):
+        try:
+            next(iter_lines(spec, where), None)
+        except UserError as e:
+            return str(e)
+        return None
+    path = Path(spec)
+    if not path.is_file():
+        return f"{where}: no file {spec!r}"
+    if path.suffix in (".jsonl", ".json"):
+        try:
+            for _ in iter_lines(spec, where):
+                return None
+        except UserError as e:
+            return str(e)
+        return f"{where}: {spec} is empty (no non-blank lines); point it at a corpus with text"
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    nonblank = False
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 22)
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                return (f"{where}: {spec} is not UTF-8 (byte {offset + e.start}); convert it, "
+                        f"e.g. `iconv -f latin1 -t utf-8 {spec} > fixed.txt`")
+            nonblank = nonblank or bool(text.strip())
+            offset += len(block)
+            if not block:
+                break
+    if not nonblank:
+        return f"{where}: {spec} is empty (no non-blank lines); point it at a corpus with text"
+    return None
+
+
+def corpus_fingerprint(spec: str) -> str:
+    """Identity of a corpus for artifact fingerprints: a hash of a file's bytes (so an identical
+    rebuild keeps it), or the spec itself for datasets."""
+    if spec.startswith(DATASETS_PREFIX):
+        return spec
+    return sha256_file(spec)

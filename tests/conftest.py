@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny teachers of every tokenizer family, built in code once per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SENTENCES = {
+    "en": [
+        "The quick brown fox jumps over the lazy dog.",
+        "The student learns from the teachers, and the teachers know their languages.",
+        "Distillation merges several models into one smaller model.",
+        "This is the house that the builder built in the spring.",
+    ],
+    "de": [
+        "Über den Wolken muss die Freiheit wohl grenzenlos sein.",
+        "Die Schüler lernen schöne Wörter in der Schule.",
+        "Grüße aus München, wo das Bier und die Brezeln gut sind.",
+        "Der Lehrer erklärt die Aufgabe mit großer Geduld.",
+    ],
+    "fr": [
+        "Le renard brun rapide saute par-dessus le chien paresseux.",
+        "Ça va très bien, merci beaucoup et à bientôt.",
+        "Les élèves apprennent le français à l'école.",
+    ],
+    "ru": [
+        "Съешь же ещё этих мягких французских булок, да выпей чаю.",
+        "Ученики изучают русский язык в школе.",
+        "Привет мир, это простой тест для токенизатора.",
+    ],
+    "zh": [
+        "敏捷的棕色狐狸跳过了懒狗。",
+        "学生们在学校学习中文。",
+        "你好世界，这是一个简单的测试。",
+    ],
+    "ja": [
+        "素早い茶色の狐がのろまな犬を飛び越える。",
+        "学生は学校で日本語を勉強します。",
+        "こんにちは世界、これは簡単なテストです。",
+    ],
+}
+
+# teacher name -> (tokenizer family, languages it is trained on, lowercase)
+TINY_TEACHERS = {
+    "wp": ("wordpiece", ["en", "de"], False),
+    "uni": ("unigram", ["en", "ru", "fr"], False),
+    "spbpe": ("sp-bpe", ["zh", "ja", "en"], False),
+    "bbpe": ("byte-bpe", ["en", "fr", "de"], False),
+    "multi": ("unigram", list(SENTENCES), False),
+}
+
+# Text in several scripts, including some that no tiny teacher saw (Greek, Arabic, Devanagari, emoji)
+PROBE_TEXTS = [
+    "The quick brown fox.",
+    "Grüße aus Köln: Äpfel, Öl und Übermut!",
+    "Ça va très bien, à bientôt.",
+    "Привет, мир! Ёжик в тумане.",
+    "你好世界，学生们。",
+    "こんにちは、世界。",
+    "Emoji 😀🤖👍🏽 and symbols © ™ ∑",
+    "Ελληνικά κείμενα και العربية और हिन्दी",
+    "MiXeD   spacing\tand\nnewlines",
+    "the [MASK] of <mask> tokens",
+    "",
+]
+
+
+def corpus_lines(langs: list[str], repeat: int = 6) -> list[str]:
+    return [s for lang in langs for s in SENTENCES[lang]] * repeat
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
+    """Teacher folders (tokenizer only: enough for the vocabulary stage), by name."""
+    from mergedistill.tokenizer_train import train_tokenizer
+
+    root = tmp_path_factory.mktemp("teachers")
+    out = {}
+    for name, (kind, langs, lower) in TINY_TEACHERS.items():
+        tok = train_tokenizer(kind, corpus_lines(langs), vocab_size=400 if kind != "byte-bpe" else 420, lowercase=lower)
+        tok.save_pretrained(str(root / name))
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_corpora(tmp_path_factory) -> dict[str, Path]:
+    """One small train corpus per language (the sentences, repeated)."""
+    root = tmp_path_factory.mktemp("corpora")
+    out = {}
+    for lang, sents in SENTENCES.items():
+        p = root / f"{lang}.txt"
+        p.write_text("\n".join(sents * 3) + "\n", encoding="utf-8")
+        out[lang] = p
+    return out
+
+
+def make_config(path: Path, teachers: dict[str, Path], corpora: dict[str, Path], routing: dict[str, str], **sections) -> Path:
+    """Write a run config routing each language of `routing` to its teacher."""
+    cfg = {
+        "run": sections.pop("run", "t"),
+        "teachers": {n: {"path": str(p)} for n, p in teachers.items()},
+        "languages": {lang: {"train": str(corpora[lang]), "teacher": t} for lang, t in routing.items()},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in a fresh folder: outputs go to vocab/ and runs/ under the current directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
