@@ -240,6 +240,10 @@ def _build_languages(out: Path, cache_dir: Path, specs: list[LanguageSpec], sour
         executor.shutdown(wait=True, cancel_futures=True)
         for tmp in out.glob(f".tmp-*-{run_id}"):
             shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            (cache_dir / "unpack").rmdir()  # empty once every worker has cleaned up after itself
+        except OSError:
+            pass
     if failed:
         unfinished = [s.code for s in specs if s.code not in entries]
         raise PackageError(
