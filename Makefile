@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all demo corpora teachers vocab bench bench-vocab clean-demo help
+.PHONY: setup test test-all demo corpora teachers vocab bench bench-vocab bench-data clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -44,10 +44,13 @@ vocab: teachers
 demo: vocab
 	@echo "demo: vocabulary report at vocab/demo/report.md, teachers' report at teachers/report.md"
 
-bench: bench-vocab
+bench: bench-vocab bench-data
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
 
 clean-demo:
 	rm -rf vocab/demo runs/demo
+
+bench-data: corpora
+	$(PY) benchmarks/bench_data.py

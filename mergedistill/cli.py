@@ -9,6 +9,7 @@ import importlib
 import logging
 import sys
 import textwrap
+import warnings
 from typing import Callable
 
 from .configlib import describe
@@ -20,8 +21,8 @@ log = logging.getLogger("mergedistill")
 # stage name -> (one-line summary, "module:function" taking (cfg, args) or None while not built yet)
 STAGES: dict[str, tuple[str, str | None]] = {
     "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab_stage:run_vocab"),
-    "data": ("routed, masked corpora + offline teacher top-k shards", None),
-    "train": ("Lightning training of the student; --resume continues", None),
+    "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data_stage:run_data"),
+    "train": ("Lightning training of the student; --resume continues", "mergedistill.train_stage:run_train"),
     "evaluate": ("student vs teachers vs baselines, per language", None),
     "select": ("rank candidate teachers per language, write a routing", None),
     "ablate": ("teacher-selection variants end to end, one table", None),
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
         if name in ("train", "run"):
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+        if name == "train":
+            p.add_argument("--baseline", action="store_true",
+                           help="train the MLM-only baseline instead (alpha 0, same size, data and steps) into runs/<run>/baseline")
     return parser
 
 
@@ -76,9 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s" if args.verbose else "%(message)s",
         datefmt="%H:%M:%S",
     )
+    # Lightning has its own handler: keep its lines once, and only its warnings unless -v
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        lg = logging.getLogger(name)
+        lg.propagate = False
+        if not args.verbose:
+            lg.setLevel(logging.WARNING)
     if not args.verbose:
         for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "datasets", "fsspec"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     try:
         if bad:

@@ -63,21 +63,31 @@ class VocabConfig:
 @dataclass
 class DataConfig:
     seq_len: int = 128
-    """Tokens per training sequence, [CLS]/[SEP] included."""
+    """Tokens per training sequence, [CLS]/[SEP] included. Lines are packed `[CLS] a [SEP] b [SEP]`;
+    a line is split only when it alone is longer than a sequence."""
     mask_prob: float = 0.15
-    """Fraction of (non-special) tokens selected for prediction."""
+    """Fraction of (non-special) tokens selected for prediction (80% [MASK], 10% random, 10% kept)."""
     top_k: int = 8
     """Teacher predictions kept per masked position (ids mapped to the student vocabulary)."""
     whole_word_mask: bool = False
     """Mask all pieces of a word together."""
     dupe_factor: int = 1
-    """Masked copies of each sequence, each with its own mask."""
+    """Masked copies of each training sequence, each with its own mask."""
     seed: int = 0
-    """Masking seed."""
-    batch_size: int = 32
-    """Sequences per teacher forward pass."""
-    shard_sequences: int = 4096
-    """Sequences per Arrow shard (the unit of resumption and of parallel work)."""
+    """Masking seed (each shard and copy draws from its own stream, so results do not depend on how
+    shards are spread over processes)."""
+    batch_size: int = 64
+    """Sequences per teacher forward pass (sequences are sorted by length first)."""
+    shard_lines: int = 20000
+    """Corpus lines per shard: the unit of resumption and of parallel work."""
+    splits: list[str] = field(default_factory=lambda: ["train", "valid"])
+    """Corpus splits turned into shards (valid shards feed validation during training)."""
+    workers: int = 1
+    """Local worker processes (CPU); across machines, ranks come from the launcher (torchrun, SLURM)."""
+    device: str = "auto"
+    """Where teachers run: `auto` (this rank's GPU if any, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Teacher weights' dtype for inference: `auto` is bfloat16 on GPU, float32 on CPU."""
 
 
 @dataclass
@@ -143,11 +153,52 @@ class TrainConfig:
 
 
 @dataclass
+class DownstreamTask:
+    train: dict[str, str]
+    """Language -> labelled training data: JSON lines (`text_field`, `label_field`), a CoNLL file
+    (tagging: token and tag columns), or a datasets spec `datasets:<id or dir>[:<config>]:<split>`."""
+    test: dict[str, str]
+    """Language -> labelled test data, same formats."""
+    kind: Literal["classify", "tag"] = "classify"
+    """`classify`: one label per text (mean-pooled encoder + linear); `tag`: one label per word."""
+    text_field: str = "text"
+    """Field holding the text (JSON lines / datasets)."""
+    label_field: str = "label"
+    """Field holding the label (JSON lines / datasets)."""
+    epochs: int = 2
+    """Fine-tuning epochs per language."""
+    lr: float = 0.0005
+    """Fine-tuning learning rate."""
+    max_train: int = 2000
+    """Training examples per language (the first ones)."""
+    max_test: int = 1000
+    """Test examples per language (the first ones)."""
+    zero_shot_from: list[str] = field(default_factory=list)
+    """Languages whose fine-tuned model is also tested on every other language (zero-shot transfer)."""
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 32
     """Sequences per forward pass during evaluation."""
-    max_lines: int | None = None
-    """Evaluate on at most this many test lines per language (null: all)."""
+    max_lines: int | None = 2000
+    """Test lines per language for masked-token accuracy and agreement (null: all)."""
+    pll_lines: int = 200
+    """Test lines per language for pseudo-log-likelihood (one forward pass per token: costly)."""
+    mask_prob: float = 0.15
+    """Masking rate for masked-token accuracy (fixed seed, [MASK] only)."""
+    seed: int = 0
+    """Seed of the evaluation masks."""
+    char_languages: list[str] = field(default_factory=lambda: ["ja", "zh", "th", "ko"])
+    """Languages written without spaces: scored per character instead of per word."""
+    retrieval: bool = True
+    """Cross-lingual retrieval on aligned test paragraphs (JSON lines test files sharing a `key` field)."""
+    retrieval_pairs: int = 500
+    """Aligned paragraphs per language pair at most."""
+    baseline: bool = True
+    """Compare with the MLM-only baseline student (runs/<run>/baseline, `mergedistill train --baseline`)."""
+    downstream: dict[str, DownstreamTask] = field(default_factory=dict)
+    """Labelled tasks: task name -> its data per language and fine-tuning settings."""
 
 
 @dataclass
@@ -242,6 +293,11 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"data.seq_len: {d.seq_len} must be at least 8")
     if d.dupe_factor < 1:
         problems.append(f"data.dupe_factor: {d.dupe_factor} must be at least 1")
+    if d.shard_lines < 1 or d.batch_size < 1 or d.workers < 1:
+        problems.append("data.shard_lines, data.batch_size and data.workers must be at least 1")
+    for split in d.splits:
+        if split not in ("train", "valid", "test"):
+            problems.append(f"data.splits: {split!r} is not one of train, valid, test")
     t = cfg.train
     if not 0.0 <= t.alpha <= 1.0:
         problems.append(f"train.alpha: {t.alpha} must be between 0 and 1")

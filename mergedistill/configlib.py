@@ -96,6 +96,11 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         problems.append(f"{where}: expected a number, got {value!r}")
         return None
     if tp is str:

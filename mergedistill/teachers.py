@@ -110,6 +110,16 @@ class TeacherTokenizer:
                 seen[k] = i
         return keys  # type: ignore[return-value]
 
+    def token_id(self, token: str) -> int:
+        """Teacher id of a token string (added/special tokens first, then the model vocabulary)."""
+        for added in self.tj.get("added_tokens", []):
+            if added["content"] == token:
+                return added["id"]
+        vocab = self.tj["model"]["vocab"]
+        if isinstance(vocab, dict):
+            return vocab[token]
+        return next(i for i, (piece, _) in enumerate(vocab) if piece == token)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Teacher ids of each text, without special tokens."""
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
@@ -221,3 +231,50 @@ def load_all_tokenizers(cfg: RunConfig) -> dict[str, TeacherTokenizer]:
     if problems:
         raise UserError(problems, header=f"{len(problems)} teacher problem(s); nothing was written:")
     return out
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def model_fingerprint(name: str, tc: TeacherConfig) -> str:
+    """Identity of a teacher's weights: hashes of its config and weight files (local folders), or the
+    hub id and revision."""
+    folder = Path(tc.path)
+    if not folder.is_dir():
+        return hashlib.sha256(f"{tc.path}@{tc.revision}".encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
+            from .fsutil import sha256_file
+
+            h.update(f"{f.name}:{sha256_file(f)}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_teacher_model(name: str, tc: TeacherConfig, dtype=None):
+    """The teacher's masked-LM (AutoModelForMaskedLM), in eval mode. Weights load safely: safetensors
+    when present (else torch's weights_only loader), no remote code unless the config allows it.
+    A folder whose weights lack the MLM head is refused (its predictions would be random)."""
+    from transformers import AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress lines say what is happening
+    where = f"teachers.{name}"
+    folder = Path(tc.path)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{where}: folder {tc.path!r} has no config.json; save the model there with model.save_pretrained(folder)")
+        if not any((folder / f).is_file() for f in WEIGHT_FILES):
+            raise UserError(f"{where}: folder {tc.path!r} has no weights ({', '.join(WEIGHT_FILES)})")
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(
+            tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code, output_loading_info=True,
+            **({"dtype": dtype} if dtype is not None else {}),
+        )
+    except Exception as e:
+        raise UserError(f"{where}: cannot load a masked LM from {tc.path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+    if missing:
+        raise UserError(f"{where}: the weights at {tc.path!r} lack {len(missing)} tensors of the masked-LM model "
+                        f"(e.g. {missing[0]}): is it a model without its MLM head? Use a checkpoint saved with its head")
+    return model.eval()

@@ -74,16 +74,25 @@ def corpus_lines(langs: list[str], repeat: int = 6) -> list[str]:
     return [s for lang in langs for s in SENTENCES[lang]] * repeat
 
 
+TINY_MODEL = dict(hidden=32, layers=2, heads=2, intermediate=64, max_position=64)
+
+
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
-    """Teacher folders (tokenizer only: enough for the vocabulary stage), by name."""
+    """Teacher folders by name: a tokenizer trained on its languages and a tiny, randomly initialised
+    masked LM of its family (BERT, XLM-R or RoBERTa), saved with save_pretrained."""
+    import torch
+
+    from mergedistill.mlm_models import build_mlm
     from mergedistill.tokenizer_train import train_tokenizer
 
     root = tmp_path_factory.mktemp("teachers")
     out = {}
-    for name, (kind, langs, lower) in TINY_TEACHERS.items():
+    for i, (name, (kind, langs, lower)) in enumerate(TINY_TEACHERS.items()):
         tok = train_tokenizer(kind, corpus_lines(langs), vocab_size=400 if kind != "byte-bpe" else 420, lowercase=lower)
         tok.save_pretrained(str(root / name))
+        torch.manual_seed(i)
+        build_mlm(kind, tok, **TINY_MODEL).save_pretrained(str(root / name))
         out[name] = root / name
     return out
 

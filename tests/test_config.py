@@ -35,6 +35,7 @@ def test_valid_config_loads_with_defaults(base):
 def test_overrides_reach_nested_fields_and_parse_types(base):
     cfg = load_config(None, ["--train.max_steps=30", "--train.devices=2", "--train.strategy=ddp", "--data.top_k=4"], data=base)
     assert cfg.train.max_steps == 30 and cfg.train.devices == 2 and cfg.train.strategy == "ddp" and cfg.data.top_k == 4
+    assert load_config(None, ["--train.lr=3e-3"], data=base).train.lr == 0.003  # YAML 1.1 reads this as a string
 
 
 def test_all_problems_are_reported_together(base):
