@@ -24,9 +24,9 @@ STAGES: dict[str, tuple[str, str | None]] = {
     "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data_stage:run_data"),
     "train": ("Lightning training of the student; --resume continues", "mergedistill.train_stage:run_train"),
     "evaluate": ("student vs teachers vs baselines, per language", None),
-    "select": ("rank candidate teachers per language, write a routing", None),
+    "select": ("rank candidate teachers per language, write a routing", "mergedistill.select_stage:run_select"),
     "ablate": ("teacher-selection variants end to end, one table", None),
-    "run": ("all stages in order, skipping what is already done", None),
+    "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all"),
 }
 
 

@@ -80,6 +80,8 @@ class DataConfig:
     """Sequences per teacher forward pass (sequences are sorted by length first)."""
     shard_lines: int = 20000
     """Corpus lines per shard: the unit of resumption and of parallel work."""
+    max_lines: int | None = None
+    """Use at most this many lines of each corpus split (null: all of it)."""
     splits: list[str] = field(default_factory=lambda: ["train", "valid"])
     """Corpus splits turned into shards (valid shards feed validation during training)."""
     workers: int = 1
@@ -211,6 +213,9 @@ class RunConfig:
     """Language code -> its corpora and its teacher."""
     default_teacher: str | None = None
     """Teacher for languages that name none."""
+    routing: str | None = None
+    """A routing file (YAML mapping language -> teacher, as `mergedistill select` writes) that overrides
+    `languages.<lang>.teacher`."""
     vocab: VocabConfig = field(default_factory=VocabConfig)
     """The vocabulary stage."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -312,6 +317,32 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"student.init: {s.init!r} must be `random` or `teacher:<name>` with a defined teacher")
 
 
+def _apply_routing(data: dict, problems: list[str]) -> None:
+    """Fold a routing file into languages.<lang>.teacher."""
+    spec = data.get("routing")
+    if not spec:
+        return
+    p = Path(str(spec))
+    if not p.is_file():
+        problems.append(f"routing: no file {str(spec)!r} (write one with `mergedistill select`)")
+        return
+    try:
+        routing = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        problems.append(f"routing: {spec} is not valid YAML: {e}")
+        return
+    routing = routing.get("routing", routing) if isinstance(routing, dict) else routing
+    if not isinstance(routing, dict) or not all(isinstance(v, str) for v in routing.values()):
+        problems.append(f"routing: {spec} must map each language to a teacher name")
+        return
+    langs = data.get("languages") if isinstance(data.get("languages"), dict) else {}
+    for lang, teacher in routing.items():
+        if lang not in langs or not isinstance(langs[lang], dict):
+            problems.append(f"routing: {spec} routes {lang!r}, which is not under languages")
+            continue
+        langs[lang]["teacher"] = teacher
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, data: dict | None = None) -> RunConfig:
     """Read a YAML config (or take `data`), apply overrides, check everything, return a RunConfig.
 
@@ -336,6 +367,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             problems.append(str(e))
             continue
         apply_override(data, keys, value)
+    _apply_routing(data, problems)
     cfg = from_dict(RunConfig, data, "", problems)
     if cfg is not None:
         _check(cfg, problems)

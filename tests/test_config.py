@@ -122,3 +122,15 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mergedistill", "vocab", "--config", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "bogus: unknown key" in proc.stderr and "define at least one teacher" in proc.stderr
+
+
+def test_routing_file_overrides_teachers(base, tmp_path):
+    (tmp_path / "u").mkdir()
+    base["teachers"]["u"] = {"path": str(tmp_path / "u")}
+    (tmp_path / "routing.yaml").write_text("routing:\n  de: u\n")
+    cfg = load_config(None, ["--routing=routing.yaml"], data=base)
+    assert cfg.teacher_of("de") == "u"
+    (tmp_path / "bad.yaml").write_text("routing:\n  xx: u\n  de: nobody\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--routing=bad.yaml"], data=base)
+    assert "routes 'xx'" in str(err.value) and "'nobody' is not defined" in str(err.value)

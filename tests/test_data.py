@@ -335,3 +335,10 @@ def test_data_before_vocab_says_what_to_run(workdir, tiny_teachers, corpora, cap
     cfg_path = make_config(workdir / "c.yaml", tiny_teachers, corpora, ROUTING, data=DATA)
     assert main(["data", "--config", str(cfg_path)]) == 2
     assert "run `mergedistill vocab" in capsys.readouterr().err
+
+
+def test_max_lines_caps_each_corpus(workdir, tiny_teachers, corpora):
+    cfg = build(workdir, tiny_teachers, corpora, data=dict(DATA, max_lines=15))
+    _, vrec = load_vocab(cfg)
+    m = load_manifest(cfg, vrec["vocab"])
+    assert all(lang["splits"]["train"]["lines"] == 15 for lang in m["languages"].values())

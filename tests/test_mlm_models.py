@@ -1,0 +1,71 @@
+import pytest
+import torch
+from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaForMaskedLM, XLMRobertaForMaskedLM
+
+from _pretrain_fixtures import SENTENCES, tiny_model, tiny_tokenizer
+from mergedistill.mlm_models import build_mlm, masked_logits, usable_positions
+from mergedistill.pretrain import pack_texts
+
+CLASSES = {"wordpiece": BertForMaskedLM, "unigram": XLMRobertaForMaskedLM, "sp-bpe": XLMRobertaForMaskedLM,
+           "byte-bpe": RobertaForMaskedLM}
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_build_mlm_family_ids_and_forward(kind):
+    tok = tiny_tokenizer(kind)
+    model = tiny_model(kind, max_position=32)
+    assert type(model) is CLASSES[kind]
+    cfg = model.config
+    assert cfg.vocab_size == len(tok)
+    assert cfg.pad_token_id == tok.pad_token_id
+    if kind == "wordpiece":
+        assert cfg.max_position_embeddings == 32
+    else:  # RoBERTa numbering starts at padding_idx + 1
+        assert (cfg.bos_token_id, cfg.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+        assert cfg.max_position_embeddings == 32 + tok.pad_token_id + 1
+    assert usable_positions(model) == 32
+    packed = pack_texts(tok, [" ".join(SENTENCES * 3)], seq_len=32)  # one long text cut into full rows
+    assert packed.attention_mask[0].all()
+    out = model(input_ids=packed.input_ids.long(), attention_mask=packed.attention_mask.long())
+    assert out.logits.shape == (len(packed), 32, len(tok))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_roberta_position_table_is_exactly_large_enough():
+    tok = tiny_tokenizer("byte-bpe")
+    model = tiny_model("byte-bpe", max_position=16)
+    ids = torch.full((1, 16), 5)
+    model(input_ids=ids)  # 16 tokens fit
+    with pytest.raises(Exception):
+        model(input_ids=torch.full((1, 17), 5))
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_masked_logits_match_full_logits(kind):
+    tok = tiny_tokenizer(kind)
+    model = tiny_model(kind)
+    packed = pack_texts(tok, SENTENCES, seq_len=32)
+    ids, att = packed.input_ids.long(), packed.attention_mask.long()
+    selected = torch.zeros_like(ids, dtype=torch.bool)
+    selected[:, 3] = True
+    selected[0, 5] = True
+    full = model(input_ids=ids, attention_mask=att).logits  # (B, L, V)
+    fast = masked_logits(model, ids, att, selected)  # (N, V)
+    assert fast.shape == (int(selected.sum()), len(tok))
+    torch.testing.assert_close(fast, full[selected], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_logits_falls_back_for_other_models():
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                                   max_position_embeddings=16)).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    selected = torch.rand(2, 10) < 0.4
+    torch.testing.assert_close(masked_logits(model, ids, None, selected), model(input_ids=ids).logits[selected])
+
+
+def test_build_mlm_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of heads"):
+        build_mlm("wordpiece", tiny_tokenizer("wordpiece"), hidden=30, layers=1, heads=4, intermediate=8, max_position=8)
+    with pytest.raises(ValueError, match="family"):
+        build_mlm("gpt", tiny_tokenizer("wordpiece"), hidden=32, layers=1, heads=2, intermediate=8, max_position=8)
