@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all demo corpora teachers vocab bench bench-vocab bench-data clean-demo help
+.PHONY: setup test test-all demo corpora teachers vocab select bench bench-vocab bench-data bench-train clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -41,10 +41,15 @@ teachers: corpora
 vocab: teachers
 	$(MD) vocab --config configs/demo.yaml
 
-demo: vocab
-	@echo "demo: vocabulary report at vocab/demo/report.md, teachers' report at teachers/report.md"
+select: teachers
+	$(MD) select --config configs/demo.yaml
 
-bench: bench-vocab bench-data
+# every stage of the demo run; each skips when its outputs are complete, so a rerun resumes
+demo: teachers
+	time $(MD) run --config configs/demo.yaml
+	@echo "demo: teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
+
+bench: bench-vocab bench-data bench-train
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
@@ -54,3 +59,6 @@ clean-demo:
 
 bench-data: corpora
 	$(PY) benchmarks/bench_data.py
+
+bench-train: corpora
+	$(PY) benchmarks/bench_train.py
