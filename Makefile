@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all demo corpora teachers vocab select bench bench-vocab bench-data bench-train clean-demo help
+.PHONY: setup test test-all demo corpora teachers vocab select ablate bench bench-vocab bench-data bench-train clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -43,6 +43,10 @@ vocab: teachers
 
 select: teachers
 	$(MD) select --config configs/demo.yaml
+
+# teacher-selection variants (configured routing, all-multi, selected), one table: runs/demo/ablate/report.md
+ablate: select
+	$(MD) ablate --config configs/demo.yaml
 
 # every stage of the demo run; each skips when its outputs are complete, so a rerun resumes
 demo: teachers

@@ -25,7 +25,7 @@ STAGES: dict[str, tuple[str, str | None]] = {
     "train": ("Lightning training of the student; --resume continues", "mergedistill.train_stage:run_train"),
     "evaluate": ("student vs teachers vs baselines, per language", None),
     "select": ("rank candidate teachers per language, write a routing", "mergedistill.select_stage:run_select"),
-    "ablate": ("teacher-selection variants end to end, one table", None),
+    "ablate": ("teacher-selection variants end to end, one table", "mergedistill.ablate_stage:run_ablate"),
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all"),
 }
 

@@ -51,6 +51,9 @@ class VocabConfig:
     specials); the rest map to [UNK] and are dropped from teacher predictions."""
     prune_splits: list[str] = field(default_factory=lambda: ["train"])
     """Corpus splits scanned for pruning (train, valid, test)."""
+    prune_candidates: bool = False
+    """When pruning, also keep what each language's candidate teachers produce on it, so the vocabulary
+    serves every routing among the candidates (`ablate` shares one vocabulary across its variants)."""
     keep_single_chars: bool = True
     """When pruning, keep every single-character piece too, so unseen text still splits into known
     pieces instead of [UNK]."""
@@ -204,6 +207,16 @@ class EvalConfig:
 
 
 @dataclass
+class AblateConfig:
+    variants: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Variant name -> routing (language -> teacher; `*` for every language). Empty: the configured
+    routing, every teacher that can serve all languages alone (`all-<teacher>`), and `selected` when
+    runs/<run>/select/routing.yaml exists."""
+    train_steps: int | None = None
+    """Training steps per variant (null: train.max_steps)."""
+
+
+@dataclass
 class RunConfig:
     run: str
     """Run name: outputs go to vocab/<run>/ and runs/<run>/ under the current directory."""
@@ -213,6 +226,9 @@ class RunConfig:
     """Language code -> its corpora and its teacher."""
     default_teacher: str | None = None
     """Teacher for languages that name none."""
+    vocab_run: str | None = None
+    """Use the vocabulary of another run (vocab/<vocab_run>/) instead of this run's own; `ablate` sets it
+    so that its variants share one vocabulary."""
     routing: str | None = None
     """A routing file (YAML mapping language -> teacher, as `mergedistill select` writes) that overrides
     `languages.<lang>.teacher`."""
@@ -226,6 +242,8 @@ class RunConfig:
     """The train stage."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """The evaluate stage."""
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+    """The ablate stage: teacher-selection variants."""
 
     # ---- derived ----------------------------------------------------------------------------
     def teacher_of(self, lang: str) -> str:
@@ -237,7 +255,7 @@ class RunConfig:
 
     @property
     def vocab_dir(self) -> Path:
-        return Path("vocab") / self.run
+        return Path("vocab") / (self.vocab_run or self.run)
 
     @property
     def run_dir(self) -> Path:

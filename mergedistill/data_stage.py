@@ -110,6 +110,50 @@ def _complete(shard: Shard) -> dict | None:
     return rec if rec is not None and rec.get("inputs") == shard.inputs else None
 
 
+STORE = Path("runs") / ".shards"
+"""Content-addressed shard store shared by the runs of one working folder: a shard is filed under the
+hash of everything it depends on, so another run (e.g. an ablation variant) whose language keeps
+its teacher, vocabulary and data settings reuses it instead of running the teacher again."""
+
+
+def _stored(shard: Shard) -> Path:
+    return STORE / shard.inputs / shard.lang / shard.split / shard.path.name
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) a shard and its record; the record last, as when writing."""
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
+        tmp = b.with_name(f".{b.name}.{os.getpid()}.link")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(a, tmp)
+        except OSError:
+            shutil.copy2(a, tmp)
+        os.replace(tmp, b)
+
+
+def reuse_from_store(shards: list[Shard]) -> int:
+    """Complete missing shards from the store; returns how many."""
+    n = 0
+    for s in shards:
+        if _complete(s) is None:
+            src = _stored(s)
+            rec = shard_record(src)
+            if rec is not None and rec.get("inputs") == s.inputs:
+                _link(src, s.path)
+                n += 1
+    return n
+
+
+def file_in_store(shards: list[Shard]) -> None:
+    for s in shards:
+        if _complete(s) is not None and shard_record(_stored(s)) is None:
+            _link(s.path, _stored(s))
+
+
 # ---- one shard -----------------------------------------------------------------------------------
 class ShardBuilder:
     """Builds the shards of one teacher in one process (the teacher model loaded once)."""
@@ -326,8 +370,13 @@ def run_data(cfg: RunConfig, args) -> Path | None:
     if getattr(args, "force", False):
         for s in shards:
             s.path.with_suffix(".json").unlink(missing_ok=True)
+    else:
+        reused = reuse_from_store(shards)
+        if reused:
+            log.info("data: %d shards reused from %s (same teacher, vocabulary, corpus and settings)", reused, STORE)
     pending = [s for s in shards if _complete(s) is None]
     if not pending:
+        file_in_store(shards)
         manifest = write_manifest(cfg, shards, vrec, info)
         log.info("data: all %d shards in %s are complete for these inputs; skipping (--force rebuilds)", len(shards), out)
         return out if manifest else None
@@ -346,6 +395,7 @@ def run_data(cfg: RunConfig, args) -> Path | None:
 
         threads = max(1, (os.cpu_count() or 1) // workers)
         run_tasks([(lambda part=part: len(process_shards(cfg, part, threads))) for part in share], workers=workers)
+    file_in_store(pending)
     manifest = write_manifest(cfg, shards, vrec, info)
     if manifest is None:
         log.info("data: this process's shards are done; other processes are still building theirs (the last one writes the manifest)")

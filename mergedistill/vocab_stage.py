@@ -80,6 +80,7 @@ def inputs_fingerprint(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) ->
         "format": VOCAB_FORMAT,
         "teachers": {n: t.fingerprint for n, t in teachers.items()},
         "routing": {lang: cfg.teacher_of(lang) for lang in cfg.languages},
+        "candidates": {lang: lc.candidates for lang, lc in cfg.languages.items()} if cfg.vocab.prune_candidates else None,
         "vocab": to_dict(cfg.vocab),
         "hidden": cfg.student.hidden,
         "corpora": {lang: corpus_fingerprint(lc.train) for lang, lc in cfg.languages.items()},
@@ -124,14 +125,15 @@ def _scan(t: TeacherTokenizer, spec: str, label: str, max_lines: int | None) -> 
 
 
 def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict[str, np.ndarray]:
-    """Per teacher: how often it produced each of its tokens on the corpora routed to it. Each
-    (teacher, corpus) count is cached under vocab/.cache/<run>/ so a killed run resumes."""
+    """Per teacher: how often it produced each of its tokens on the corpora routed to it (and, with
+    vocab.prune_candidates, on those of languages naming it as a candidate). Each (teacher, corpus)
+    count is cached under vocab/.cache/<run>/ so a killed run resumes."""
     cache = Path("vocab") / ".cache" / cfg.run
     cache.mkdir(parents=True, exist_ok=True)
     jobs = []
     for lang, lc in cfg.languages.items():
-        t = teachers[cfg.teacher_of(lang)]
-        for split in cfg.vocab.prune_splits:
+        names = [cfg.teacher_of(lang)] + (lc.candidates if cfg.vocab.prune_candidates else [])
+        for t, split in ((teachers[n], split) for n in dict.fromkeys(names) for split in cfg.vocab.prune_splits):
             spec = getattr(lc, split)
             key = hashlib.sha256(f"{t.fingerprint}|{corpus_fingerprint(spec)}|{cfg.vocab.max_lines}".encode()).hexdigest()[:16]
             jobs.append((t, spec, f"prune scan {lang}/{split} ({t.name})", cache / f"counts-{t.name}-{lang}-{split}-{key}.npy"))

@@ -109,7 +109,10 @@ def test_cli_exit_2_and_message_for_bad_config(tmp_path, base, capsys):
     assert "vocab.prune: expected true or false" in err and "student.hiden: unknown key; did you mean 'hidden'?" in err
 
 
-def test_stages_not_built_yet_say_so_with_exit_2(tmp_path, base, capsys):
+def test_stages_not_built_yet_say_so_with_exit_2(tmp_path, base, capsys, monkeypatch):
+    import mergedistill.cli as cli
+
+    monkeypatch.setitem(cli.STAGES, "ablate", ("teacher-selection variants", None))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(base))
     assert main(["ablate", "--config", str(cfg)]) == 2
