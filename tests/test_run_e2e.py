@@ -1,0 +1,46 @@
+"""`mergedistill run` end to end on tiny fixtures (slow: every stage, two students)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import SENTENCES, make_config
+from mergedistill.cli import STAGES, main
+
+
+@pytest.mark.slow
+def test_run_all_stages_then_rerun_skips(workdir, tiny_teachers, tmp_path, caplog):
+    caplog.set_level("INFO")
+    corpora = {}
+    for lang in ("de", "ru", "fr"):
+        for split, reps in (("train", 8), ("valid", 2)):
+            p = tmp_path / f"{lang}.{split}.txt"
+            p.write_text("\n".join(SENTENCES[lang] * reps) + "\n", encoding="utf-8")
+        p = tmp_path / f"{lang}.test.jsonl"
+        p.write_text("\n".join(json.dumps({"text": s, "key": f"k{i}"}) for i, s in enumerate(SENTENCES[lang])) + "\n", encoding="utf-8")
+        corpora[lang] = tmp_path / f"{lang}.train.txt"
+    cfg_path = make_config(
+        workdir / "c.yaml", tiny_teachers, corpora, {"de": "wp", "ru": "uni", "fr": "bbpe"},
+        vocab={"prune": True}, data={"seq_len": 32, "shard_lines": 10},
+        student={"hidden": 32, "heads": 2, "layers": 2, "intermediate": 64, "max_position": 64},
+        train={"max_steps": 6, "val_every": 3, "batch_size": 4, "warmup_steps": 1},
+        eval={"max_lines": 10, "pll_lines": 3, "retrieval_pairs": 10},
+    )
+    data = yaml.safe_load(cfg_path.read_text())
+    for lang in ("de", "ru", "fr"):
+        data["languages"][lang]["valid"] = str(tmp_path / f"{lang}.valid.txt")
+        data["languages"][lang]["test"] = str(tmp_path / f"{lang}.test.jsonl")
+    cfg_path.write_text(yaml.safe_dump(data))
+    assert main(["run", "--config", str(cfg_path)]) == 0
+    assert (workdir / "vocab/t/fingerprint.json").is_file()
+    assert (workdir / "runs/t/data/manifest.json").is_file()
+    assert (workdir / "runs/t/train/export/model.safetensors").is_file()
+    assert (workdir / "runs/t/baseline/export/model.safetensors").is_file()
+    if STAGES["evaluate"][1] is not None:
+        assert (workdir / "runs/t/eval/report.md").is_file()
+    caplog.clear()
+    assert main(["run", "--config", str(cfg_path)]) == 0
+    assert "vocab/t is complete" in caplog.text and "are complete for these inputs; skipping" in caplog.text
+    assert caplog.text.count("is complete for these inputs; skipping (--force retrains)") == 2
