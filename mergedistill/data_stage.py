@@ -164,9 +164,8 @@ class ShardBuilder:
         self.cfg, self.vocab, self.vrec, self.t, self.model, self.device = cfg, vocab, vrec, t, model, device
         self.idmap = vocab.idmaps[t.name].astype(np.int64)
         self.ids_dtype = id_dtype(vocab.size)
-        roles = {role: tok for tok, role in t.roles().items()}
-        self.cls, self.sep = t.token_id(roles["[CLS]"]), t.token_id(roles["[SEP]"])
-        self.mask, self.pad = t.token_id(roles["[MASK]"]), t.token_id(roles.get("[PAD]", roles["[SEP]"]))
+        sp = t.special_ids()
+        self.cls, self.sep, self.mask, self.pad = sp["cls"], sp["sep"], sp["mask"], sp["pad"]
         specials = {self.cls, self.sep, self.mask, self.pad}
         self.special_ids = torch.tensor(sorted(specials))
         n_model = model.get_output_embeddings().weight.shape[0]

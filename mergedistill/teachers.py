@@ -110,6 +110,13 @@ class TeacherTokenizer:
                 seen[k] = i
         return keys  # type: ignore[return-value]
 
+    def special_ids(self) -> dict[str, int]:
+        """The teacher's ids for the student roles: pad, unk, cls, sep, mask (pad falls back to sep)."""
+        tok = {role: t for t, role in self.roles().items()}
+        pad = tok.get("[PAD]", tok["[SEP]"])
+        return {"pad": self.token_id(pad), "unk": self.token_id(tok["[UNK]"]), "cls": self.token_id(tok["[CLS]"]),
+                "sep": self.token_id(tok["[SEP]"]), "mask": self.token_id(tok["[MASK]"])}
+
     def token_id(self, token: str) -> int:
         """Teacher id of a token string (added/special tokens first, then the model vocabulary)."""
         for added in self.tj.get("added_tokens", []):

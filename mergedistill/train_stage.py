@@ -146,12 +146,6 @@ def read_metrics(train_out: Path) -> list[dict]:
     return rows
 
 
-def _specials(t) -> dict[str, int]:
-    roles = {role: tok for tok, role in t.roles().items()}
-    return {"pad": t.token_id(roles.get("[PAD]", roles["[SEP]"])), "cls": t.token_id(roles["[CLS]"]),
-            "sep": t.token_id(roles["[SEP]"]), "mask": t.token_id(roles["[MASK]"]), "unk": t.token_id(roles["[UNK]"])}
-
-
 def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillModule, dict]:
     cache: dict = {}
 
@@ -168,7 +162,7 @@ def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillMod
         toks = load_all_tokenizers(cfg)
         routed = {cfg.teacher_of(lang) for lang in languages}
         online = OnlineTeachers(vocab, {n: teacher(n) for n in routed}, {lang: cfg.teacher_of(lang) for lang in languages},
-                                languages, cfg.data.mask_prob, cfg.data.top_k, cfg.train.seed, {n: _specials(toks[n]) for n in routed})
+                                languages, cfg.data.mask_prob, cfg.data.top_k, cfg.train.seed, {n: toks[n].special_ids() for n in routed})
     return DistillModule(cfg, student, languages, online=online), info
 
 
