@@ -3,8 +3,8 @@
   offline KD  the teacher's top-k comes from the data stage's shards (alpha 0.5);
   MLM-only    the baseline (alpha 0): no teacher at all;
   online KD   the teacher runs inside each step with dynamic masking (train.mode=online).
-Student: 4 layers x hidden 256 (the demo's size); teacher: 8 layers x hidden 256, twice the student's
-encoder (random weights: the cost is what is measured). Real German text (`make corpora`), a WordPiece
+Student: 4 layers x hidden 256 (the demo's size, 5.2M parameters with the 8k vocabulary); teacher:
+4 layers x hidden 384, twice the student's parameters (10.2M; random weights: the cost is measured). Real German text (`make corpora`), a WordPiece
 vocabulary trained on it (8k). Targets: offline <= 1.3x MLM-only; online >= 2x offline.
 
 usage: python benchmarks/bench_train.py [--steps 30] [--lines 3000]
@@ -83,8 +83,10 @@ def main() -> None:
     (work / "de.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tok = train_tokenizer("wordpiece", lines, vocab_size=8000)
     tok.save_pretrained(str(work / "teacher"))
-    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=8, num_attention_heads=4,
-                               intermediate_size=1024)).save_pretrained(str(work / "teacher"))
+    teacher = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=384, num_hidden_layers=4, num_attention_heads=6,
+                                         intermediate_size=1536))
+    teacher.save_pretrained(str(work / "teacher"))
+    n_teacher = sum(p.numel() for p in teacher.parameters())
     cfg_data = {
         "run": "bench", "teachers": {"t": {"path": str(work / "teacher")}},
         "languages": {"de": {"train": str(work / "de.txt"), "teacher": "t"}},
@@ -100,8 +102,10 @@ def main() -> None:
         results[label] = time_steps(load_config("c.yaml", over), args.steps)
     off, mlm, onl = results["offline KD"], results["MLM-only"], results["online KD"]
     print("\n== train stage: seconds per optimizer step (median of steps 6..N) ==")
-    print(f"  student 4 x 256, batch 32 x <=128 tokens; teacher 8 x 256 (twice the student's encoder); "
-          f"{os.cpu_count()} CPU threads; load average {os.getloadavg()[0]:.1f}")
+    n_student = sum(p.numel() for p in BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4,
+                                                                  num_attention_heads=4, intermediate_size=1024)).parameters())
+    print(f"  student 4 x 256 ({n_student / 1e6:.1f}M parameters), batch 32 x <=128 tokens; teacher 4 x 384 "
+          f"({n_teacher / 1e6:.1f}M, {n_teacher / n_student:.2f}x); {os.cpu_count()} CPU threads; load average {os.getloadavg()[0]:.1f}")
     for k, v in results.items():
         print(f"  {k:11s} {v:7.3f} s/step")
     print(f"  offline KD / MLM-only: {off / mlm:.2f}x (target <= 1.3x: {'met' if off / mlm <= 1.3 else 'NOT met'})")

@@ -39,10 +39,11 @@ class DistillModule(L.LightningModule):
         logits = masked_logits(self.student, batch.input_ids, batch.attention_mask, batch.selected)  # (N, V)
         parts = distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
         n = batch.labels.numel()
+        per_pos = parts["mlm_per_position"]  # (N,)
         with torch.no_grad():
-            per_pos = torch.nn.functional.cross_entropy(logits.float(), batch.labels, reduction="none")  # (N,)
-            correct = (logits.argmax(-1) == batch.labels).float()
-            agree = (logits.argmax(-1) == batch.topk_ids[:, 0]).float()
+            top1 = logits.argmax(-1)
+            correct = (top1 == batch.labels).float()
+            agree = (top1 == batch.topk_ids[:, 0]).float()
         sync = True  # means over ranks: a DDP run logs the same curve as one process with the global batch
         self.log(f"{stage}/loss", parts["loss"], batch_size=n, sync_dist=sync, prog_bar=True)
         self.log(f"{stage}/mlm_loss", parts["mlm"], batch_size=n, sync_dist=sync)

@@ -51,6 +51,11 @@ def test_mlm_loss_is_cross_entropy_and_alpha_mixes():
     vals, ids = s.topk(3, -1)
     out = distill_loss(s, labels, ids, vals, alpha=0.25, temperature=2.0)
     torch.testing.assert_close(out["loss"], 0.25 * out["kd"] + 0.75 * out["mlm"])
+    torch.testing.assert_close(out["kd"], sparse_kd_loss(s, ids, vals, 2.0))
+    torch.testing.assert_close(out["mlm"], manual)
+    torch.testing.assert_close(out["mlm_per_position"], -torch.log_softmax(s, -1)[torch.arange(4), labels])
+    at_t1 = distill_loss(s, labels, ids, vals, alpha=0.5, temperature=1.0)  # the shared log-softmax path
+    torch.testing.assert_close(at_t1["kd"], sparse_kd_loss(s, ids, vals, 1.0))
     only_mlm = distill_loss(s, labels, None, None, alpha=0.0, temperature=1.0)
     torch.testing.assert_close(only_mlm["loss"], manual)
 
