@@ -342,3 +342,33 @@ def test_max_lines_caps_each_corpus(workdir, tiny_teachers, corpora):
     _, vrec = load_vocab(cfg)
     m = load_manifest(cfg, vrec["vocab"])
     assert all(lang["splits"]["train"]["lines"] == 15 for lang in m["languages"].values())
+
+
+def test_whole_word_masking_and_dupe_factor(workdir, tiny_teachers, corpora):
+    cfg = build(workdir, tiny_teachers, corpora, data=dict(DATA, whole_word_mask=True, dupe_factor=2))
+    vocab, vrec = load_vocab(cfg)
+    m = load_manifest(cfg, vrec["vocab"])
+    de = m["languages"]["de"]["splits"]["train"]
+    rows = read_all(workdir)["de"]
+    inv = _inverse(vocab.idmaps["wp"], vocab.size)
+    tok = AutoTokenizer.from_pretrained(str(tiny_teachers["wp"]))
+    checked = 0
+    for row in rows:
+        gold = row["input_ids"].astype(np.int64).copy()
+        gold[row["positions"]] = row["labels"]
+        pieces = tok.convert_ids_to_tokens(inv[gold].tolist())
+        masked = set(row["positions"].tolist())
+        for i, p in enumerate(pieces):
+            if p.startswith("##"):  # a continuation is masked exactly when the piece before it is
+                assert (i in masked) == (i - 1 in masked), (pieces, sorted(masked))
+                checked += 1
+    assert checked > 20
+    by_input = {}
+    for row in rows:
+        gold = row["input_ids"].astype(np.int64).copy()
+        gold[row["positions"]] = row["labels"]
+        by_input.setdefault(gold.tobytes(), []).append(tuple(row["positions"].tolist()))
+    assert de["sequences"] == len(rows) == sum(len(v) for v in by_input.values())
+    assert all(len(v) % 2 == 0 for v in by_input.values()), "each sequence comes in dupe_factor = 2 copies"
+    pairs = [v for v in by_input.values() if len(v) == 2]
+    assert len(pairs) >= 10 and sum(a != b for a, b in pairs) >= len(pairs) // 2, "copies share their masks"

@@ -244,6 +244,13 @@ def test_mlm_only_baseline_trains_without_teacher_predictions(run_dir, tiny_teac
     assert all(float(v) == 0.0 for _, v in series(rows, "train/kd_loss"))
 
 
+def test_tensorboard_logger_by_config(run_dir, tiny_teachers, corpora):
+    cfg = write_config(run_dir, tiny_teachers, corpora, logger="tensorboard", max_steps=4, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert list((run_dir / "runs/t/train/tensorboard").rglob("events.out.tfevents.*"))
+    assert series(metrics(run_dir), "train/loss")  # the CSV log is kept beside it
+
+
 def test_online_mode_runs_the_teachers_in_the_step(run_dir, tiny_teachers, corpora, monkeypatch):
     from mergedistill import online
 
