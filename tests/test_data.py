@@ -312,7 +312,7 @@ def test_manifest_counts_and_bytes(here):
     vocab, vrec = load_vocab(cfg)
     m = load_manifest(cfg, vrec["vocab"])
     assert m["k"] == cfg.data.top_k and m["id_dtype"] == "uint16" and m["vocab_size"] == vocab.size
-    de = m["languages"]["de"]["splits"]["train"]
+    de = m["languages"]["ru"]["splits"]["train"]
     assert de["lines"] == 32 and len(de["shards"]) == 4
     on_disk = sum(p.stat().st_size for p in (work / "runs/t/data").rglob("shard-*.arrow"))
     assert m["totals"]["bytes"] == on_disk
@@ -348,10 +348,10 @@ def test_whole_word_masking_and_dupe_factor(workdir, tiny_teachers, corpora):
     cfg = build(workdir, tiny_teachers, corpora, data=dict(DATA, whole_word_mask=True, dupe_factor=2))
     vocab, vrec = load_vocab(cfg)
     m = load_manifest(cfg, vrec["vocab"])
-    de = m["languages"]["de"]["splits"]["train"]
-    rows = read_all(workdir)["de"]
-    inv = _inverse(vocab.idmaps["wp"], vocab.size)
-    tok = AutoTokenizer.from_pretrained(str(tiny_teachers["wp"]))
+    de = m["languages"]["ru"]["splits"]["train"]
+    rows = read_all(workdir)["ru"]  # the tiny Unigram teacher splits Russian words into several pieces
+    inv = _inverse(vocab.idmaps["uni"], vocab.size)
+    tok = AutoTokenizer.from_pretrained(str(tiny_teachers["uni"]))
     checked = 0
     for row in rows:
         gold = row["input_ids"].astype(np.int64).copy()
@@ -359,16 +359,19 @@ def test_whole_word_masking_and_dupe_factor(workdir, tiny_teachers, corpora):
         pieces = tok.convert_ids_to_tokens(inv[gold].tolist())
         masked = set(row["positions"].tolist())
         for i, p in enumerate(pieces):
-            if p.startswith("##"):  # a continuation is masked exactly when the piece before it is
+            if 1 < i < len(pieces) - 1 and not p.startswith("▁") and p not in tok.all_special_tokens \
+                    and pieces[i - 1] not in tok.all_special_tokens:
+                # a continuation piece is masked exactly when the piece before it (same word) is
                 assert (i in masked) == (i - 1 in masked), (pieces, sorted(masked))
                 checked += 1
     assert checked > 20
+    assert de["sequences"] == len(rows)
     by_input = {}
-    for row in rows:
+    for row in (r for rs in read_all(workdir).values() for r in rs):
         gold = row["input_ids"].astype(np.int64).copy()
         gold[row["positions"]] = row["labels"]
         by_input.setdefault(gold.tobytes(), []).append(tuple(row["positions"].tolist()))
-    assert de["sequences"] == len(rows) == sum(len(v) for v in by_input.values())
     assert all(len(v) % 2 == 0 for v in by_input.values()), "each sequence comes in dupe_factor = 2 copies"
     pairs = [v for v in by_input.values() if len(v) == 2]
-    assert len(pairs) >= 10 and sum(a != b for a, b in pairs) >= len(pairs) // 2, "copies share their masks"
+    # each copy draws its own mask: with a few words per sequence some copies coincide, most do not
+    assert len(pairs) >= 20 and sum(a != b for a, b in pairs) >= len(pairs) // 2, "copies share their masks"
