@@ -312,7 +312,7 @@ def test_manifest_counts_and_bytes(here):
     vocab, vrec = load_vocab(cfg)
     m = load_manifest(cfg, vrec["vocab"])
     assert m["k"] == cfg.data.top_k and m["id_dtype"] == "uint16" and m["vocab_size"] == vocab.size
-    de = m["languages"]["ru"]["splits"]["train"]
+    de = m["languages"]["de"]["splits"]["train"]
     assert de["lines"] == 32 and len(de["shards"]) == 4
     on_disk = sum(p.stat().st_size for p in (work / "runs/t/data").rglob("shard-*.arrow"))
     assert m["totals"]["bytes"] == on_disk
