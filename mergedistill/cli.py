@@ -23,7 +23,7 @@ STAGES: dict[str, tuple[str, str | None]] = {
     "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab_stage:run_vocab"),
     "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data_stage:run_data"),
     "train": ("Lightning training of the student; --resume continues", "mergedistill.train_stage:run_train"),
-    "evaluate": ("student vs teachers vs baselines, per language", None),
+    "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.evaluate_stage:run_evaluate"),
     "select": ("rank candidate teachers per language, write a routing", "mergedistill.select_stage:run_select"),
     "ablate": ("teacher-selection variants end to end, one table", "mergedistill.ablate_stage:run_ablate"),
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all"),

@@ -194,6 +194,8 @@ class EvalConfig:
     """Masking rate for masked-token accuracy (fixed seed, [MASK] only)."""
     seed: int = 0
     """Seed of the evaluation masks."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Model dtype during evaluation (bfloat16 is ~2.4x faster on CPUs with AVX512-BF16)."""
     char_languages: list[str] = field(default_factory=lambda: ["ja", "zh", "th", "ko"])
     """Languages written without spaces: scored per character instead of per word."""
     retrieval: bool = True
