@@ -39,6 +39,24 @@ def iter_lines(spec: str, where: str, max_lines: int | None = None) -> Iterator[
             return
 
 
+def iter_json_lines(spec: str, where: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) of each non-blank line of a JSON-lines file; a line that is not
+    UTF-8 or not JSON raises UserError naming the file and the line."""
+    with open(spec, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: {spec} is not UTF-8 (line {lineno}, byte {e.start}); convert it, "
+                                f"e.g. `iconv -f latin1 -t utf-8 {spec} > fixed.jsonl`") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: {spec} line {lineno} is not JSON ({e.msg})") from None
+
+
 def _iter_raw(spec: str, where: str) -> Iterator[str]:
     if spec.startswith(DATASETS_PREFIX):
         yield from _iter_datasets(spec, where)
@@ -46,28 +64,21 @@ def _iter_raw(spec: str, where: str) -> Iterator[str]:
     path = Path(spec)
     if not path.is_file():
         raise UserError(f"{where}: no file {spec!r}")
-    is_jsonl = path.suffix in (".jsonl", ".json")
+    if path.suffix in (".jsonl", ".json"):
+        for lineno, obj in iter_json_lines(spec, where):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise UserError(f"{where}: {spec} line {lineno} has no string field `text`")
+            yield obj["text"]
+        return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                yield raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise UserError(
                     f"{where}: {spec} is not UTF-8 (line {lineno}, byte {e.start}); convert it, "
                     f"e.g. `iconv -f latin1 -t utf-8 {spec} > fixed.txt`"
                 ) from None
-            if is_jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{where}: {spec} line {lineno} is not JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise UserError(f"{where}: {spec} line {lineno} has no string field `text`")
-                yield obj["text"]
-            else:
-                yield line
 
 
 def _iter_datasets(spec: str, where: str) -> Iterator[str]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import DATASETS_PREFIX, DownstreamTask, RunConfig
+from .corpus import iter_json_lines
 from .errors import UserError
 from .eval_metrics import mean_pool
 from .fsutil import atomic_dir, read_json, sha256_file
@@ -115,25 +116,18 @@ def read_examples(spec: str, task: DownstreamTask, where: str, limit: int | None
         if kind != "tag":
             raise UserError(f"{where}: {spec} is not JSON lines; a classification task reads .jsonl files or a datasets spec")
         return read_conll(spec, where, limit)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: {spec} line {lineno} is not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or tf not in obj or lf not in obj:
-                raise UserError(f"{where}: {spec} line {lineno} lacks the field `{tf}` or `{lf}` (set text_field / label_field)")
-            text, label = obj[tf], obj[lf]
-            if not _check_example(text, label, kind):
-                if kind == "tag":
-                    raise UserError(f"{where}: {spec} line {lineno}: a tagging task needs `{tf}` (words) and `{lf}` (tags) "
-                                    "as lists of equal length")
-                continue  # an empty text: nothing to classify
-            out.append(Example(text, [str(t) for t in label] if kind == "tag" else str(label)))
-            if limit is not None and len(out) >= limit:
-                break
+    for lineno, obj in iter_json_lines(spec, where):
+        if not isinstance(obj, dict) or tf not in obj or lf not in obj:
+            raise UserError(f"{where}: {spec} line {lineno} lacks the field `{tf}` or `{lf}` (set text_field / label_field)")
+        text, label = obj[tf], obj[lf]
+        if not _check_example(text, label, kind):
+            if kind == "tag":
+                raise UserError(f"{where}: {spec} line {lineno}: a tagging task needs `{tf}` (words) and `{lf}` (tags) "
+                                "as lists of equal length")
+            continue  # an empty text: nothing to classify
+        out.append(Example(text, [str(t) for t in label] if kind == "tag" else str(label)))
+        if limit is not None and len(out) >= limit:
+            break
     return out
 
 

@@ -13,7 +13,6 @@ for every source paragraph the nearest target paragraph by cosine similarity is 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import DATASETS_PREFIX
+from .corpus import iter_json_lines
 from .errors import UserError
 from .eval_metrics import mean_pool
 
@@ -78,19 +78,11 @@ def read_keyed(spec: str | None, where: str) -> dict[str, str]:
     twin = jsonl_twin(spec)
     if twin is None:
         return {}
-    spec = str(twin)
     out: dict[str, str] = {}
-    with open(spec, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: {spec} line {lineno} is not JSON ({e.msg})") from None
-            key, text = obj.get("key"), obj.get("text")
-            if isinstance(key, str) and isinstance(text, str) and text.strip() and key not in out:
-                out[key] = text.strip()
+    for _, obj in iter_json_lines(str(twin), where):
+        key, text = (obj.get("key"), obj.get("text")) if isinstance(obj, dict) else (None, None)
+        if isinstance(key, str) and isinstance(text, str) and text.strip() and key not in out:
+            out[key] = text.strip()
     return out
 
 
