@@ -76,7 +76,6 @@ def main() -> None:
     materialize(args.assets)
 
     work = Path(tempfile.mkdtemp(prefix="bench-vocab-"))
-    langs = {}
     for lang, lines in SAMPLES.items():
         (work / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     routing = {"en": "bert", "ro": "ro", "de": "xlmr"}

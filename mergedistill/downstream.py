@@ -195,7 +195,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], kind
         return Encoded(enc["input_ids"], keep, targets, len(examples))
     texts, owners = [], []
     for e in examples:
-        pieces, owner, pos = [], [], 0
+        pieces, owner = [], []
         for w, word in enumerate(e.text):
             if w:
                 pieces.append(joiner)

@@ -22,7 +22,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import DATASETS_PREFIX
 from .corpus import iter_json_lines
-from .errors import UserError
 from .eval_metrics import mean_pool
 
 MIN_SHARED = 20

@@ -32,7 +32,7 @@ def test_build_mlm_family_ids_and_forward(kind):
 
 
 def test_roberta_position_table_is_exactly_large_enough():
-    tok = tiny_tokenizer("byte-bpe")
+    tiny_tokenizer("byte-bpe")
     model = tiny_model("byte-bpe", max_position=16)
     ids = torch.full((1, 16), 5)
     model(input_ids=ids)  # 16 tokens fit

@@ -1,7 +1,6 @@
 """Student initialisation: teacher layers (every other one) and embedding rows through the id maps."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
