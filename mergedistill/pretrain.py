@@ -3,13 +3,14 @@
 Used to train the demo's teachers (`teachers_build.py`) and, later, the MLM-only student baseline.
 Reads top to bottom:
 
-  texts --tokenize_documents--> token ids per document (no specials)
-        --pack_documents------> (N, seq_len) sequences laid out as the tokenizer's post-processor
-                                lays out a pair: [CLS] d1 [SEP] d2 [SEP] ... (RoBERTa: <s> d1 </s></s> d2 </s>)
-        --MLMCollator---------> a fresh BERT mask per batch (dynamic masking, `masking.py`)
-        --MLMModule-----------> cross-entropy at the masked positions, AdamW, linear warmup + decay
-        --pretrain()----------> Lightning fit with CSV logs and periodic held-out evaluation, then
-                                save_pretrained (safetensors + tokenizer) into a temp folder renamed into place.
+  texts --tokenize_corpus--> Documents: token ids per document (no specials), a group (language) each
+        --pack_documents---> (N, L) sequences laid out as the tokenizer's post-processor lays out a pair:
+                             [CLS] d1 [SEP] d2 [SEP] ... (RoBERTa, XLM-R: <s> d1 </s></s> d2 </s>)
+        --PhasedBatches----> batches, optionally a curriculum of short sequences first, groups drawn
+                             with given probabilities; a fresh BERT mask per batch (`masking.py`)
+        --MLMModule--------> cross-entropy at the masked positions, AdamW, linear warmup + decay
+        --pretrain()-------> Lightning fit with CSV logs and periodic held-out evaluation, then
+                             save_pretrained (safetensors + tokenizer) into a temp folder renamed into place.
 """
 from __future__ import annotations
 
@@ -20,14 +21,16 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .fsutil import atomic_dir, write_json_atomic
@@ -42,13 +45,23 @@ class PretrainConfig:
     seq_len: int = 128
     """Tokens per training sequence, specials included (the model must accept this many positions)."""
     batch_size: int = 32
-    """Sequences per optimizer step."""
+    """Sequences of `seq_len` per optimizer step (shorter curriculum sequences come in proportionally
+    larger batches, so every step sees the same number of tokens)."""
     max_steps: int = 1000
     """Optimizer steps to train for (the data is cycled or sampled as often as needed)."""
+    short_seq_lens: list[int] = field(default_factory=list)
+    """Curriculum: shorter sequence lengths trained on before `seq_len`, shortest first, e.g. [16, 32, 64].
+    Attention over a few tokens is easy to learn, so a small model picks up local context early
+    instead of sitting at unigram level for thousands of steps, as BERT trained most steps at 128
+    before a last phase at 512. Empty: `seq_len` throughout."""
+    short_seq_fraction: float = 0.0
+    """Share of `max_steps` spent on `short_seq_lens`, in equal parts; the rest uses `seq_len`."""
     lr: float = 1e-3
     """Peak learning rate of AdamW, reached after `warmup_steps` and decayed linearly to 0 at `max_steps`."""
-    warmup_steps: int = 100
-    """Steps of linear warmup from 0 to `lr`."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to `lr` (0: use `warmup_ratio`)."""
+    warmup_ratio: float = 0.1
+    """Warmup as a share of `max_steps`, when `warmup_steps` is 0."""
     weight_decay: float = 0.01
     """AdamW weight decay, applied to matrices only (not to biases, LayerNorm weights)."""
     adam_beta2: float = 0.98
@@ -60,38 +73,67 @@ class PretrainConfig:
     whole_word_mask: bool = False
     """Select whole words (all their pieces) rather than single pieces. Words are the tokenizer's
     pre-tokenizer units, so for text without spaces (ja, zh) a word can be a whole clause."""
+    init_output_bias: bool = False
+    """Set the MLM head's output bias to the log unigram frequencies of the training tokens before
+    training, so that a model trained from scratch starts at the unigram baseline instead of spending
+    its first hundreds of steps learning token frequencies (Adam moves a bias by ~lr per step). Only
+    for fresh models: it overwrites what a pretrained head knows."""
     eval_every: int = 200
     """Run the held-out evaluation every this many steps (and once at the end)."""
     eval_sequences: int = 256
-    """Held-out sequences per evaluation, masked once with `seed` so every evaluation sees the same mask."""
+    """Held-out sequences of `seq_len` per evaluation (split equally among groups), masked once with
+    `seed` so that every evaluation sees the same mask."""
     log_every: int = 50
     """Write a progress line (step, loss, tokens/s, ETA) and CSV metrics every this many steps."""
     seed: int = 0
-    """Seed for initialisation order, data order and masks."""
+    """Seed for data order and masks (the caller seeds the model's initialisation)."""
     num_threads: int | None = None
     """CPU threads for torch (null: every core this process may use)."""
     accelerator: str = "auto"
     """Lightning accelerator: auto, cpu, gpu, ..."""
     devices: int | str = 1
-    """Lightning devices (a count, a list spec or 'auto')."""
+    """Lightning devices (a count or 'auto')."""
     precision: str = "32-true"
-    """Lightning precision, e.g. 32-true or bf16-mixed."""
-    dataloader_workers: int = 0
-    """DataLoader worker processes (0: mask in the main process, deterministic and best on few cores)."""
+    """Lightning precision, e.g. 32-true or bf16-mixed (on CPUs with AVX512-BF16 about 1.7x faster)."""
 
     def problems(self) -> list[str]:
+        """Every problem with the settings, each naming its field."""
         out = []
-        for name in ("seq_len", "batch_size", "max_steps", "eval_every", "log_every"):
+        for name in ("seq_len", "batch_size", "max_steps", "eval_every", "log_every", "eval_sequences"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 8:
             out.append(f"seq_len: {self.seq_len} leaves no room for text beside the special tokens; use >= 8")
+        if any(n < 8 or n >= self.seq_len for n in self.short_seq_lens) or self.short_seq_lens != sorted(self.short_seq_lens):
+            out.append(f"short_seq_lens: {self.short_seq_lens} must rise from >= 8 to below seq_len ({self.seq_len})")
+        if not 0 <= self.short_seq_fraction < 1:
+            out.append(f"short_seq_fraction: must be in [0, 1), got {self.short_seq_fraction}")
+        if self.short_seq_fraction > 0 and not self.short_seq_lens:
+            out.append("short_seq_fraction: is set but short_seq_lens is empty; list the curriculum lengths, e.g. [16, 32, 64]")
         if not 0 < self.mask_prob < 1:
             out.append(f"mask_prob: must be in (0, 1), got {self.mask_prob}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             out.append(f"warmup_steps: must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.lr <= 0:
             out.append(f"lr: must be positive, got {self.lr}")
+        return out
+
+    @property
+    def warmup(self) -> int:
+        """Warmup steps in effect."""
+        return self.warmup_steps or int(round(self.warmup_ratio * self.max_steps))
+
+    def phases(self) -> list[tuple[int, int, int]]:
+        """(seq_len, batch_size, steps) of each curriculum phase, in order; the steps add up to max_steps."""
+        short_steps = int(round(self.max_steps * self.short_seq_fraction)) if self.short_seq_lens else 0
+        out = []
+        for i, n in enumerate(self.short_seq_lens):
+            steps = short_steps // len(self.short_seq_lens)
+            if steps:
+                out.append((n, max(1, self.batch_size * self.seq_len // n), steps))
+        out.append((self.seq_len, self.batch_size, self.max_steps - sum(p[2] for p in out)))
         return out
 
 
@@ -118,14 +160,25 @@ class SpecialLayout:
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialLayout":
         # Encode a pair and read the added tokens off the encoding itself, so any template works.
-        enc = tokenizer.backend_tokenizer.encode("a", "b", add_special_tokens=True)
+        enc = plain_backend(tokenizer).encode("a", "b", add_special_tokens=True)
         seq = enc.sequence_ids
-        first_b = seq.index(1)
+        first_a, first_b = seq.index(0), seq.index(1)
         last_a = max(i for i, s in enumerate(seq) if s == 0)
-        first_a = seq.index(0)
         last_b = max(i for i, s in enumerate(seq) if s == 1)
         ids = enc.ids
         return cls(prefix=ids[:first_a], mid=ids[last_a + 1:first_b], suffix=ids[last_b + 1:])
+
+
+def plain_backend(tokenizer: PreTrainedTokenizerBase):
+    """The tokenizer's Rust backend with no truncation or padding. transformers leaves the backend
+    truncating after a call with `truncation=True`; a copy keeps the caller's tokenizer as it was."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
 def tokenize_documents(
@@ -136,16 +189,52 @@ def tokenize_documents(
 ) -> tuple[list[list[int]], list[list[int]] | None]:
     """Token ids of each text without specials (batched through the fast tokenizer), and with
     `with_words` the word index of each token (-1 where the tokenizer gives none)."""
+    # The backend (Rust) tokenizer directly: documents longer than model_max_length are the point
+    # here (packing cuts them), so the wrapper's "sequence too long" warning would be noise.
+    backend = plain_backend(tokenizer)
     ids: list[list[int]] = []
     words: list[list[int]] | None = [] if with_words else None
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start:start + batch_size]), add_special_tokens=False,
-                        return_attention_mask=False, return_token_type_ids=False)
-        ids.extend(enc["input_ids"])
-        if words is not None:
-            for i in range(len(enc["input_ids"])):
-                words.append([-1 if w is None else w for w in enc.word_ids(i)])
+        for enc in backend.encode_batch(list(texts[start:start + batch_size]), add_special_tokens=False):
+            ids.append(enc.ids)
+            if words is not None:
+                words.append([-1 if w is None else w for w in enc.word_ids])
     return ids, words
+
+
+@dataclass
+class Documents:
+    """A tokenized corpus: documents (no specials) in groups, e.g. one group per language."""
+
+    ids: list[list[int]]
+    """Token ids of each document."""
+    groups: list[int]
+    """Group index of each document (0 .. n_groups - 1)."""
+    words: list[list[int]] | None = None
+    """Word index of each token (-1: none), for whole-word masking."""
+
+    @property
+    def n_groups(self) -> int:
+        return max(self.groups, default=-1) + 1
+
+    def group(self, g: int) -> tuple[list[list[int]], list[list[int]] | None]:
+        keep = [i for i, gi in enumerate(self.groups) if gi == g]
+        return [self.ids[i] for i in keep], ([self.words[i] for i in keep] if self.words is not None else None)
+
+
+def tokenize_corpus(tokenizer: PreTrainedTokenizerBase, texts_by_group: Sequence[Sequence[str]],
+                    with_words: bool = False) -> Documents:
+    """Tokenize texts given per group (one group: `[texts]`)."""
+    ids: list[list[int]] = []
+    groups: list[int] = []
+    words: list[list[int]] | None = [] if with_words else None
+    for g, texts in enumerate(texts_by_group):
+        gi, gw = tokenize_documents(tokenizer, texts, with_words=with_words)
+        ids += gi
+        groups += [g] * len(gi)
+        if words is not None:
+            words += gw  # type: ignore[operator]
+    return Documents(ids, groups, words)
 
 
 @dataclass
@@ -158,6 +247,8 @@ class Packed:
     """(N, L) bool, False on padding."""
     word_ids: torch.Tensor | None = None
     """(N, L) int32 word index within the sequence (-1: special or padding), for whole-word masking."""
+    groups: torch.Tensor | None = None
+    """(N,) long group (language) of each sequence; None: all one group."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -168,10 +259,13 @@ class Packed:
 
     @staticmethod
     def concat(parts: Sequence["Packed"]) -> "Packed":
-        words = None
-        if all(p.word_ids is not None for p in parts):
-            words = torch.cat([p.word_ids for p in parts])  # type: ignore[misc]
-        return Packed(torch.cat([p.input_ids for p in parts]), torch.cat([p.attention_mask for p in parts]), words)
+        words = torch.cat([p.word_ids for p in parts]) if all(p.word_ids is not None for p in parts) else None  # type: ignore[misc]
+        groups = torch.cat([p.groups if p.groups is not None else torch.zeros(len(p), dtype=torch.long) for p in parts])
+        return Packed(torch.cat([p.input_ids for p in parts]), torch.cat([p.attention_mask for p in parts]), words, groups)
+
+    def head(self, n: int) -> "Packed":
+        return Packed(self.input_ids[:n], self.attention_mask[:n],
+                      None if self.word_ids is None else self.word_ids[:n], None if self.groups is None else self.groups[:n])
 
 
 def pack_documents(
@@ -192,7 +286,7 @@ def pack_documents(
     word_rows: list[list[int]] = []
     cur: list[int] = []
     cur_w: list[int] = []
-    n_words = 0  # words already in `cur`, to keep word ids unique within a sequence
+    n_words = 0  # words already in `cur`: word ids are renumbered to stay unique within a sequence
 
     def flush() -> None:
         nonlocal cur, cur_w, n_words
@@ -206,10 +300,14 @@ def pack_documents(
         if cur:
             cur.extend(layout.mid)
             cur_w.extend([-1] * len(layout.mid))
-        base = min((w for w in piece_w if w >= 0), default=0)
         cur.extend(piece)
-        cur_w.extend(w - base + n_words if w >= 0 else -1 for w in piece_w)
-        n_words += max(piece_w, default=-1) - base + 1 if any(w >= 0 for w in piece_w) else 0
+        present = [w for w in piece_w if w >= 0]
+        if present:
+            base = min(present)
+            cur_w.extend(w - base + n_words if w >= 0 else -1 for w in piece_w)
+            n_words += max(present) - base + 1
+        else:
+            cur_w.extend([-1] * len(piece))
 
     for d, doc in enumerate(docs):
         if not doc:
@@ -226,15 +324,32 @@ def pack_documents(
         add(doc, doc_w)
     flush()
 
+    # Fill (N, L) arrays in one go: flat values + the flat positions they go to.
     n = len(rows)
-    ids = torch.full((n, seq_len), pad_id, dtype=torch.int32)
-    att = torch.zeros((n, seq_len), dtype=torch.bool)
-    wid = torch.full((n, seq_len), -1, dtype=torch.int32)
-    for i, (row, wrow) in enumerate(zip(rows, word_rows)):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.int32)
-        att[i, :len(row)] = True
-        wid[i, :len(row)] = torch.tensor(wrow, dtype=torch.int32)
-    return Packed(ids, att, wid if words is not None else None)
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
+    flat_pos = (np.repeat(np.arange(n) * seq_len, lengths) + np.arange(int(lengths.sum()))
+                - np.repeat(np.cumsum(lengths) - lengths, lengths))
+    ids = np.full(n * seq_len, pad_id, dtype=np.int32)
+    ids[flat_pos] = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(lengths.sum()))
+    att = np.zeros(n * seq_len, dtype=bool)
+    att[flat_pos] = True
+    packed = Packed(torch.from_numpy(ids.reshape(n, seq_len)), torch.from_numpy(att.reshape(n, seq_len)))
+    if words is not None:
+        wid = np.full(n * seq_len, -1, dtype=np.int32)
+        wid[flat_pos] = np.fromiter((w for r in word_rows for w in r), dtype=np.int32, count=int(lengths.sum()))
+        packed.word_ids = torch.from_numpy(wid.reshape(n, seq_len))
+    return packed
+
+
+def pack_corpus(docs: Documents, seq_len: int, layout: SpecialLayout, pad_id: int) -> Packed:
+    """Pack each group on its own (a sequence never mixes languages) and concatenate, group by group."""
+    parts = []
+    for g in range(docs.n_groups):
+        ids, words = docs.group(g)
+        p = pack_documents(ids, seq_len, layout, pad_id, words)
+        p.groups = torch.full((len(p),), g, dtype=torch.long)
+        parts.append(p)
+    return Packed.concat(parts)
 
 
 def pack_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int, with_words: bool = False) -> Packed:
@@ -253,35 +368,45 @@ def sampling_probs(sizes: Sequence[int], alpha: float) -> list[float]:
     return [r / sum(raw) for r in raw]
 
 
-def group_sample_weights(sizes: Sequence[int], probs: Sequence[float]) -> torch.Tensor:
-    """(sum(sizes),) weight per sequence of consecutive groups (e.g. languages) so that drawing
-    sequences in proportion to them picks group i with probability probs[i]."""
-    return torch.cat([torch.full((n,), p / n, dtype=torch.float64) for n, p in zip(sizes, probs) if n > 0])
+def group_sample_weights(groups: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
+    """(N,) weight per sequence, given its group (N,), so that drawing sequences in proportion to the
+    weights picks group g with probability probs[g] (and sequences within a group uniformly)."""
+    counts = torch.bincount(groups, minlength=len(probs)).double()
+    p = torch.tensor(probs, dtype=torch.float64)
+    per_group = torch.where(counts > 0, p / counts.clamp(min=1), torch.zeros_like(p))
+    return per_group[groups]
+
+
+def unigram_log_probs(docs: Documents, vocab_size: int, group_probs: Sequence[float] | None = None) -> torch.Tensor:
+    """(V,) add-one-smoothed log unigram probabilities of the training tokens; with `group_probs`,
+    each group's frequencies weighted as the sampler will weight the group."""
+    total = 0
+    mix = torch.zeros(vocab_size, dtype=torch.float64)
+    for g in range(docs.n_groups):
+        ids, _ = docs.group(g)
+        flat = torch.tensor([t for d in ids for t in d], dtype=torch.long)
+        counts = torch.bincount(flat, minlength=vocab_size).double()
+        total += int(counts.sum())
+        weight = 1.0 if group_probs is None else group_probs[g] / max(float(counts.sum()), 1.0)
+        mix += counts * weight
+    if group_probs is not None:
+        mix = mix / mix.sum() * total  # pseudo-counts with the sampler's mixture and the real total
+    return torch.log((mix + 1.0) / (total + vocab_size))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Masking per batch
-
-
-class PackedDataset(Dataset):
-    def __init__(self, packed: Packed):
-        self.packed = packed
-
-    def __len__(self) -> int:
-        return len(self.packed)
-
-    def __getitem__(self, i: int) -> int:
-        return i  # the collator gathers rows itself: one tensor index per batch instead of per row
+# Batches
 
 
 class MLMCollator:
     """Gathers rows of a Packed set and masks them afresh (dynamic masking): each call draws from one
-    generator seeded once, so a run's masks are reproducible given its seed and data order."""
+    generator, so a run's masks are reproducible given its seed and data order."""
 
-    def __init__(self, packed: Packed, tokenizer: PreTrainedTokenizerBase, mask_prob: float, seed: int,
-                 whole_word_mask: bool = False, replace_prob: float = 0.8, random_prob: float = 0.1):
+    def __init__(self, packed: Packed, tokenizer: PreTrainedTokenizerBase, mask_prob: float, seed: int = 0,
+                 whole_word_mask: bool = False, replace_prob: float = 0.8, random_prob: float = 0.1,
+                 generator: torch.Generator | None = None):
         if whole_word_mask and packed.word_ids is None:
-            raise ValueError("whole_word_mask needs word ids: pack with with_words=True")
+            raise ValueError("whole_word_mask needs word ids: tokenize with with_words=True")
         self.packed = packed
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.mask_id = tokenizer.mask_token_id
@@ -289,9 +414,9 @@ class MLMCollator:
         self.mask_prob = mask_prob
         self.whole_word_mask = whole_word_mask
         self.replace_prob, self.random_prob = replace_prob, random_prob
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
 
-    def __call__(self, index: list[int]) -> dict[str, torch.Tensor]:
+    def __call__(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(index, dtype=torch.long)
         ids = self.packed.input_ids[idx].long()  # (B, L)
         att = self.packed.attention_mask[idx]  # (B, L)
@@ -300,6 +425,42 @@ class MLMCollator:
         m = mask_tokens(ids, special, self.mask_id, self.candidates, self.mask_prob, self.generator, words,
                         self.replace_prob, self.random_prob)
         return {"input_ids": m.input_ids, "attention_mask": att.long(), "labels": m.labels}
+
+
+class PhasedBatches(IterableDataset):
+    """Exactly `sum(steps)` masked batches: phase by phase (sequence length, batch size, steps).
+    Without group probabilities each phase walks its sequences in shuffled epochs; with them,
+    sequences are drawn with replacement so that group g fills a share probs[g] of the batches."""
+
+    def __init__(self, phases: list[tuple[Packed, int, int]], collators: list[MLMCollator],
+                 group_probs: Sequence[float] | None, generator: torch.Generator):
+        self.phases, self.collators = phases, collators
+        self.group_probs = group_probs
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return sum(steps for _, _, steps in self.phases)
+
+    def _indices(self, packed: Packed, batch_size: int, steps: int) -> Iterator[torch.Tensor]:
+        g = self.generator
+        if self.group_probs is not None and packed.groups is not None:
+            weights = group_sample_weights(packed.groups, self.group_probs)
+            for _ in range(steps):
+                yield torch.multinomial(weights, batch_size, replacement=True, generator=g)
+            return
+        order = torch.randperm(len(packed), generator=g)
+        pos = 0
+        for _ in range(steps):
+            if pos + batch_size > len(order):  # a new epoch
+                order = torch.cat([order[pos:], torch.randperm(len(packed), generator=g)])
+                pos = 0
+            yield order[pos:pos + batch_size]
+            pos += batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for (packed, batch_size, steps), collate in zip(self.phases, self.collators):
+            for idx in self._indices(packed, batch_size, steps):
+                yield collate(idx)
 
 
 def fixed_masked_set(packed: Packed, tokenizer: PreTrainedTokenizerBase, mask_prob: float, seed: int,
@@ -359,8 +520,9 @@ class MLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, n = mlm_loss_and_hits(self.model, batch)
-        self.log("train_loss", loss, prog_bar=False, batch_size=n)
+        self.log("train_loss", loss, batch_size=n)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        self.log("seq_len", float(batch["input_ids"].shape[1]), batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -385,7 +547,7 @@ class MLMModule(L.LightningModule):
             [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), eps=1e-6,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(self.cfg.warmup_steps, self.cfg.max_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(self.cfg.warmup, self.cfg.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -397,25 +559,27 @@ class ProgressLine(Callback):
         self.name = f"{name}: " if name else ""
         self._losses: list[float] = []
         self._tokens = 0
+        self.total_tokens = 0
         self._t0 = self._t_last = 0.0
-        self._step_last = 0
+        self._step0 = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0 = self._t_last = time.perf_counter()
-        self._step_last = trainer.global_step
+        self._step0 = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
-        self._tokens += int(batch["attention_mask"].sum())
+        tokens = int(batch["attention_mask"].sum())
+        self._tokens += tokens
+        self.total_tokens += tokens
         step = trainer.global_step
         if step % self.every and step != trainer.max_steps:
             return
         now = time.perf_counter()
         rate = self._tokens / max(now - self._t_last, 1e-9)
-        per_step = (now - self._t0) / max(step - self._step_last, 1)
-        eta = per_step * (trainer.max_steps - step)
-        log.info(f"{self.name}step {step}/{trainer.max_steps}  loss {sum(self._losses) / len(self._losses):.3f}  "
-                 f"{rate:,.0f} tok/s  ETA {_duration(eta)}")
+        eta = (now - self._t0) / max(step - self._step0, 1) * (trainer.max_steps - step)
+        log.info(f"{self.name}step {step}/{trainer.max_steps}  seq {batch['input_ids'].shape[1]}  "
+                 f"loss {sum(self._losses) / len(self._losses):.3f}  {rate:,.0f} tok/s  ETA {_duration(eta)}")
         self._losses.clear()
         self._tokens = 0
         self._t_last = now
@@ -440,65 +604,87 @@ def _duration(seconds: float) -> str:
 class PretrainResult:
     steps: int
     wall_s: float
+    """Seconds of training and held-out evaluation."""
+    setup_s: float
+    """Seconds of packing and preparing batches before training started."""
     train_tokens: int
-    """Non-padding tokens seen in training (all steps)."""
+    """Non-padding tokens seen in training."""
     val: dict[str, float] = field(default_factory=dict)
-    """The last held-out evaluation: step, val_loss, val_acc."""
+    """The last held-out evaluation: step, val_loss, val_acc (80/10/10 mask, as in training)."""
 
 
 def pretrain(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    train: Packed,
-    valid: Packed | None,
+    train: Documents,
+    valid: Documents | None,
     cfg: PretrainConfig,
     out_dir: str | os.PathLike,
-    sample_weights: torch.Tensor | None = None,
+    group_probs: Sequence[float] | None = None,
     name: str = "",
     meta: dict[str, Any] | None = None,
 ) -> PretrainResult:
     """Train `model` by masked-LM on `train`, evaluating on `valid` every `cfg.eval_every` steps, and
-    save model + tokenizer + logs to `out_dir` atomically.
+    save model + tokenizer + logs + pretrain.json to `out_dir` atomically (a temp folder renamed into
+    place, so a killed run leaves nothing that looks finished).
 
-    sample_weights: optional (N,) weight per training sequence; batches are then drawn with
-      replacement in proportion to them (e.g. to rebalance languages) instead of cycling epochs.
-    meta: extra JSON written into `out_dir/pretrain.json` beside the resolved config and results.
+    group_probs: with several groups (languages) in `train`, the probability of drawing each; None
+      draws sequences uniformly (groups in their natural proportions).
+    meta: extra JSON written into pretrain.json beside the resolved config and results.
     """
     problems = cfg.problems()
-    if len(train) == 0:
+    if not any(train.ids):
         problems.append("the training set is empty: no text after tokenization")
-    if train.input_ids.shape[1] != cfg.seq_len:
-        problems.append(f"training sequences have length {train.input_ids.shape[1]}, config says seq_len {cfg.seq_len}")
+    if group_probs is not None and len(group_probs) != train.n_groups:
+        problems.append(f"group_probs has {len(group_probs)} entries for {train.n_groups} groups")
+    if cfg.whole_word_mask and train.words is None:
+        problems.append("whole_word_mask: the documents carry no word ids; tokenize with with_words=True")
     if problems:
-        raise ValueError("pre-training config problems:\n  - " + "\n  - ".join(problems))
+        raise ValueError("pre-training problems:\n  - " + "\n  - ".join(problems))
+    t_setup = time.perf_counter()
     torch.set_num_threads(cfg.num_threads or available_cores())
-    L.seed_everything(cfg.seed, verbose=False)
     out_dir = Path(out_dir)
+    layout, pad = SpecialLayout.of(tokenizer), tokenizer.pad_token_id
 
-    collate = MLMCollator(train, tokenizer, cfg.mask_prob, cfg.seed, cfg.whole_word_mask)
+    # Training batches: one packing per curriculum length, one generator for order and masks.
     gen = torch.Generator().manual_seed(cfg.seed)
-    if sample_weights is not None:
-        assert sample_weights.shape == (len(train),), "one weight per training sequence"
-        sampler = WeightedRandomSampler(sample_weights.double(), num_samples=cfg.max_steps * cfg.batch_size,
-                                        replacement=True, generator=gen)
-        train_loader = DataLoader(PackedDataset(train), batch_size=cfg.batch_size, sampler=sampler,
-                                  collate_fn=collate, num_workers=cfg.dataloader_workers, drop_last=True)
-    else:
-        train_loader = DataLoader(PackedDataset(train), batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                  collate_fn=collate, num_workers=cfg.dataloader_workers,
-                                  drop_last=len(train) >= cfg.batch_size)
+    packs: dict[int, Packed] = {}
+    phases = []
+    for seq_len, batch_size, steps in cfg.phases():
+        if seq_len not in packs:
+            packs[seq_len] = pack_corpus(train, seq_len, layout, pad)
+        phases.append((packs[seq_len], batch_size, steps))
+    collators = [MLMCollator(p, tokenizer, cfg.mask_prob, whole_word_mask=cfg.whole_word_mask, generator=gen)
+                 for p, _, _ in phases]
+    batches = PhasedBatches(phases, collators, group_probs, gen)
+    train_loader = DataLoader(batches, batch_size=None, num_workers=0)
+
     val_loader = None
-    if valid is not None and len(valid):
-        fixed = fixed_masked_set(valid, tokenizer, cfg.mask_prob, cfg.seed + 1, limit=cfg.eval_sequences)
+    if valid is not None and any(valid.ids):
+        vp = pack_corpus(Documents(valid.ids, valid.groups), cfg.seq_len, layout, pad)
+        per_group = max(1, cfg.eval_sequences // max(valid.n_groups, 1))
+        keep = torch.cat([torch.nonzero(vp.groups == g).squeeze(1)[:per_group] for g in range(valid.n_groups)])  # type: ignore[operator]
+        vp = Packed(vp.input_ids[keep], vp.attention_mask[keep])
+        fixed = fixed_masked_set(vp, tokenizer, cfg.mask_prob, cfg.seed + 1)
         val_loader = DataLoader(_TensorRows(fixed), batch_size=cfg.batch_size, shuffle=False)
+
+    if cfg.init_output_bias:
+        head = model.get_output_embeddings()
+        if head is not None and getattr(head, "bias", None) is not None and head.bias.shape[0] == len(tokenizer):
+            with torch.no_grad():
+                head.bias.copy_(unigram_log_probs(train, len(tokenizer), group_probs).to(head.bias.dtype))
+        else:
+            log.warning(f"{name or 'pretrain'}: init_output_bias is set but the model has no output bias of vocabulary size; skipped")
 
     model.train()  # Lightning keeps the mode it finds; a model fresh from evaluation would train without dropout
     module = MLMModule(model, cfg)
     progress = ProgressLine(cfg.log_every, name)
     with atomic_dir(out_dir) as tmp, warnings.catch_warnings():
-        # On a few CPU cores workers cost more than they save; Lightning's advice does not apply.
+        # On a few CPU cores, worker processes cost more than they save: Lightning's advice does not apply.
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*GPU available but not used.*")
+        warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")  # one process: exact
+        warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
         trainer = L.Trainer(
             max_steps=cfg.max_steps,
             accelerator=cfg.accelerator,
@@ -506,6 +692,7 @@ def pretrain(
             precision=cfg.precision,
             logger=CSVLogger(save_dir=str(tmp), name="logs", version=""),
             callbacks=[progress],
+            default_root_dir=str(tmp),
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -515,32 +702,26 @@ def pretrain(
             limit_val_batches=None if val_loader is not None else 0,
             log_every_n_steps=cfg.log_every,
             gradient_clip_val=cfg.grad_clip or None,
-            deterministic=False,
-            default_root_dir=str(tmp),
         )
         t0 = time.perf_counter()
+        setup = t0 - t_setup
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
         if val_loader is not None and module.last_val.get("step") != trainer.global_step:
             trainer.validate(module, dataloaders=val_loader, verbose=False)
         wall = time.perf_counter() - t0
         steps = trainer.global_step
-        result = PretrainResult(steps=steps, wall_s=round(wall, 1),
-                                train_tokens=int(progress_tokens(train, steps, cfg.batch_size)),
+        result = PretrainResult(steps=steps, wall_s=round(wall, 1), setup_s=round(setup, 1), train_tokens=progress.total_tokens,
                                 val=dict(module.last_val))
         model = module.model.cpu().eval()
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "pretrain.json", {
             "config": asdict(cfg), "result": asdict(result), "history": module.history,
-            "train_sequences": len(train), **(meta or {}),
+            "phases": [{"seq_len": p.input_ids.shape[1], "batch_size": b, "steps": s, "sequences": len(p)} for p, b, s in phases],
+            **(meta or {}),
         })
     log.info(f"{name + ': ' if name else ''}saved {out_dir} ({steps} steps, {_duration(wall)})")
     return result
-
-
-def progress_tokens(train: Packed, steps: int, batch_size: int) -> float:
-    """Expected non-padding tokens seen in `steps` batches (mean tokens per sequence x sequences)."""
-    return train.tokens / max(len(train), 1) * steps * batch_size
 
 
 def read_pretrain_meta(folder: str | os.PathLike) -> dict[str, Any] | None:
