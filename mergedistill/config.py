@@ -187,9 +187,11 @@ class EvalConfig:
     batch_size: int = 32
     """Sequences per forward pass during evaluation."""
     max_lines: int | None = 2000
-    """Test lines per language for masked-token accuracy and agreement (null: all)."""
+    """Test lines per language for masked-token accuracy and agreement (null: all), drawn at random
+    with `seed` from the whole split (kept in order), not its first lines."""
     pll_lines: int = 200
-    """Test lines per language for pseudo-log-likelihood (one forward pass per token: costly)."""
+    """Lines per language for pseudo-log-likelihood (one forward pass per token: costly), drawn like
+    `max_lines`; `select` scores candidate teachers on as many valid lines."""
     mask_prob: float = 0.15
     """Masking rate for masked-token accuracy (fixed seed, [MASK] only)."""
     seed: int = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import random
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +37,23 @@ def iter_lines(spec: str, where: str, max_lines: int | None = None) -> Iterator[
         n += 1
         if max_lines is not None and n >= max_lines:
             return
+
+
+SAMPLE_POOL = 200_000
+"""Lines `sample_lines` reads at most before drawing its subset (bounds memory on huge splits)."""
+
+
+def sample_lines(spec: str, where: str, n: int | None, seed: int = 0) -> list[str]:
+    """`n` non-blank texts drawn at random (fixed `seed`) from the whole corpus (its first SAMPLE_POOL
+    lines), kept in corpus order; all of them when `n` is None or the corpus is smaller.
+
+    Held-out splits are cut by document, so their first lines are often one document (in the demo's
+    zh test split, a file of classical poems): a spread sample scores the split, not its opening."""
+    texts = list(iter_lines(spec, where, SAMPLE_POOL))
+    if n is None or len(texts) <= n:
+        return texts
+    keep = sorted(random.Random(seed).sample(range(len(texts)), n))
+    return [texts[i] for i in keep]
 
 
 def iter_json_lines(spec: str, where: str) -> Iterator[tuple[int, object]]:

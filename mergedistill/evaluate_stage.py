@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .config import RunConfig
 from .configlib import to_dict
-from .corpus import check_corpus, corpus_fingerprint, iter_lines
+from .corpus import check_corpus, corpus_fingerprint, iter_lines, sample_lines
 from .downstream import build_source_task, fine_tune, read_examples, source_task_dir, task_accuracy
 from .errors import UserError
 from .eval_metrics import bits_per_char, hit_rate, masked_top1, pll_per_unit, to_student_ids
@@ -360,10 +360,8 @@ def _allowed(model, idmap: np.ndarray, special_ids: list[int]) -> torch.Tensor:
 def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row]:
     e = cfg.eval
     spec = cfg.languages[lang].test
-    n_lines = max(e.max_lines, e.pll_lines) if e.max_lines is not None else None
-    texts = list(iter_lines(spec, f"languages.{lang}.test", n_lines))  # type: ignore[arg-type]
-    acc_texts = texts if e.max_lines is None else texts[: e.max_lines]
-    pll_texts = texts[: e.pll_lines]
+    acc_texts = sample_lines(spec, f"languages.{lang}.test", e.max_lines, e.seed)  # type: ignore[arg-type]
+    pll_texts = sample_lines(spec, f"languages.{lang}.test", e.pll_lines, e.seed)  # type: ignore[arg-type]
     unit = "char" if lang in e.char_languages else "word"
     pll_batch = e.batch_size * 4  # PLL copies are single lines, a few times shorter than packed sequences
     routed = cfg.teacher_of(lang)
@@ -571,7 +569,7 @@ def _header(cfg: RunConfig, plan: Plan, seconds: float) -> str:
         f"- student: `{plan.student.folder}`; MLM-only baseline: {base}",
         f"- vocabulary `{plan.vrec['vocab']}`; languages and teachers: "
         + "; ".join(f"{lang} -> {', '.join(teachers_of(cfg, lang))}" for lang in plan.languages),
-        f"- test lines per language: {e.max_lines if e.max_lines is not None else 'all'} for masked accuracy "
+        f"- test lines per language (a seeded random sample spread over the split): {e.max_lines if e.max_lines is not None else 'all'} for masked accuracy "
         f"(mask rate {e.mask_prob}, seed {e.seed}), {e.pll_lines} for PLL; "
         f"per-char languages: {', '.join(e.char_languages) or 'none'}",
         f"- {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {seconds:.0f} s, mergedistill {__version__}",

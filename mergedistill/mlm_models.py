@@ -10,6 +10,7 @@ Also `masked_logits`: the MLM head applied only where predictions are needed, wh
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -102,11 +103,67 @@ def masked_logits(
 ) -> torch.Tensor:
     """(N, V) logits at the N selected positions, in row-major order of `selected` (B, L) bool.
 
-    For BERT/RoBERTa-style models the encoder runs once and the head runs on the selected rows only;
-    any other masked LM falls back to the full (B, L, V) logits, indexed. Both give the same numbers."""
+    For BERT/RoBERTa-style models the encoder runs all but its last layer everywhere, the last layer
+    only where its output is needed (queries at the selected positions; keys and values, which every
+    position feeds, everywhere), and the head on the selected rows only. Any other masked LM falls
+    back to the full (B, L, V) logits, indexed. Both give the same numbers (up to float rounding)."""
     head_attr = _HEADS.get(getattr(model.config, "model_type", ""))
     head = getattr(model, head_attr, None) if head_attr else None
     if head is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-    return head(hidden[selected])  # (N, H) -> (N, V)
+    base = model.base_model
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not _last_layer_splittable(model, layers) or selected.all():
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        return head(hidden[selected])  # (N, H) -> (N, V)
+    base.encoder.layer = layers[:-1]  # the model's own forward (embeddings, masks) over all but the last layer
+    try:
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        base.encoder.layer = layers
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return head(layer_at_positions(layers[-1], hidden, attention_mask, selected))
+
+
+def _last_layer_splittable(model: PreTrainedModel, layers) -> bool:
+    """A plain BERT-style encoder layer stack whose last layer `layer_at_positions` can compute."""
+    if layers is None or len(layers) < 1 or getattr(model.config, "is_decoder", False):
+        return False
+    if getattr(model.config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return False  # relative position terms in the attention scores are not reproduced here
+    last = layers[-1]
+    att = getattr(getattr(last, "attention", None), "self", None)
+    return all(hasattr(att, a) for a in ("query", "key", "value", "num_attention_heads", "attention_head_size")) and \
+        hasattr(last.attention, "output") and hasattr(last, "intermediate") and hasattr(last, "output")
+
+
+def layer_at_positions(layer, hidden: torch.Tensor, attention_mask: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """A BERT-style encoder layer's output at the selected positions only: (N, H), row-major over
+    `selected` (B, L) bool. hidden: (B, L, H), the layer's input; attention_mask: (B, L), 0 on padding.
+
+    Queries, the attention output, and the feed-forward block run on the selected rows (gathered per
+    sequence, padded to the longest count); keys and values on every position."""
+    att = layer.attention.self
+    B, L, H = hidden.shape
+    heads, dh = att.num_attention_heads, att.attention_head_size
+    counts = selected.sum(1)  # (B,)
+    m = int(counts.max()) if B else 0
+    if m == 0:
+        return hidden.new_zeros(0, H)
+    pos = torch.arange(L, device=hidden.device).expand(B, L)
+    # selected positions first, in order, then the rest: the first m columns are what each row needs
+    idx = torch.where(selected, pos, pos + L).argsort(dim=1)[:, :m]  # (B, m)
+    rows = hidden.gather(1, idx.unsqueeze(-1).expand(B, m, H))  # (B, m, H)
+    q = att.query(rows).view(B, m, heads, dh).transpose(1, 2)
+    k = att.key(hidden).view(B, L, heads, dh).transpose(1, 2)
+    v = att.value(hidden).view(B, L, heads, dh).transpose(1, 2)
+    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): which keys each query may see
+    keep = keep | ~keep.any(-1, keepdim=True)  # an all-padding row (nothing selected in it) stays finite
+    p = att.dropout.p if (att.training and hasattr(att, "dropout")) else 0.0
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, scale=dh ** -0.5)
+    ctx = ctx.transpose(1, 2).reshape(B, m, H)
+    a = layer.attention.output(ctx, rows)  # dense, dropout, LayerNorm(. + rows)
+    out = layer.output(layer.intermediate(a), a)  # (B, m, H)
+    valid = torch.arange(m, device=hidden.device)[None, :] < counts[:, None]  # (B, m)
+    return out[valid]

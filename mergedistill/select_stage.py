@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig
-from .corpus import check_corpus, iter_lines
+from .corpus import check_corpus, sample_lines
 from .errors import UserError
 from .fsutil import write_text_atomic
 
@@ -58,7 +58,7 @@ def run_select(cfg: RunConfig, args) -> Path:
     models: dict = {}
     rows = []
     for lang, lc in cfg.languages.items():
-        texts = list(iter_lines(lc.valid, f"languages.{lang}.valid", cfg.eval.pll_lines))
+        texts = sample_lines(lc.valid, f"languages.{lang}.valid", cfg.eval.pll_lines, cfg.eval.seed)
         unit = "char" if lang in cfg.eval.char_languages else "word"
         for name in candidates_of(cfg, lang):
             if name not in models:

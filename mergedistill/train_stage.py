@@ -173,12 +173,13 @@ def _is_launcher() -> bool:
 
 
 def run_train(cfg: RunConfig, args) -> Path:
-    """Train the student (or, with --baseline, the MLM-only baseline: alpha 0, same size, data and
-    steps) and export it."""
+    """Train the student (or, with --baseline, the MLM-only baseline: same size, data and steps, but
+    nothing from any teacher: alpha 0, random initialisation, no embedding rows copied) and export it."""
     start = time.monotonic()
     baseline = bool(getattr(args, "baseline", False))
     if baseline:
         cfg.train.alpha, cfg.train.mode = 0.0, "offline"
+        cfg.student.init, cfg.student.embeddings_from_teachers = "random", False
     vocab, vrec = load_vocab(cfg)
     manifest = load_manifest(cfg, vrec["vocab"])
     languages = [lang for lang in cfg.languages if lang in manifest["languages"]]

@@ -137,3 +137,18 @@ def test_routing_file_overrides_teachers(base, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["--routing=bad.yaml"], data=base)
     assert "routes 'xx'" in str(err.value) and "'nobody' is not defined" in str(err.value)
+
+
+def test_sample_lines_spreads_over_the_split_in_order_and_is_seeded(tmp_path):
+    from mergedistill.corpus import sample_lines
+
+    path = tmp_path / "test.txt"
+    path.write_text("".join(f"line {i}\n\n" for i in range(1000)))  # blank lines are skipped
+    a = sample_lines(str(path), "languages.xx.test", 50, seed=0)
+    assert len(a) == 50 and len(set(a)) == 50
+    idx = [int(t.split()[1]) for t in a]
+    assert idx == sorted(idx) and idx[-1] > 500  # corpus order, not the opening 50 lines
+    assert a == sample_lines(str(path), "languages.xx.test", 50, seed=0)
+    assert a != sample_lines(str(path), "languages.xx.test", 50, seed=1)
+    assert len(sample_lines(str(path), "languages.xx.test", None)) == 1000
+    assert len(sample_lines(str(path), "languages.xx.test", 5000)) == 1000

@@ -55,6 +55,34 @@ def test_masked_logits_match_full_logits(kind):
     torch.testing.assert_close(fast, full[selected], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_last_layer_at_selected_positions_only_matches_the_full_forward(kind, monkeypatch):
+    """Uneven counts per row (one row with none), padding, and gradients: the split last layer is exact."""
+    from mergedistill import mlm_models
+
+    calls = []
+    real = mlm_models.layer_at_positions
+    monkeypatch.setattr(mlm_models, "layer_at_positions", lambda *a: calls.append(1) or real(*a))
+    tok = tiny_tokenizer(kind)
+    model = tiny_model(kind)
+    packed = pack_texts(tok, SENTENCES * 3, seq_len=24)
+    ids, att = packed.input_ids.long(), packed.attention_mask.long()
+    gen = torch.Generator().manual_seed(0)
+    selected = (torch.rand(ids.shape, generator=gen) < 0.3) & att.bool()
+    selected[0] = False
+    assert len(ids) >= 3 and selected.sum(1).unique().numel() > 1
+    full = model(input_ids=ids, attention_mask=att).logits[selected]
+    fast = masked_logits(model, ids, att, selected)
+    assert calls, "the split path ran"
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    target = torch.randn_like(full)
+    g_full = torch.autograd.grad((full * target).sum(), model.base_model.embeddings.word_embeddings.weight)[0]
+    fast = masked_logits(model, ids, att, selected)
+    g_fast = torch.autograd.grad((fast * target).sum(), model.base_model.embeddings.word_embeddings.weight)[0]
+    torch.testing.assert_close(g_fast, g_full, rtol=1e-4, atol=1e-5)
+    assert len(model.base_model.encoder.layer) == 2  # the model is left whole
+
+
 def test_masked_logits_falls_back_for_other_models():
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=2, hidden_dim=64,

@@ -1,6 +1,7 @@
 """The train stage on tiny shards: sampling, masked-only gradients, learning, resume, DDP, NaN, export."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,10 +72,10 @@ def run_dir(prepared, tmp_path, monkeypatch):
     return tmp_path
 
 
-def metrics(work: Path) -> list[dict]:
+def metrics(work: Path, which: str = "train") -> list[dict]:
     from mergedistill.train_stage import read_metrics
 
-    return read_metrics(work / "runs/t/train")
+    return read_metrics(work / "runs/t" / which)
 
 
 def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
@@ -125,7 +126,8 @@ def test_ranks_split_the_same_global_batch():
 
 
 # ---- the step ----------------------------------------------------------------------------------
-def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpora):
+def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpora, monkeypatch):
+    from mergedistill import mlm_models
     from mergedistill.data_stage import load_manifest
     from mergedistill.module import DistillModule
     from mergedistill.student import build_student
@@ -142,6 +144,10 @@ def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpo
     module = DistillModule(cfg, student, ["de"])
     module.log = lambda *a, **k: None
     captured = {}
+
+    # The whole encoder's output at every position (the fast path would compute the last layer at the
+    # masked positions only, which test_mlm_models checks is exact): no gradient may reach the rest.
+    monkeypatch.setattr(mlm_models, "_last_layer_splittable", lambda *a: False)
 
     def keep_hidden(mod, args, out):  # the encoder's output, the input of the MLM head
         captured["h"] = out.last_hidden_state
@@ -286,3 +292,15 @@ def test_ddp_on_two_cpu_processes_matches_one_process(run_dir, tiny_teachers, co
     assert [s for s, _ in v1] == [s for s, _ in v2] and len(v1) == 2
     np.testing.assert_allclose([v for _, v in v2], [v for _, v in v1], rtol=0.02)
     np.testing.assert_allclose([v for _, v in t2], [v for _, v in t1], rtol=0.05)
+
+
+def test_baseline_takes_nothing_from_the_teachers(run_dir, tiny_teachers, corpora):
+    """--baseline: alpha 0 and random init with no embedding rows copied, even when the config asks for them."""
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2)
+    assert main(["train", "--config", str(cfg), "--baseline"]) == 0
+    card = (run_dir / "runs/t/baseline/export/README.md").read_text()
+    assert "'init': 'random'" in card and "embedding_rows" not in card
+    state = json.loads((run_dir / "runs/t/baseline/state.json").read_text())
+    assert state["inputs"]["train"]["alpha"] == 0.0 and state["inputs"]["student"]["embeddings_from_teachers"] is False
+    assert series(metrics(run_dir, "baseline"), "train/kd_loss") and all(
+        float(v) == 0.0 for _, v in series(metrics(run_dir, "baseline"), "train/kd_loss"))
