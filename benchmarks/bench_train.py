@@ -3,9 +3,12 @@
   offline KD  the teacher's top-k comes from the data stage's shards (alpha 0.5);
   MLM-only    the baseline (alpha 0): no teacher at all;
   online KD   the teacher runs inside each step with dynamic masking (train.mode=online).
-Student: 4 layers x hidden 256 (the demo's size, 5.2M parameters with the 8k vocabulary); teacher:
-4 layers x hidden 384, twice the student's parameters (10.2M; random weights: the cost is measured). Real German text (`make corpora`), a WordPiece
-vocabulary trained on it (8k). Targets: offline <= 1.3x MLM-only; online >= 2x offline.
+Student: 4 layers x hidden 256 (5.4M parameters with the 8k vocabulary); teacher: 4 layers x hidden
+384, twice the student's parameters (10.5M; random weights: the cost is what is measured). Real German
+text (`make corpora`), a WordPiece vocabulary trained on it (8k). Targets: offline <= 1.3x MLM-only;
+online >= 2x offline. For context it also times online KD with a larger teacher (4 x 512, ~3x the
+student's parameters): a teacher's forward pass costs about a third of a training step of a model its
+size, so online/offline grows with the teacher's share of compute.
 
 usage: python benchmarks/bench_train.py [--steps 30] [--lines 3000]
 """
@@ -83,23 +86,30 @@ def main() -> None:
     (work / "de.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     tok = train_tokenizer("wordpiece", lines, vocab_size=8000)
     tok.save_pretrained(str(work / "teacher"))
-    teacher = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=384, num_hidden_layers=4, num_attention_heads=6,
-                                         intermediate_size=1536))
-    teacher.save_pretrained(str(work / "teacher"))
-    n_teacher = sum(p.numel() for p in teacher.parameters())
-    cfg_data = {
-        "run": "bench", "teachers": {"t": {"path": str(work / "teacher")}},
-        "languages": {"de": {"train": str(work / "de.txt"), "teacher": "t"}},
-        "data": {"seq_len": 128, "top_k": 8, "splits": ["train"], "shard_lines": 5000},
-        "student": {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "embeddings_from_teachers": False},
-        "train": {"batch_size": 32, "max_steps": args.steps, "warmup_steps": 5, "accelerator": "cpu"},
-    }
-    (work / "c.yaml").write_text(json.dumps(cfg_data))
-    assert cli(["vocab", "--config", "c.yaml"]) == 0 and cli(["data", "--config", "c.yaml"]) == 0
+    sizes = {}
+    for folder, hidden, heads in (("teacher", 384, 6), ("teacher-large", 512, 8)):
+        tok.save_pretrained(str(work / folder))
+        teacher = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=4,
+                                             num_attention_heads=heads, intermediate_size=4 * hidden))
+        teacher.save_pretrained(str(work / folder))
+        sizes[folder] = sum(p.numel() for p in teacher.parameters())
+    n_teacher = sizes["teacher"]
+    for run, folder in (("bench", "teacher"), ("bench-large", "teacher-large")):
+        cfg_data = {
+            "run": run, "teachers": {"t": {"path": str(work / folder)}},
+            "languages": {"de": {"train": str(work / "de.txt"), "teacher": "t"}},
+            "data": {"seq_len": 128, "top_k": 8, "splits": ["train"], "shard_lines": 5000},
+            "student": {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 1024, "embeddings_from_teachers": False},
+            "train": {"batch_size": 32, "max_steps": args.steps, "warmup_steps": 5, "accelerator": "cpu"},
+        }
+        (work / f"{run}.yaml").write_text(json.dumps(cfg_data))
+        assert cli(["vocab", "--config", f"{run}.yaml"]) == 0 and cli(["data", "--config", f"{run}.yaml"]) == 0
     torch.set_num_threads(os.cpu_count() or 1)
     results = {}
-    for label, over in (("offline KD", []), ("MLM-only", ["--train.alpha=0"]), ("online KD", ["--train.mode=online"])):
-        results[label] = time_steps(load_config("c.yaml", over), args.steps)
+    for label, conf, over in (("offline KD", "bench", []), ("MLM-only", "bench", ["--train.alpha=0"]),
+                              ("online KD", "bench", ["--train.mode=online"]),
+                              ("online KD, larger teacher", "bench-large", ["--train.mode=online"])):
+        results[label] = time_steps(load_config(f"{conf}.yaml", over), args.steps)
     off, mlm, onl = results["offline KD"], results["MLM-only"], results["online KD"]
     print("\n== train stage: seconds per optimizer step (median of steps 6..N) ==")
     n_student = sum(p.numel() for p in BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4,
@@ -107,9 +117,12 @@ def main() -> None:
     print(f"  student 4 x 256 ({n_student / 1e6:.1f}M parameters), batch 32 x <=128 tokens; teacher 4 x 384 "
           f"({n_teacher / 1e6:.1f}M, {n_teacher / n_student:.2f}x); {os.cpu_count()} CPU threads; load average {os.getloadavg()[0]:.1f}")
     for k, v in results.items():
-        print(f"  {k:11s} {v:7.3f} s/step")
+        print(f"  {k:26s} {v:7.3f} s/step")
     print(f"  offline KD / MLM-only: {off / mlm:.2f}x (target <= 1.3x: {'met' if off / mlm <= 1.3 else 'NOT met'})")
     print(f"  online KD / offline KD: {onl / off:.2f}x (target >= 2x: {'met' if onl / off >= 2 else 'NOT met'})")
+    large = results["online KD, larger teacher"]
+    print(f"  for context, online KD with a 4 x 512 teacher ({sizes['teacher-large'] / 1e6:.1f}M, "
+          f"{sizes['teacher-large'] / n_student:.2f}x the student) / offline KD: {large / off:.2f}x")
 
 
 if __name__ == "__main__":
