@@ -4,7 +4,8 @@ Every variant is the run's config with another routing. The variants share the r
 (built with vocab.prune_candidates when pruning, so it serves every routing among the candidates);
 each variant runs data and train in runs/<run>-<variant>/, and the data stage's shard store hands a
 variant every shard whose inputs did not change: a language that keeps its teacher keeps its shards.
-The variant with the configured routing is the run itself (its data and student are reused).
+The variant with the configured routing is the run itself (its data and student are reused) unless
+`ablate.train_steps` differs from `train.max_steps`: then it trains its own student, on the run's shards.
 Students are compared by pseudo-perplexity per word (per character for eval.char_languages) on each
 language's test split, read through the variant's tokenizer for that language: comparable across
 routings, unlike per-token accuracy. Output: runs/<run>/ablate/{report.md, results.csv, ablate.png}.
@@ -22,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig
-from .corpus import iter_lines
+from .corpus import sample_lines
 from .errors import UserError
 from .fsutil import write_text_atomic
 
@@ -68,15 +69,19 @@ def _check(cfg: RunConfig, variants: dict[str, dict[str, str]]) -> None:
 
 
 def variant_config(cfg: RunConfig, name: str, routing: dict[str, str]) -> RunConfig:
+    """The run's config with `routing`. A variant is the run itself only when nothing differs: with
+    another routing or `ablate.train_steps` it gets runs/<run>-<name>/ (and the run's vocabulary), so
+    the run's own student is never retrained or resumed at another length, and every variant trains
+    for the same number of steps."""
     v = copy.deepcopy(cfg)
     configured = {lang: cfg.teacher_of(lang) for lang in cfg.languages}
-    if routing != configured:
+    if cfg.ablate.train_steps:
+        v.train.max_steps = cfg.ablate.train_steps
+    if routing != configured or v.train.max_steps != cfg.train.max_steps:
         v.run = f"{cfg.run}-{name}"
         v.vocab_run = cfg.vocab_run or cfg.run
     for lang, t in routing.items():
         v.languages[lang].teacher = t
-    if cfg.ablate.train_steps:
-        v.train.max_steps = cfg.ablate.train_steps
     return v
 
 
@@ -93,7 +98,7 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
     out = {}
     for lang, lc in cfg.languages.items():
         spec = lc.test or lc.valid
-        texts = list(iter_lines(spec, f"languages.{lang}.test", cfg.eval.pll_lines))
+        texts = sample_lines(spec, f"languages.{lang}.test", cfg.eval.pll_lines, cfg.eval.seed)
         unit = "char" if lang in cfg.eval.char_languages else "word"
         tok = AutoTokenizer.from_pretrained(str(export / tok_of[lang]))
         pll = sum(pseudo_log_likelihoods(model, tok, texts))

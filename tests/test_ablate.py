@@ -1,6 +1,7 @@
 """`ablate` runs routing variants end to end and reuses what did not change."""
 from __future__ import annotations
 
+import json
 import os
 
 import yaml
@@ -56,3 +57,34 @@ def test_ablate_refuses_a_variant_the_pruned_vocabulary_cannot_serve(workdir, ti
     err = capsys.readouterr().err
     assert "ablate.variants.odd.de: 'bbpe' is neither the configured teacher nor a candidate" in err
     assert "languages.de: ablate scores students on the test split" in err
+
+
+def test_ablate_with_other_train_steps_leaves_the_runs_student_alone(workdir, tiny_teachers, tmp_path):
+    """ablate.train_steps != train.max_steps: the configured variant trains in runs/<run>-configured on the
+    run's shards; the run's own student (runs/<run>/train) is neither retrained nor resumed."""
+    corpora = {}
+    for lang in ("de",):
+        p = tmp_path / f"{lang}.txt"
+        p.write_text("\n".join(SENTENCES[lang] * 6) + "\n", encoding="utf-8")
+        corpora[lang] = p
+    cfg_path = make_config(
+        workdir / "c.yaml", tiny_teachers, corpora, {"de": "wp"},
+        data={"seq_len": 32, "shard_lines": 10, "splits": ["train"]},
+        student={"hidden": 32, "heads": 2, "layers": 2, "intermediate": 64, "max_position": 64},
+        train={"max_steps": 6, "val_every": 6, "batch_size": 4, "warmup_steps": 1},
+        eval={"pll_lines": 3}, ablate={"variants": {"configured": {}}, "train_steps": 3},
+    )
+    data = yaml.safe_load(cfg_path.read_text())
+    data["languages"]["de"]["test"] = str(corpora["de"])
+    cfg_path.write_text(yaml.safe_dump(data))
+    for stage in ("vocab", "data", "train"):
+        assert main([stage, "--config", str(cfg_path)]) == 0
+    state = workdir / "runs/t/train/state.json"
+    before = (state.read_text(), state.stat().st_mtime_ns)
+    assert main(["ablate", "--config", str(cfg_path)]) == 0
+    assert (state.read_text(), state.stat().st_mtime_ns) == before
+    variant = json.loads((workdir / "runs/t-configured/train/state.json").read_text())
+    assert variant["steps"] == 3 and json.loads(before[0])["steps"] == 6
+    base = sorted((workdir / "runs/t/data/de/train").glob("*.arrow"))
+    var = sorted((workdir / "runs/t-configured/data/de/train").glob("*.arrow"))
+    assert base and [os.stat(p).st_ino for p in base] == [os.stat(p).st_ino for p in var]  # shards shared
