@@ -121,7 +121,15 @@ def run_ablate(cfg: RunConfig, args) -> Path:
     stage_args = argparse.Namespace(force=False, resume=True, baseline=False, verbose=getattr(args, "verbose", False))
     run_vocab(cfg, stage_args)
     rows, times = [], {}
+    done: dict[tuple, str] = {}  # routing -> the variant that already ran it
     for name, routing in variants.items():
+        key = tuple(sorted(routing.items()))
+        if key in done:  # e.g. `selected` when selection kept the configured routing: same student
+            log.info("ablate: variant %s has the routing of %s; reusing its student and scores", name, done[key])
+            rows += [{**r, "variant": name} for r in rows if r["variant"] == done[key]]
+            times[name] = 0.0
+            continue
+        done[key] = name
         v = variant_config(cfg, name, routing)
         t0 = time.monotonic()
         log.info("ablate: variant %s (%s) in runs/%s", name, ", ".join(f"{k}: {t}" for k, t in routing.items()), v.run)

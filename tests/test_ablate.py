@@ -23,7 +23,7 @@ def test_ablate_compares_variants_and_reuses_unchanged_shards(workdir, tiny_teac
         student={"hidden": 32, "heads": 2, "layers": 2, "intermediate": 64, "max_position": 64},
         train={"max_steps": 4, "val_every": 4, "batch_size": 4, "warmup_steps": 1},
         eval={"pll_lines": 3},
-        ablate={"variants": {"configured": {}, "de-multi": {"de": "multi"}}},
+        ablate={"variants": {"configured": {}, "de-multi": {"de": "multi"}, "same": {"ru": "uni"}}},
     )
     data = yaml.safe_load(cfg_path.read_text())
     for lang in ("de", "ru"):
@@ -35,7 +35,11 @@ def test_ablate_compares_variants_and_reuses_unchanged_shards(workdir, tiny_teac
     assert "| de | " in report and "(multi)" in report and "(wp)" in report and "geometric mean" in report
     assert (workdir / "runs/t/ablate/ablate.png").stat().st_size > 1000
     rows = (workdir / "runs/t/ablate/results.csv").read_text().splitlines()
-    assert len(rows) == 1 + 2 * 2
+    assert len(rows) == 1 + 3 * 2
+    # `same` routes as `configured` does: its scores are configured's, and no third student was trained
+    same = [r.split(",", 1)[1] for r in rows if r.startswith("same,")]
+    assert same and same == [r.split(",", 1)[1] for r in rows if r.startswith("configured,")]
+    assert not (workdir / "runs/t-same").exists()
     # the variant shares the run's vocabulary, and ru (same teacher) reuses the run's shards: same files
     assert not (workdir / "vocab/t-de-multi").exists()
     base_ru = sorted((workdir / "runs/t/data/ru/train").glob("*.arrow"))
