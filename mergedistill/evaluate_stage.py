@@ -492,6 +492,10 @@ def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
             for tgt in targets:
                 if tgt not in test or not test[tgt] or not models.knows(key, tgt):
                     continue
+                if tgt != src and key == "student":  # once per language pair, not once per model
+                    warn = label_mismatch(_labels_of(exs, task.kind), _labels_of(test[tgt], task.kind))
+                    if warn:
+                        log.warning("evaluate: eval.downstream.%s zero-shot %s -> %s: %s", name, src, tgt, warn)
                 acc, n = task_accuracy(ft, models.tokenizer(key, tgt), test[tgt], labels, models.max_len(key), e.batch_size,
                                        joiner(tgt))
                 metric = f"{name}/acc" if tgt == src else f"{name}/acc_from_{src}"
@@ -501,6 +505,25 @@ def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
                      task.epochs, "; ".join(done) or "no test set", time.monotonic() - t0)
             del ft
     return rows
+
+
+def _labels_of(examples, kind: str) -> set[str]:
+    return {lab for ex in examples for lab in (ex.label if kind == "tag" else [ex.label])}
+
+
+def label_mismatch(source: set[str], target: set[str]) -> str | None:
+    """Why a zero-shot accuracy from a language trained on `source` labels to a test set with `target`
+    labels may mislead (None when both sets agree): the classifier can predict labels the target never
+    has, and cannot predict labels it never saw."""
+    extra, missing = sorted(source - target), sorted(target - source)
+    parts = []
+    if extra:
+        parts.append(f"the source's labels {', '.join(extra)} never occur in the target's test set")
+    if missing:
+        parts.append(f"the target's labels {', '.join(missing)} were never trained on")
+    if not parts:
+        return None
+    return "; ".join(parts) + " (the zero-shot accuracy counts such predictions as wrong: prefer languages with the same labels)"
 
 
 # ---- the stage -------------------------------------------------------------------------------------

@@ -308,3 +308,13 @@ def test_card_section_is_appended_or_replaced_in_place():
     assert set_card_section(once, "| b |") == once.replace("| a |", "| b |")  # the last section, replaced
     middle = "# m\n\n## Evaluation\n\nold\n\n## Training\n\nx\n"
     assert set_card_section(middle, "new") == "# m\n\n## Evaluation\n\nnew\n\n## Training\n\nx\n"
+
+
+def test_label_mismatch_explains_misleading_zero_shot_pairs():
+    from mergedistill.evaluate_stage import label_mismatch
+
+    assert label_mismatch({"help", "man"}, {"man", "help"}) is None
+    msg = label_mismatch({"help", "man", "fortune"}, {"help", "man"})
+    assert "fortune never occur in the target" in msg
+    msg = label_mismatch({"help"}, {"help", "man"})
+    assert "man were never trained on" in msg
