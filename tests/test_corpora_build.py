@@ -184,6 +184,10 @@ def test_manifest_counts_and_checksums(built):
                 assert info["documents"] == len({r["doc"] for r in records})
                 assert info["words"] == sum(len(r["text"].split()) for r in records)
     assert json.loads((out / "de" / "meta.json").read_text()) == de
+    report = (out / "report.md").read_text()
+    assert "| de | " in report and "| en | " in report and "0-test" in report
+    d = de["dropped"]
+    assert f"{d['tiny']:,} / {d['english']:,} / {d['duplicate']:,} |" in report
 
 
 def test_second_run_verifies_and_skips_quickly(built, caplog):

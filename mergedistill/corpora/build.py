@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from mergedistill.errors import UserError
+from mergedistill.fsutil import write_text_atomic
 
 from . import cache
 from .extract import extract_documents, groff_problem
 from .language import build_language, fingerprint
-from .manifest import (FORMAT, LANG_META, MANIFEST, format_table, load_json, manifest_document, verify_language,
-                       write_json_atomic)
+from .manifest import (FORMAT, LANG_META, MANIFEST, REPORT, format_markdown, format_table, load_json,
+                       manifest_document, verify_language, write_json_atomic)
 from .sources import LANGUAGES, AptSource, LanguageSpec, PackageError, PackageSource, PackageSpec
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ def build_corpora(out: Path | str = "corpora", langs: Sequence[str] | None = Non
         reasons = {lang: verify_language(out / lang, old_entries.get(lang), fingerprint(languages[lang]))
                    for lang in langs}
         if all(r is None for r in reasons.values()):
+            if not (out / REPORT).is_file():  # corpora built before report.md existed
+                write_text_atomic(out / REPORT, format_markdown(old))
             n_files = sum(len(old_entries[lang]["files"]) for lang in langs)
             logger.info("corpora in %s are complete: %s (%d files, checksums match); skipped (%.1f s). "
                         "Use --force to rebuild.", out, ", ".join(langs), n_files, time.monotonic() - t0)
@@ -161,7 +164,8 @@ def build_corpora(out: Path | str = "corpora", langs: Sequence[str] | None = Non
         _build_languages(out, cache_dir, [languages[lang] for lang in todo], source, jobs, entries)
     elapsed = time.monotonic() - t0
     manifest = manifest_document(entries, elapsed, jobs)
-    write_json_atomic(out / MANIFEST, manifest)
+    write_text_atomic(out / REPORT, format_markdown(manifest))
+    write_json_atomic(out / MANIFEST, manifest)  # last: its presence says the corpus is complete
     logger.info("corpora:\n%s", format_table({lang: entries[lang] for lang in langs}))
     logger.info("corpora: built %s, kept %s in %.0f s; manifest %s", ", ".join(todo) or "nothing",
                 ", ".join(reused) or "nothing", elapsed, out / MANIFEST)

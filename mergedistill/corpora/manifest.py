@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "mergedistill.corpora/1"
 MANIFEST = "manifest.json"
+REPORT = "report.md"
 LANG_META = "meta.json"
 
 
@@ -122,3 +123,25 @@ def format_table(languages: dict[str, dict]) -> str:
         rows.append((lang, unit, *cells))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def format_markdown(manifest: dict) -> str:
+    """report.md: the corpus table a person reads (the manifest is what programs read)."""
+    langs = manifest["languages"]
+    lines = ["# Corpora", "",
+             f"Built {manifest['created']} in {manifest['wall_time_s']:.0f} s with {manifest['jobs']} jobs. Split by source "
+             "document (no document in two splits); sizes in words, or characters for languages written without spaces. "
+             "Checksums: manifest.json.", "",
+             "| lang | packages (version) | documents train / valid / test | lines train / valid / test | train size | "
+             "dropped: tiny / English / duplicate |",
+             "|---|---|---|---|---|---|"]
+    for lang in sorted(langs):
+        entry = langs[lang]
+        files, unit = entry["files"], entry.get("unit", "words")
+        packages = ", ".join(f"{p['name']} {p['version']}" for p in entry.get("packages", []))
+        docs = " / ".join(f"{files[f'{s}.txt']['documents']:,}" for s in ("train", "valid", "test"))
+        lines_ = " / ".join(f"{files[f'{s}.txt']['lines']:,}" for s in ("train", "valid", "test"))
+        d = entry.get("dropped", {})
+        lines.append(f"| {lang} | {packages} | {docs} | {lines_} | {files['train.txt'][unit]:,} {unit} | "
+                     f"{d.get('tiny', 0):,} / {d.get('english', 0):,} / {d.get('duplicate', 0):,} |")
+    return "\n".join(lines) + "\n"
