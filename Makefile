@@ -51,7 +51,7 @@ ablate: select
 # every stage of the demo run; each skips when its outputs are complete, so a rerun resumes
 demo: teachers
 	time $(MD) run --config configs/demo.yaml
-	@echo "demo: teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
+	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
 
 bench: bench-vocab bench-data bench-train
 
