@@ -226,7 +226,7 @@ def read_split(corpora: str, lang: str, split: str) -> list[str]:
     return list(iter_lines(str(Path(corpora) / lang / f"{split}.txt"), f"corpora {lang} {split}"))
 
 
-def sample_lines(lines: list[str], max_chars: int | None, seed: int) -> list[str]:
+def sample_by_chars(lines: list[str], max_chars: int | None, seed: int) -> list[str]:
     """A fixed random subset of `lines` holding about `max_chars` characters (all of them if None),
     in corpus order; drawn at random so that every source of a mixed corpus is represented."""
     if max_chars is None or sum(map(len, lines)) <= max_chars:
@@ -272,7 +272,7 @@ def train_teacher(name: str, spec: TeacherSpec, cfg: TeachersConfig, folder: Pat
 
     t0 = time.perf_counter()
     tcfg = spec.train
-    texts = {lang: sample_lines(read_split(cfg.corpora, lang, "train"), spec.max_train_chars, tcfg.seed)
+    texts = {lang: sample_by_chars(read_split(cfg.corpora, lang, "train"), spec.max_train_chars, tcfg.seed)
              for lang in spec.languages}
     valid = {lang: read_split(cfg.corpora, lang, cfg.eval.split) for lang in spec.languages}
 
@@ -280,7 +280,7 @@ def train_teacher(name: str, spec: TeacherSpec, cfg: TeachersConfig, folder: Pat
     chars = [sum(map(len, texts[lang])) for lang in spec.languages]
     shares = sampling_probs(chars, spec.sampling_alpha)
     tok_texts = [line for lang, q in zip(spec.languages, shares)
-                 for line in sample_lines(texts[lang], int(q * spec.tokenizer_chars), tcfg.seed + 1)]
+                 for line in sample_by_chars(texts[lang], int(q * spec.tokenizer_chars), tcfg.seed + 1)]
     tokenizer = train_tokenizer(spec.tokenizer, tok_texts, spec.vocab_size, lowercase=spec.lowercase,
                                 model_max_length=tcfg.seq_len)
     t_tok = time.perf_counter() - t0
@@ -330,7 +330,7 @@ def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, languages: li
     out: dict[str, Any] = {}
     for lang in languages:
         t1 = time.perf_counter()
-        train_texts = sample_lines(read_split(cfg.corpora, lang, "train"), spec.max_train_chars, spec.train.seed)
+        train_texts = sample_by_chars(read_split(cfg.corpora, lang, "train"), spec.max_train_chars, spec.train.seed)
         unigram = UnigramBaseline.from_texts(tokenizer, train_texts)
         held = read_split(cfg.corpora, lang, ev.split)
         unit = "char" if lang in ev.char_languages else "word"
