@@ -112,6 +112,11 @@ class StudentConfig:
     embeddings_from_teachers: bool = True
     """Copy embedding rows from the teachers through the id maps where hidden sizes match (averaged
     where several teachers share a token)."""
+    init_output_bias: bool = False
+    """Set the MLM head's output bias to the log frequencies of the gold tokens in the training shards
+    (languages mixed with the sampling probabilities), so that a student from random initialisation
+    starts at the unigram baseline instead of spending its first steps learning token frequencies.
+    Uses no teacher; `train --baseline` turns it on."""
 
 
 @dataclass

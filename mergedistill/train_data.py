@@ -126,3 +126,27 @@ class ValidationBatches(torch.utils.data.Dataset):
         lang, a, b = self.items[i]
         rows = [self.sources[lang][j] for j in range(a, b)]
         return collate(rows, [self.languages.index(lang)] * len(rows), self.k)
+
+
+def unigram_log_probs(sources: dict[str, "LanguageShards"], probs: dict[str, float], vocab_size: int,
+                      max_rows: int = 20_000) -> torch.Tensor:
+    """(V,) log frequencies of the gold tokens at masked positions (what the MLM head predicts): per
+    language from its first `max_rows` sequences, the languages mixed with the sampling probabilities
+    `probs`, add-one smoothed over all tokens counted."""
+    mix = np.zeros(vocab_size, dtype=np.float64)
+    total = 0
+    for lang, src in sources.items():
+        counts = np.zeros(vocab_size, dtype=np.float64)
+        left = max_rows
+        for shard in src.sets:
+            n = min(len(shard), left)
+            if n <= 0:
+                break
+            left -= n
+            labels = shard[:n]["labels"]
+            counts += np.bincount(np.concatenate(list(labels)).astype(np.int64), minlength=vocab_size)[:vocab_size]
+        if counts.sum() > 0:
+            mix += probs.get(lang, 0.0) * counts / counts.sum()
+            total += int(counts.sum())
+    mix = mix / max(mix.sum(), 1e-12)
+    return torch.from_numpy(np.log((mix * total + 1.0) / (total + vocab_size)))

@@ -146,6 +146,18 @@ def read_metrics(train_out: Path) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def init_output_bias(student, dm: "ShardDataModule", sampling_alpha: float) -> str:
+    """Set the student's MLM output bias to the log unigram frequencies of the training shards."""
+    from .train_data import unigram_log_probs
+
+    bias = student.get_output_embeddings().bias
+    sources = dm._sources("train")
+    probs = sampling_probs({lang: dm.sizes()[lang] for lang in sources}, sampling_alpha)
+    bias.copy_(unigram_log_probs(sources, probs, bias.shape[0]).to(bias.dtype))
+    return "log unigram frequencies of the training shards"
+
+
 def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillModule, dict]:
     cache: dict = {}
 
@@ -180,6 +192,7 @@ def run_train(cfg: RunConfig, args) -> Path:
     if baseline:
         cfg.train.alpha, cfg.train.mode = 0.0, "offline"
         cfg.student.init, cfg.student.embeddings_from_teachers = "random", False
+        cfg.student.init_output_bias = True  # token frequencies come from the data, not from a teacher
     vocab, vrec = load_vocab(cfg)
     manifest = load_manifest(cfg, vrec["vocab"])
     languages = [lang for lang in cfg.languages if lang in manifest["languages"]]
@@ -216,6 +229,8 @@ def run_train(cfg: RunConfig, args) -> Path:
     L.seed_everything(t.seed, workers=True, verbose=False)
     module, init_info = make_module(cfg, vocab, languages)
     dm = ShardDataModule(cfg, manifest, vrec["vocab"], languages)
+    if cfg.student.init_output_bias and not (resume and last.is_file()):
+        init_info["output_bias"] = init_output_bias(module.student, dm, t.sampling_alpha)
     has_val = any("valid" in manifest["languages"][lang]["splits"] for lang in languages)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", save_last=True, save_top_k=1 if has_val else 0,
                            monitor="val/loss" if has_val else None, mode="min", every_n_train_steps=t.val_every)

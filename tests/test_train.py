@@ -300,7 +300,41 @@ def test_baseline_takes_nothing_from_the_teachers(run_dir, tiny_teachers, corpor
     assert main(["train", "--config", str(cfg), "--baseline"]) == 0
     card = (run_dir / "runs/t/baseline/export/README.md").read_text()
     assert "'init': 'random'" in card and "embedding_rows" not in card
+    assert "'output_bias': 'log unigram frequencies of the training shards'" in card
     state = json.loads((run_dir / "runs/t/baseline/state.json").read_text())
     assert state["inputs"]["train"]["alpha"] == 0.0 and state["inputs"]["student"]["embeddings_from_teachers"] is False
     assert series(metrics(run_dir, "baseline"), "train/kd_loss") and all(
         float(v) == 0.0 for _, v in series(metrics(run_dir, "baseline"), "train/kd_loss"))
+
+
+def test_output_bias_init_is_the_mixed_unigram_distribution(run_dir, tiny_teachers, corpora):
+    from mergedistill.data_stage import load_manifest
+    from mergedistill.train_data import sampling_probs as probs_of
+    from mergedistill.train_data import unigram_log_probs
+    from mergedistill.train_stage import ShardDataModule, init_output_bias, make_module
+    from mergedistill.vocab_stage import load_vocab
+
+    cfg = load_config(write_config(run_dir, tiny_teachers, corpora))
+    vocab, vrec = load_vocab(cfg)
+    man = load_manifest(cfg, vrec["vocab"])
+    langs = list(man["languages"])
+    dm = ShardDataModule(cfg, man, vrec["vocab"], langs)
+    module, _ = make_module(cfg, vocab, langs)
+    init_output_bias(module.student, dm, cfg.train.sampling_alpha)
+    bias = module.student.get_output_embeddings().bias.detach().double()
+    sources = dm._sources("train")
+    probs = probs_of(dm.sizes(), cfg.train.sampling_alpha)
+    # by hand: per-language gold-token frequencies, mixed with the sampling probabilities, add-one smoothed
+    mix = np.zeros(len(bias))
+    total = 0
+    for lang, src in sources.items():
+        labels = np.concatenate([np.concatenate(list(s[:]["labels"])) for s in src.sets]).astype(np.int64)
+        c = np.bincount(labels, minlength=len(bias)).astype(float)
+        mix += probs[lang] * c / c.sum()
+        total += len(labels)
+    expected = np.log((mix / mix.sum() * total + 1) / (total + len(bias)))
+    np.testing.assert_allclose(bias.numpy(), expected, rtol=0, atol=1e-5)
+    assert torch.exp(bias).sum().item() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(unigram_log_probs(sources, probs, len(bias)).numpy(), expected, atol=1e-9)
+    # the head predicts from the bias: with zero hidden states the argmax is the most frequent gold token
+    assert int(module.student.get_output_embeddings()(torch.zeros(1, cfg.student.hidden)).argmax()) == int(np.argmax(mix))
