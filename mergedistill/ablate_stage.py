@@ -118,7 +118,8 @@ def run_ablate(cfg: RunConfig, args) -> Path:
     if cfg.vocab.prune and not cfg.vocab.prune_candidates:
         log.info("ablate: pruning with the candidates too (vocab.prune_candidates), so one vocabulary serves every variant")
         cfg.vocab.prune_candidates = True
-    stage_args = argparse.Namespace(force=False, resume=True, baseline=False, verbose=getattr(args, "verbose", False))
+    stage_args = argparse.Namespace(force=False, resume=True, restart_changed=True, baseline=False,
+                                    verbose=getattr(args, "verbose", False))
     run_vocab(cfg, stage_args)
     rows, times = [], {}
     done: dict[tuple, str] = {}  # routing -> the variant that already ran it

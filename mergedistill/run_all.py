@@ -15,9 +15,10 @@ log = logging.getLogger(__name__)
 def run_all(cfg: RunConfig, args) -> None:
     from .cli import STAGES
 
-    steps = [("vocab", {}), ("data", {}), ("train", {"resume": True})]
+    # train: continue an interrupted run with the same settings; start over when they changed
+    steps = [("vocab", {}), ("data", {}), ("train", {"resume": True, "restart_changed": True})]
     if cfg.eval.baseline:
-        steps.append(("train", {"resume": True, "baseline": True}))
+        steps.append(("train", {"resume": True, "restart_changed": True, "baseline": True}))
     steps.append(("evaluate", {}))
     times = []
     for stage, extra in steps:

@@ -215,11 +215,18 @@ def run_train(cfg: RunConfig, args) -> Path:
                 return export
         if force and out.exists():
             shutil.rmtree(out)
-        if last.is_file() and not resume:
+        if last.is_file():
             prev = read_json(state_path).get("inputs") if state_path.is_file() else None
             if prev is not None and prev != inputs:
-                raise UserError(f"train: {last} belongs to a run with other settings; pass --force to start over")
-            raise UserError(f"train: {last} exists from an earlier run; pass --resume to continue it or --force to start over")
+                # Never continue a checkpoint trained with other settings (it would be exported as if
+                # trained with these). `run` and `ablate` start over; an explicit --resume is refused.
+                if getattr(args, "restart_changed", False):
+                    log.info("train: the settings changed since %s was written; starting over", last)
+                    shutil.rmtree(out)
+                else:
+                    raise UserError(f"train: {last} belongs to a run with other settings; pass --force to start over")
+            elif not resume:
+                raise UserError(f"train: {last} exists from an earlier run; pass --resume to continue it or --force to start over")
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(state_path, {"inputs": inputs, "status": "training"})
 

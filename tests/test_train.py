@@ -338,3 +338,27 @@ def test_output_bias_init_is_the_mixed_unigram_distribution(run_dir, tiny_teache
     np.testing.assert_allclose(unigram_log_probs(sources, probs, len(bias)).numpy(), expected, atol=1e-9)
     # the head predicts from the bias: with zero hidden states the argmax is the most frequent gold token
     assert int(module.student.get_output_embeddings()(torch.zeros(1, cfg.student.hidden)).argmax()) == int(np.argmax(mix))
+
+
+def test_a_checkpoint_from_other_settings_is_never_continued(run_dir, tiny_teachers, corpora, capsys, caplog):
+    """A finished run, then the settings change: --resume is refused (exit 2); `run`/`ablate`
+    (restart_changed) start over from step 0 instead of exporting the old checkpoint."""
+    import argparse
+    import logging
+
+    from mergedistill.train_stage import run_train
+
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=4, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert main(["train", "--config", str(cfg), "--resume", "--train.lr=0.01"]) == 2
+    assert "belongs to a run with other settings" in capsys.readouterr().err
+    state = run_dir / "runs/t/train/state.json"
+    old = json.loads(state.read_text())
+    args = argparse.Namespace(force=False, resume=True, restart_changed=True, baseline=False, verbose=False)
+    with caplog.at_level(logging.INFO, logger="mergedistill"):
+        run_train(load_config(cfg, ["--train.lr=0.01", "--train.max_steps=3"]), args)
+    assert "starting over" in caplog.text
+    new = json.loads(state.read_text())
+    assert new["steps"] == 3 and new["inputs"]["train"]["lr"] == 0.01 and new["inputs"] != old["inputs"]
+    metrics_steps = [s for s, _ in series(metrics(run_dir), "train/loss")]
+    assert metrics_steps and max(metrics_steps) <= 3  # a fresh log, not the old run's
