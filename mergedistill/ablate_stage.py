@@ -91,7 +91,7 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from .metrics import count_units, pseudo_log_likelihoods, pseudo_perplexity
+    from .metrics import score_pll
 
     model = AutoModelForMaskedLM.from_pretrained(str(export)).eval()
     tok_of = json.loads((export / "languages.json").read_text())
@@ -101,9 +101,8 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
         texts = sample_lines(spec, f"languages.{lang}.test", cfg.eval.pll_lines, cfg.eval.seed)
         unit = "char" if lang in cfg.eval.char_languages else "word"
         tok = AutoTokenizer.from_pretrained(str(export / tok_of[lang]))
-        pll = sum(pseudo_log_likelihoods(model, tok, texts))
-        units = sum(count_units(t, unit) for t in texts)
-        out[lang] = {"ppl": pseudo_perplexity(pll, units), "unit": unit, "lines": len(texts), "units": units}
+        score = score_pll(model, tok, texts, unit)
+        out[lang] = {"ppl": score["ppl"], "unit": unit, "lines": score["lines"], "units": score["units"]}
     return out
 
 

@@ -156,6 +156,21 @@ def check_corpus(spec: str, where: str) -> str | None:
     return None
 
 
+def split_problems(languages: dict, split: str, need: str) -> list[str]:
+    """One problem per language whose `split` corpus (`train`, `valid` or `test`) is not set (saying
+    `need`) or cannot be read (check_corpus)."""
+    problems = []
+    for lang, lc in languages.items():
+        spec = getattr(lc, split)
+        if not spec:
+            problems.append(f"languages.{lang}.{split}: {need}")
+        else:
+            p = check_corpus(spec, f"languages.{lang}.{split}")
+            if p:
+                problems.append(p)
+    return problems
+
+
 def corpus_fingerprint(spec: str) -> str:
     """Identity of a corpus for artifact fingerprints: a hash of a file's bytes (so an identical
     rebuild keeps it), or the spec itself for datasets."""

@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .config import RunConfig
 from .configlib import to_dict
-from .corpus import check_corpus, corpus_fingerprint, iter_lines, sample_lines
+from .corpus import corpus_fingerprint, iter_lines, sample_lines, split_problems
 from .downstream import build_source_task, fine_tune, read_examples, source_task_dir, task_accuracy
 from .errors import UserError
 from .eval_metrics import bits_per_char, hit_rate, masked_top1, pll_per_unit, to_student_ids
@@ -244,13 +244,7 @@ def preflight(cfg: RunConfig, args) -> Plan:
         if moved:
             problems.append(f"{exp.folder}: trained with another routing for {', '.join(moved)}; "
                             f"retrain (`{_command(args, 'train')} --force`) or restore the routing")
-    for lang, lc in cfg.languages.items():
-        if not lc.test:
-            problems.append(f"languages.{lang}.test: evaluate needs a held-out test corpus; add `test: <file>`")
-        else:
-            p = check_corpus(lc.test, f"languages.{lang}.test")
-            if p:
-                problems.append(p)
+    problems += split_problems(cfg.languages, "test", "evaluate needs a held-out test corpus; add `test: <file>`")
     to_build = _auto_task_files(cfg)
     problems += _check_downstream(cfg, to_build)
     if problems:

@@ -173,3 +173,12 @@ class UnigramBaseline:
         """Sum of unigram log-probabilities of each text's tokens (the same tokens the PLL scores)."""
         docs, _ = tokenize_documents(tokenizer, texts)
         return [float(self.log_probs[torch.tensor(doc, dtype=torch.long)].sum()) if doc else 0.0 for doc in docs]
+
+
+def score_pll(model, tokenizer, texts: list[str], unit: str) -> dict:
+    """Pseudo-perplexity per unit (word or char) of a masked LM on `texts`, with what it was computed
+    from: PLL (nats), units, tokens and lines. `select` ranks teachers by it, `ablate` students."""
+    pll = sum(pseudo_log_likelihoods(model, tokenizer, texts))
+    units = sum(count_units(t, unit) for t in texts)
+    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    return {"ppl": pseudo_perplexity(pll, units), "pll": pll, "units": units, "tokens": tokens, "lines": len(texts)}

@@ -36,6 +36,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .fsutil import atomic_dir, write_json_atomic
 from .masking import IGNORE_INDEX, mask_tokens, random_candidates, special_positions
 from .mlm_models import masked_logits
+from .train_data import log_unigram_prior
+from .train_data import sampling_probs as language_sampling_probs
 
 log = logging.getLogger(__name__)
 
@@ -359,13 +361,12 @@ def pack_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len
 
 
 def sampling_probs(sizes: Sequence[int], alpha: float) -> list[float]:
-    """XLM-R's exponentiated sampling: q_i proportional to p_i ** alpha, with p_i = n_i / sum(n).
-    alpha = 1 keeps the natural shares; alpha -> 0 tends to uniform, so small languages get a fair share."""
-    total = sum(sizes)
-    if total <= 0 or any(n < 0 for n in sizes):
+    """XLM-R's exponentiated sampling over a list of group sizes (`train_data.sampling_probs`, the same
+    formula keyed by language): q_i proportional to n_i ** alpha; empty groups get 0."""
+    if sum(sizes) <= 0 or any(n < 0 for n in sizes):
         raise ValueError(f"sizes must be non-negative with a positive sum, got {list(sizes)}")
-    raw = [(n / total) ** alpha if n > 0 else 0.0 for n in sizes]
-    return [r / sum(raw) for r in raw]
+    q = language_sampling_probs(dict(enumerate(sizes)), alpha)
+    return [q.get(i, 0.0) for i in range(len(sizes))]
 
 
 def group_sample_weights(groups: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
@@ -380,18 +381,12 @@ def group_sample_weights(groups: torch.Tensor, probs: Sequence[float]) -> torch.
 def unigram_log_probs(docs: Documents, vocab_size: int, group_probs: Sequence[float] | None = None) -> torch.Tensor:
     """(V,) add-one-smoothed log unigram probabilities of the training tokens; with `group_probs`,
     each group's frequencies weighted as the sampler will weight the group."""
-    total = 0
-    mix = torch.zeros(vocab_size, dtype=torch.float64)
+    counts = []
     for g in range(docs.n_groups):
         ids, _ = docs.group(g)
         flat = torch.tensor([t for d in ids for t in d], dtype=torch.long)
-        counts = torch.bincount(flat, minlength=vocab_size).double()
-        total += int(counts.sum())
-        weight = 1.0 if group_probs is None else group_probs[g] / max(float(counts.sum()), 1.0)
-        mix += counts * weight
-    if group_probs is not None:
-        mix = mix / mix.sum() * total  # pseudo-counts with the sampler's mixture and the real total
-    return torch.log((mix + 1.0) / (total + vocab_size))
+        counts.append(torch.bincount(flat, minlength=vocab_size).double())
+    return log_unigram_prior(counts or [torch.zeros(vocab_size, dtype=torch.float64)], group_probs)
 
 
 # ---------------------------------------------------------------------------------------------------

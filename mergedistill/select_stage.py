@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig
-from .corpus import check_corpus, sample_lines
+from .corpus import sample_lines, split_problems
 from .errors import UserError
 from .fsutil import write_text_atomic
 
@@ -29,30 +29,14 @@ def candidates_of(cfg: RunConfig, lang: str) -> list[str]:
     return list(dict.fromkeys([cfg.teacher_of(lang)] + cfg.languages[lang].candidates))
 
 
-def score_teacher(model, tokenizer, texts: list[str], unit: str) -> dict:
-    """Pseudo-perplexity per unit (word or char) of a teacher on `texts`."""
-    from .metrics import count_units, pseudo_log_likelihoods, pseudo_perplexity
-
-    pll = sum(pseudo_log_likelihoods(model, tokenizer, texts))
-    units = sum(count_units(t, unit) for t in texts)
-    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
-    return {"ppl": pseudo_perplexity(pll, units), "pll": pll, "units": units, "tokens": tokens, "lines": len(texts)}
-
-
 def run_select(cfg: RunConfig, args) -> Path:
     from transformers import AutoTokenizer
 
+    from .metrics import score_pll
     from .teachers import load_teacher_model
 
     start = time.monotonic()
-    problems = []
-    for lang, lc in cfg.languages.items():
-        if not lc.valid:
-            problems.append(f"languages.{lang}.valid: select scores teachers on the valid split; add one")
-        else:
-            p = check_corpus(lc.valid, f"languages.{lang}.valid")
-            if p:
-                problems.append(p)
+    problems = split_problems(cfg.languages, "valid", "select scores teachers on the valid split; add one")
     if problems:
         raise UserError(problems, header=f"select: {len(problems)} problem(s); nothing was written:")
     models: dict = {}
@@ -65,7 +49,7 @@ def run_select(cfg: RunConfig, args) -> Path:
                 tc = cfg.teachers[name]
                 models[name] = (load_teacher_model(name, tc), AutoTokenizer.from_pretrained(tc.path, revision=tc.revision))
             t0 = time.monotonic()
-            score = score_teacher(*models[name], texts, unit)
+            score = score_pll(*models[name], texts, unit)
             rows.append({"language": lang, "teacher": name, "unit": unit, **score})
             log.info("select: %s by %s: pseudo-perplexity %.2f per %s (%d lines, %d tokens, %.0f s)",
                      lang, name, score["ppl"], unit, score["lines"], score["tokens"], time.monotonic() - t0)

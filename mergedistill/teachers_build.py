@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import random
 import sys
 import time

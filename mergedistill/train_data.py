@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -128,25 +129,36 @@ class ValidationBatches(torch.utils.data.Dataset):
         return collate(rows, [self.languages.index(lang)] * len(rows), self.k)
 
 
+def log_unigram_prior(counts: Sequence[torch.Tensor], probs: Sequence[float] | None = None) -> torch.Tensor:
+    """(V,) add-one-smoothed log unigram probabilities from per-group token counts ((V,) each). With
+    `probs`, each group's frequencies are weighted as the sampler weighs the group (pseudo-counts with
+    that mixture and the real total); without, the counts are pooled."""
+    counts = [c.double() for c in counts]
+    total = float(sum(c.sum() for c in counts))
+    if probs is None:
+        mix = torch.stack(counts).sum(0)
+    else:
+        mix = torch.stack([p * c / max(float(c.sum()), 1.0) for c, p in zip(counts, probs)]).sum(0)
+        if mix.sum() > 0:
+            mix = mix / mix.sum() * total
+    return torch.log((mix + 1.0) / (total + counts[0].shape[0]))
+
+
 def unigram_log_probs(sources: dict[str, "LanguageShards"], probs: dict[str, float], vocab_size: int,
                       max_rows: int = 20_000) -> torch.Tensor:
     """(V,) log frequencies of the gold tokens at masked positions (what the MLM head predicts): per
     language from its first `max_rows` sequences, the languages mixed with the sampling probabilities
-    `probs`, add-one smoothed over all tokens counted."""
-    mix = np.zeros(vocab_size, dtype=np.float64)
-    total = 0
-    for lang, src in sources.items():
-        counts = np.zeros(vocab_size, dtype=np.float64)
+    `probs` (`log_unigram_prior`)."""
+    counts = []
+    for src in sources.values():
+        c = torch.zeros(vocab_size, dtype=torch.float64)
         left = max_rows
         for shard in src.sets:
             n = min(len(shard), left)
             if n <= 0:
                 break
             left -= n
-            labels = shard[:n]["labels"]
-            counts += np.bincount(np.concatenate(list(labels)).astype(np.int64), minlength=vocab_size)[:vocab_size]
-        if counts.sum() > 0:
-            mix += probs.get(lang, 0.0) * counts / counts.sum()
-            total += int(counts.sum())
-    mix = mix / max(mix.sum(), 1e-12)
-    return torch.from_numpy(np.log((mix * total + 1.0) / (total + vocab_size)))
+            flat = np.concatenate(list(shard[:n]["labels"])).astype(np.int64)
+            c += torch.from_numpy(np.bincount(flat, minlength=vocab_size)[:vocab_size]).double()
+        counts.append(c)
+    return log_unigram_prior(counts, [probs.get(lang, 0.0) for lang in sources])
