@@ -44,3 +44,31 @@ def tiny_model(kind: str, max_position: int = 32, seed: int = 0):
     torch.manual_seed(seed)
     model = build_mlm(kind, tiny_tokenizer(kind), hidden=32, layers=2, heads=2, intermediate=64, max_position=max_position)
     return model.eval()
+
+
+class SingleModelPool:
+    """What evaluate's model pool offers (`evaluate_stage.Models`), for one student model that reads
+    every language with one tokenizer."""
+
+    baseline = None
+
+    def __init__(self, model, tokenizer, max_len: int = 32):
+        self.m, self.t, self.n = model, tokenizer, max_len
+
+    def for_language(self, lang):
+        return ["student"]
+
+    def model(self, key):
+        return self.m
+
+    def tokenizer(self, key, lang):
+        return self.t
+
+    def max_len(self, key):
+        return self.n
+
+    def knows(self, key, lang):
+        return True
+
+    def role(self, key, lang):
+        return "student"

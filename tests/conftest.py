@@ -1,10 +1,12 @@
 """Shared fixtures: tiny teachers of every tokenizer family, built in code once per session."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -126,3 +128,25 @@ def workdir(tmp_path, monkeypatch) -> Path:
     """Run in a fresh folder: outputs go to vocab/ and runs/ under the current directory."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@contextlib.contextmanager
+def in_dir(path: Path):
+    """Run the block with `path` as the working directory (module-scoped fixtures cannot use
+    monkeypatch.chdir); the previous one is restored whatever happens."""
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and the shared cores stay free for others). Modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

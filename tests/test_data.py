@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import SENTENCES, make_config
+from conftest import SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.data_stage import ShardBuilder, load_manifest
@@ -66,12 +66,8 @@ def read_all(workdir: Path) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_teachers, corpora):
     work = tmp_path_factory.mktemp("data-build")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
+    with in_dir(work):
         cfg = build(work, tiny_teachers, corpora)
-    finally:
-        os.chdir(cwd)
     return work, cfg
 
 

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from _pretrain_fixtures import patterned_texts, tiny_model, tiny_tokenizer
+from _pretrain_fixtures import SingleModelPool, patterned_texts, tiny_model, tiny_tokenizer
 from mergedistill.config import DownstreamTask, load_config
 from mergedistill.downstream import (
     IGNORE,
@@ -25,13 +24,7 @@ from mergedistill.errors import UserError
 from mergedistill.evaluate_stage import downstream
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the shared cores stay free for others)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TAGS = {"the": "DET", "near": "ADP", "cat": "N", "dog": "N", "bird": "N", "fish": "N", "horse": "N", "mouse": "N",
@@ -127,33 +120,6 @@ def test_a_tagger_learns_word_classes():
     assert n == 120 and acc >= 0.9  # the most frequent tag alone gets 1/3
 
 
-class OneTokenizerModels:
-    """The evaluation's model pool with one student that reads every language with the same tokenizer."""
-
-    baseline = None
-
-    def __init__(self):
-        self.tok, self.mlm = tiny_tokenizer("wordpiece"), tiny_model("wordpiece")
-
-    def for_language(self, lang):
-        return ["student"]
-
-    def model(self, key):
-        return self.mlm
-
-    def tokenizer(self, key, lang):
-        return self.tok
-
-    def max_len(self, key):
-        return 32
-
-    def knows(self, key, lang):
-        return True
-
-    def role(self, key, lang):
-        return "student"
-
-
 def test_zero_shot_rows_for_every_other_language(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     files = {}
@@ -169,7 +135,7 @@ def test_zero_shot_rows_for_every_other_language(tmp_path, monkeypatch):
                                   "languages": {lang: {"train": files["train"].get(lang, files["test"][lang]), "teacher": "m"}
                                                 for lang in ("xa", "xb", "xc")},
                                   "eval": {"batch_size": 8, "downstream": {"subj": task}}})
-    rows = downstream(cfg, OneTokenizerModels(), "subj")
+    rows = downstream(cfg, SingleModelPool(tiny_model("wordpiece"), tiny_tokenizer("wordpiece")), "subj")
     got = {(r.language, r.metric): r.value for r in rows}
     assert set(got) == {("xa", "subj/acc"), ("xb", "subj/acc"), ("xb", "subj/acc_from_xa"), ("xc", "subj/acc_from_xa")}
     assert got[("xc", "subj/acc_from_xa")] >= 0.9  # same task, same words: transfer works

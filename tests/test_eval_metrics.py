@@ -9,20 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from _pretrain_fixtures import tiny_model, tiny_tokenizer
+from _pretrain_fixtures import SingleModelPool, tiny_model, tiny_tokenizer
 from mergedistill.eval_metrics import bits_per_char, hit_rate, masked_top1, mean_pool, pll_per_unit, to_student_ids
 from mergedistill.evaluate_stage import _pll_rows
 from mergedistill.retrieval import aligned_pairs, embed_texts, read_keyed, retrieval_accuracy
 from mergedistill.vocab import UNK_ID
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the shared cores stay free for others)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- masked predictions, accuracy, agreement -------------------------------------------------------
@@ -75,36 +69,17 @@ def explicit_pll(model, tok, text: str) -> float:
     return total
 
 
-class OneModel:
-    """What `_pll_rows` asks of the evaluation's model pool, for a single model."""
-
-    def __init__(self, model, tok):
-        self.m, self.t = model, tok
-
-    def model(self, key):
-        return self.m
-
-    def tokenizer(self, key, lang):
-        return self.t
-
-    def max_len(self, key):
-        return 32
-
-    def role(self, key, lang):
-        return "student"
-
-
 def test_pll_per_word_and_bits_per_char_of_a_three_token_sentence():
     tok, model = tiny_tokenizer("wordpiece"), tiny_model("wordpiece")
     text = "the cat sat"
     assert len(tok(text, add_special_tokens=False)["input_ids"]) == 3
     hand = explicit_pll(model, tok, text)
-    rows, _ = _pll_rows(OneModel(model, tok), "student", "en", [text], "word", batch_size=2)
+    rows, _ = _pll_rows(SingleModelPool(model, tok), "student", "en", [text], "word", batch_size=2)
     got = {r.metric: r.value for r in rows}
     assert got["pll_per_word"] == pytest.approx(hand / 3, abs=1e-5)
     assert got["pppl"] == pytest.approx(math.exp(-hand / 3), rel=1e-4)
     assert (got["tokens_scored"], got["words_scored"]) == (3, 3)
-    rows, _ = _pll_rows(OneModel(model, tok), "student", "ja", [text], "char", batch_size=2)
+    rows, _ = _pll_rows(SingleModelPool(model, tok), "student", "ja", [text], "char", batch_size=2)
     got = {r.metric: r.value for r in rows}
     assert got["bits_per_char"] == pytest.approx(-hand / (9 * math.log(2)), abs=1e-5)  # 9 non-space characters
     assert got["pppl"] == pytest.approx(math.exp(-hand / 9), rel=1e-4) and got["chars_scored"] == 9

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 import yaml
 from transformers import BertConfig, BertForMaskedLM
 
-from conftest import SENTENCES
+from conftest import SENTENCES, in_dir
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError
@@ -27,13 +26,7 @@ from mergedistill.evaluate_stage import run_evaluate
 from mergedistill.vocab_stage import load_vocab
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and the shared cores stay free for others)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ROUTING = {"en": ("wp", ["bbpe"]), "de": ("wp", ["bbpe", "multi"]), "ru": ("uni", ["multi"]), "ja": ("spbpe", ["multi"])}
@@ -141,9 +134,7 @@ def write_config(work: Path, teachers: dict[str, Path], corpora, **eval_extra) -
 def evaluated(tmp_path_factory, tiny_teachers):
     """vocab built, student + baseline exported, evaluate run once; yields (work dir, config path)."""
     work = tmp_path_factory.mktemp("evaluate")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
+    with in_dir(work):
         teachers = dict(tiny_teachers)
         trained_teacher(tiny_teachers["wp"], work / "wp-teacher")
         teachers["wp"] = work / "wp-teacher"
@@ -156,22 +147,8 @@ def evaluated(tmp_path_factory, tiny_teachers):
         base = BertForMaskedLM(BertConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0))
         write_export(cfg.run_dir / "baseline" / "export", base, cfg, vrec, "# baseline\n")
-        assert cli(["evaluate", "--config", str(cfg_path)]) == 0
+        assert main(["evaluate", "--config", str(cfg_path)]) == 0
         yield work, cfg_path
-    finally:
-        os.chdir(cwd)
-
-
-def cli(argv: list[str]) -> int:
-    """`mergedistill ...` with the evaluate stage wired to run_evaluate (whether or not cli.py has it yet)."""
-    from mergedistill import cli as cli_module
-
-    saved = cli_module.STAGES["evaluate"]
-    cli_module.STAGES["evaluate"] = (saved[0], "mergedistill.evaluate_stage:run_evaluate")
-    try:
-        return main(argv)
-    finally:
-        cli_module.STAGES["evaluate"] = saved
 
 
 def results(work: Path) -> list[dict]:
@@ -283,7 +260,7 @@ def test_rerun_skips_and_force_redoes(evaluated, caplog):
 
 def test_missing_export_names_the_command(tiny_teachers, workdir, capsys):
     cfg_path = write_config(workdir, tiny_teachers, write_corpora(workdir))
-    assert cli(["evaluate", "--config", str(cfg_path)]) == 2
+    assert main(["evaluate", "--config", str(cfg_path)]) == 2
     err = capsys.readouterr().err
     assert f"mergedistill train --config {cfg_path}" in err and "runs/t/train/export" in err
     assert "mergedistill vocab --config" in err  # every problem at once

@@ -11,7 +11,6 @@ from _pretrain_fixtures import patterned_texts, tiny_model, tiny_tokenizer
 from mergedistill.pretrain import (
     Documents,
     MLMCollator,
-    Packed,
     PhasedBatches,
     PretrainConfig,
     SpecialLayout,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-from conftest import SENTENCES, make_config
+from conftest import SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.train_data import SampledBatches, sampling_probs
@@ -51,14 +51,10 @@ def write_config(workdir: Path, teachers, corpora, **train) -> Path:
 def prepared(tmp_path_factory, tiny_teachers, corpora):
     """vocab + data done once; each test copies nothing, it trains into its own run folder."""
     work = tmp_path_factory.mktemp("train-prep")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
+    with in_dir(work):
         cfg = write_config(work, tiny_teachers, corpora)
         assert main(["vocab", "--config", str(cfg)]) == 0
         assert main(["data", "--config", str(cfg)]) == 0
-    finally:
-        os.chdir(cwd)
     return work
 
 

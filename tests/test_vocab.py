@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import PROBE_TEXTS, SENTENCES, make_config
+from conftest import PROBE_TEXTS, SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError
@@ -31,12 +30,8 @@ def build(workdir, tiny_teachers, tiny_corpora, routing=ROUTING, extra=(), **sec
 def built(tmp_path_factory, tiny_teachers, tiny_corpora):
     """One unpruned build shared by the read-only tests of this module."""
     work = tmp_path_factory.mktemp("vocab-build")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
+    with in_dir(work):
         cfg, vocab, record = build(work, tiny_teachers, tiny_corpora)
-    finally:
-        os.chdir(cwd)
     return work, cfg, vocab, record
 
 
@@ -159,12 +154,8 @@ def test_load_refuses_files_that_do_not_match_the_fingerprint(workdir, tiny_teac
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory, tiny_teachers, tiny_corpora):
     work = tmp_path_factory.mktemp("vocab-pruned")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
+    with in_dir(work):
         cfg, vocab, record = build(work, tiny_teachers, tiny_corpora, vocab={"prune": True, "keep_single_chars": False})
-    finally:
-        os.chdir(cwd)
     return work, cfg, vocab, record
 
 
