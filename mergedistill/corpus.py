@@ -43,17 +43,22 @@ SAMPLE_POOL = 200_000
 """Lines `sample_lines` reads at most before drawing its subset (bounds memory on huge splits)."""
 
 
+def spread_subset(items: list, n: int | None, seed: int = 0) -> list:
+    """`n` items drawn at random (fixed `seed`), kept in their order; all of them when `n` is None or
+    there are no more than `n`."""
+    if n is None or len(items) <= n:
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
 def sample_lines(spec: str, where: str, n: int | None, seed: int = 0) -> list[str]:
     """`n` non-blank texts drawn at random (fixed `seed`) from the whole corpus (its first SAMPLE_POOL
     lines), kept in corpus order; all of them when `n` is None or the corpus is smaller.
 
     Held-out splits are cut by document, so their first lines are often one document (in the demo's
     zh test split, a file of classical poems): a spread sample scores the split, not its opening."""
-    texts = list(iter_lines(spec, where, SAMPLE_POOL))
-    if n is None or len(texts) <= n:
-        return texts
-    keep = sorted(random.Random(seed).sample(range(len(texts)), n))
-    return [texts[i] for i in keep]
+    return spread_subset(list(iter_lines(spec, where, SAMPLE_POOL)), n, seed)
 
 
 def iter_json_lines(spec: str, where: str) -> Iterator[tuple[int, object]]:

@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .config import RunConfig
 from .configlib import to_dict
-from .corpus import corpus_fingerprint, iter_lines, sample_lines, split_problems
+from .corpus import corpus_fingerprint, iter_lines, sample_lines, split_problems, spread_subset
 from .downstream import build_source_task, fine_tune, read_examples, source_task_dir, task_accuracy
 from .errors import UserError
 from .eval_metrics import bits_per_char, hit_rate, masked_top1, pll_per_unit, to_student_ids
@@ -354,8 +354,9 @@ def _allowed(model, idmap: np.ndarray, special_ids: list[int]) -> torch.Tensor:
 def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row]:
     e = cfg.eval
     spec = cfg.languages[lang].test
-    acc_texts = sample_lines(spec, f"languages.{lang}.test", e.max_lines, e.seed)  # type: ignore[arg-type]
-    pll_texts = sample_lines(spec, f"languages.{lang}.test", e.pll_lines, e.seed)  # type: ignore[arg-type]
+    texts = sample_lines(spec, f"languages.{lang}.test", None)  # type: ignore[arg-type]  # read once, subset twice
+    acc_texts = spread_subset(texts, e.max_lines, e.seed)
+    pll_texts = spread_subset(texts, e.pll_lines, e.seed)
     unit = "char" if lang in e.char_languages else "word"
     pll_batch = e.batch_size * 4  # PLL copies are single lines, a few times shorter than packed sequences
     routed = cfg.teacher_of(lang)

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from .configlib import apply_override, from_dict, parse_override, to_dict
-from .corpus import check_corpus, corpus_fingerprint, iter_lines
+from .corpus import check_corpus, corpus_fingerprint, iter_lines, spread_subset
 from .errors import ConfigError, UserError
 from .fsutil import read_json, write_json_atomic, write_text_atomic
 from .pretrain import PretrainConfig, available_cores, pretrain, sampling_probs, tokenize_corpus
@@ -358,11 +358,7 @@ def pll_subset(lines: list[str], n: int, seed: int, unit: str) -> list[str]:
     """A fixed random subset of `n` lines with at least one word (the same for every teacher)."""
     from .metrics import count_units
 
-    usable = [t for t in lines if count_units(t, unit) > 0]
-    if len(usable) <= n:
-        return usable
-    idx = sorted(random.Random(seed).sample(range(len(usable)), n))
-    return [usable[i] for i in idx]
+    return spread_subset([t for t in lines if count_units(t, unit) > 0], n, seed)
 
 
 # ---------------------------------------------------------------------------------------------------
