@@ -33,10 +33,10 @@ test-all: setup
 	$(PY) -m pytest -q
 
 corpora: setup
-	$(PY) -m mergedistill.corpora --out corpora
+	$(PY) -m mergedistill.demo.corpora --out corpora
 
 teachers: corpora
-	$(PY) -m mergedistill.teachers_build --config configs/teachers.yaml --out teachers
+	$(PY) -m mergedistill.demo.teachers_build --config configs/teachers.yaml --out teachers
 
 vocab: teachers
 	$(MD) vocab --config configs/demo.yaml

@@ -36,18 +36,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mergedistill.config import load_config  # noqa: E402
-from mergedistill.data_stage import Shard, ShardBuilder  # noqa: E402
-from mergedistill.masking import mask_tokens  # noqa: E402
-from mergedistill.packing import pack_lines  # noqa: E402
+from mergedistill.data.stage import Shard, ShardBuilder  # noqa: E402
+from mergedistill.data.masking import mask_tokens  # noqa: E402
+from mergedistill.data.packing import pack_lines  # noqa: E402
 from mergedistill.progress import Progress  # noqa: E402
-from mergedistill.teacher_topk import topk_naive  # noqa: E402
+from mergedistill.data.topk import topk_naive  # noqa: E402
 from mergedistill.teachers import load_all_tokenizers  # noqa: E402
-from mergedistill.vocab_stage import load_vocab  # noqa: E402
+from mergedistill.vocab.stage import load_vocab  # noqa: E402
 
 
 def naive_pass(builder: ShardBuilder, lines: list[str], cfg) -> int:
     """The baseline on the same packed sequences and the same masks; returns corpus tokens."""
-    from mergedistill.data_stage import _seed
+    from mergedistill.data.stage import _seed
 
     d = cfg.data
     enc = builder.t.backend.encode_batch(lines, add_special_tokens=False)

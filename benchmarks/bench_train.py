@@ -45,9 +45,9 @@ class StepTimer(L.Callback):
 
 def time_steps(cfg, steps: int) -> float:
     """Median seconds per optimizer step (the first 5 steps are warm-up and not counted)."""
-    from mergedistill.data_stage import load_manifest
-    from mergedistill.train_stage import ShardDataModule, make_module
-    from mergedistill.vocab_stage import load_vocab
+    from mergedistill.data.stage import load_manifest
+    from mergedistill.train.stage import ShardDataModule, make_module
+    from mergedistill.vocab.stage import load_vocab
 
     vocab, vrec = load_vocab(cfg)
     manifest = load_manifest(cfg, vrec["vocab"])

@@ -1,3 +1,3 @@
-from .cli import entry
+from mergedistill.cli import entry
 
 entry()

@@ -12,20 +12,20 @@ import textwrap
 import warnings
 from typing import Callable
 
-from .configlib import describe
-from .config import RunConfig, load_config
-from .errors import StageNotAvailable, UserError
+from mergedistill.configlib import describe
+from mergedistill.config import RunConfig, load_config
+from mergedistill.errors import StageNotAvailable, UserError
 
 log = logging.getLogger("mergedistill")
 
 # stage name -> (one-line summary, "module:function" taking (cfg, args) or None while not built yet)
 STAGES: dict[str, tuple[str, str | None]] = {
-    "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab_stage:run_vocab"),
-    "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data_stage:run_data"),
-    "train": ("Lightning training of the student; --resume continues", "mergedistill.train_stage:run_train"),
-    "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.evaluate_stage:run_evaluate"),
-    "select": ("rank candidate teachers per language, write a routing", "mergedistill.select_stage:run_select"),
-    "ablate": ("teacher-selection variants end to end, one table", "mergedistill.ablate_stage:run_ablate"),
+    "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab.stage:run_vocab"),
+    "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data.stage:run_data"),
+    "train": ("Lightning training of the student; --resume continues", "mergedistill.train.stage:run_train"),
+    "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.eval.stage:run_evaluate"),
+    "select": ("rank candidate teachers per language, write a routing", "mergedistill.eval.select:run_select"),
+    "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate"),
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all"),
 }
 

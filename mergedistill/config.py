@@ -15,8 +15,8 @@ from typing import Literal
 
 import yaml
 
-from .configlib import apply_override, from_dict, parse_override
-from .errors import ConfigError
+from mergedistill.configlib import apply_override, from_dict, parse_override
+from mergedistill.errors import ConfigError
 
 
 @dataclass

@@ -10,9 +10,9 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from .config import DATASETS_PREFIX
-from .errors import UserError
-from .fsutil import sha256_file
+from mergedistill.config import DATASETS_PREFIX
+from mergedistill.errors import UserError
+from mergedistill.fsutil import sha256_file
 
 
 def _parse_datasets_spec(spec: str, where: str) -> tuple[str, str | None, str, str]:

@@ -7,13 +7,13 @@ import importlib
 import logging
 import time
 
-from .config import RunConfig
+from mergedistill.config import RunConfig
 
 log = logging.getLogger(__name__)
 
 
 def run_all(cfg: RunConfig, args) -> None:
-    from .cli import STAGES
+    from mergedistill.cli import STAGES
 
     # train: continue an interrupted run with the same settings; start over when they changed
     steps = [("vocab", {}), ("data", {}), ("train", {"resume": True, "restart_changed": True})]

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from .config import RunConfig, TeacherConfig, looks_like_hub_id
-from .errors import UserError
-from .tokens import Family, detect_family, piece_key
+from mergedistill.config import RunConfig, TeacherConfig, looks_like_hub_id
+from mergedistill.errors import UserError
+from mergedistill.tokens import Family, detect_family, piece_key
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def model_fingerprint(name: str, tc: TeacherConfig) -> str:
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
         if f.name == "config.json" or f.suffix in (".safetensors", ".bin"):
-            from .fsutil import sha256_file
+            from mergedistill.fsutil import sha256_file
 
             h.update(f"{f.name}:{sha256_file(f)}".encode())
     return h.hexdigest()[:16]

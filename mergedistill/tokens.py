@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import UserError
+from mergedistill.errors import UserError
 
 ROLES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """Student special tokens, ids 0..4 in this order."""

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaForMaskedLM, XLMRobertaForMaskedLM
 
-from _pretrain_fixtures import SENTENCES, tiny_model, tiny_tokenizer
+from conftest import PATTERN_SENTENCES, tiny_model, tiny_tokenizer
 from mergedistill.mlm_models import build_mlm, masked_logits, usable_positions
-from mergedistill.pretrain import pack_texts
+from mergedistill.demo.pretrain import pack_texts
 
 CLASSES = {"wordpiece": BertForMaskedLM, "unigram": XLMRobertaForMaskedLM, "sp-bpe": XLMRobertaForMaskedLM,
            "byte-bpe": RobertaForMaskedLM}
@@ -24,7 +24,7 @@ def test_build_mlm_family_ids_and_forward(kind):
         assert (cfg.bos_token_id, cfg.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
         assert cfg.max_position_embeddings == 32 + tok.pad_token_id + 1
     assert usable_positions(model) == 32
-    packed = pack_texts(tok, [" ".join(SENTENCES * 3)], seq_len=32)  # one long text cut into full rows
+    packed = pack_texts(tok, [" ".join(PATTERN_SENTENCES * 3)], seq_len=32)  # one long text cut into full rows
     assert packed.attention_mask[0].all()
     out = model(input_ids=packed.input_ids.long(), attention_mask=packed.attention_mask.long())
     assert out.logits.shape == (len(packed), 32, len(tok))
@@ -44,7 +44,7 @@ def test_roberta_position_table_is_exactly_large_enough():
 def test_masked_logits_match_full_logits(kind):
     tok = tiny_tokenizer(kind)
     model = tiny_model(kind)
-    packed = pack_texts(tok, SENTENCES, seq_len=32)
+    packed = pack_texts(tok, PATTERN_SENTENCES, seq_len=32)
     ids, att = packed.input_ids.long(), packed.attention_mask.long()
     selected = torch.zeros_like(ids, dtype=torch.bool)
     selected[:, 3] = True
@@ -65,7 +65,7 @@ def test_last_layer_at_selected_positions_only_matches_the_full_forward(kind, mo
     monkeypatch.setattr(mlm_models, "layer_at_positions", lambda *a: calls.append(1) or real(*a))
     tok = tiny_tokenizer(kind)
     model = tiny_model(kind)
-    packed = pack_texts(tok, SENTENCES * 3, seq_len=24)
+    packed = pack_texts(tok, PATTERN_SENTENCES * 3, seq_len=24)
     ids, att = packed.input_ids.long(), packed.attention_mask.long()
     gen = torch.Generator().manual_seed(0)
     selected = (torch.rand(ids.shape, generator=gen) < 0.3) & att.bool()

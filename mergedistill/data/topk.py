@@ -1,0 +1,38 @@
+"""The teacher's top-k predictions at masked positions: the fast path the data stage uses, and the
+naive reference it is checked and benchmarked against."""
+from __future__ import annotations
+
+import torch
+
+from mergedistill.mlm_models import masked_logits
+
+
+@torch.inference_mode()
+def topk_at_masked(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, selected: torch.Tensor, k: int,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k teacher ids and logits at the selected positions, row-major over `selected`.
+
+    input_ids, attention_mask, selected: (B, L); allowed: (V,) bool, the teacher ids that may be
+    predicted (pruned and special ids excluded: their logits become -inf before the top-k, so the k
+    kept logits renormalise among themselves).
+    Returns ids (N, k) long and logits (N, k) float32. The MLM head runs on the N selected rows only."""
+    logits = masked_logits(model, input_ids, attention_mask, selected).float()  # (N, V)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed[: logits.shape[-1]].to(logits.device), float("-inf"))
+    vals, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # (N, k)
+    return idx, vals
+
+
+@torch.inference_mode()
+def topk_naive(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, selected: torch.Tensor, k: int,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: the full (B, L, V) logits, top-k at every position, then the selected ones."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, L, V)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed[: logits.shape[-1]].to(logits.device), float("-inf"))
+    vals, idx = logits.topk(min(k, logits.shape[-1]), dim=-1)  # (B, L, k)
+    return idx[selected], vals[selected]

@@ -1,0 +1,525 @@
+"""Train the demo's teachers from the local corpora: `python -m mergedistill.demo.teachers_build --config
+configs/teachers.yaml [--out teachers] [--only de,ja] [--force] [--section.key=value ...]`.
+
+No pretrained masked LM with its head can be downloaded here, so the demo trains its own: small
+monolingual teachers of three real families (BERT/WordPiece, RoBERTa/byte-BPE, XLM-R/unigram) and one
+multilingual XLM-R-style teacher (SentencePiece BPE) over all demo languages, languages sampled with
+XLM-R's exponent so that small ones are not drowned. Each lands in <out>/<name>/ as a standard Hugging
+Face folder (AutoModelForMaskedLM / AutoTokenizer load it), followed by <out>/report.md and report.csv:
+held-out masked-token accuracy and pseudo-perplexity per word against a unigram baseline.
+
+A teacher whose folder holds a model trained with the same settings on the same corpora is skipped,
+and an up-to-date evaluation is reused, so a second run finishes in seconds.
+Exit status: 0 done, 2 bad input (config, corpora), 1 internal failure.
+"""
+from __future__ import annotations
+
+import os
+
+# On a few shared cores, OpenMP threads that spin while waiting for a busy sibling make training up to
+# 5x slower (measured: 2 threads beside one other busy process, 5.3k vs 1.0k tokens/s). Sleeping waits
+# cost nothing on an idle machine. Only takes effect if set before torch loads OpenMP, hence here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import copy
+import csv
+import hashlib
+import io
+import json
+import logging
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from mergedistill.configlib import apply_override, from_dict, parse_override, to_dict
+from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines, spread_subset
+from mergedistill.errors import ConfigError, UserError
+from mergedistill.fsutil import read_json, write_json_atomic, write_text_atomic
+from mergedistill.demo.pretrain import PretrainConfig, available_cores, pretrain, sampling_probs, tokenize_corpus
+
+log = logging.getLogger("mergedistill.demo.teachers_build")
+
+TokenizerKind = Literal["wordpiece", "unigram", "sp-bpe", "byte-bpe"]
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class TeacherSpec:
+    languages: list[str]
+    """Languages the teacher is trained on (one: monolingual)."""
+    tokenizer: TokenizerKind
+    """Tokenizer family, which also fixes the architecture: wordpiece -> BERT, byte-bpe -> RoBERTa,
+    unigram / sp-bpe -> XLM-R."""
+    vocab_size: int = 8000
+    """Tokenizer vocabulary size (specials included)."""
+    lowercase: bool = False
+    """Lowercase (and for WordPiece strip accents) before tokenizing, as uncased models do."""
+    hidden: int = 256
+    """Hidden size."""
+    layers: int = 4
+    """Transformer layers."""
+    heads: int = 4
+    """Attention heads (must divide hidden)."""
+    intermediate: int = 1024
+    """Feed-forward inner size."""
+    dropout: float = 0.1
+    """Dropout on hidden states and attention. 0 suits runs shorter than one pass over the data,
+    where there is nothing to overfit and dropout only slows learning."""
+    max_train_chars: int | None = None
+    """Training text per language, in characters: lines drawn at random (fixed seed) up to this
+    much (null: all of it)."""
+    tokenizer_chars: int = 2_000_000
+    """Characters of training text the tokenizer learns from, shared among the languages with
+    `sampling_alpha` (more text adds little to an 8k vocabulary and costs time)."""
+    sampling_alpha: float = 0.3
+    """Multilingual teachers: language i is drawn with probability proportional to p_i ** alpha
+    (p_i: its share of the training sequences), as XLM-R does; 1.0 keeps natural proportions."""
+    train: PretrainConfig = field(default_factory=PretrainConfig)
+    """Pre-training settings (see mergedistill.demo.pretrain.PretrainConfig)."""
+
+
+@dataclass
+class EvalSpec:
+    split: str = "valid"
+    """Corpus split the report is computed on."""
+    pll_lines: int = 200
+    """Lines per language for the pseudo-perplexity (it costs one forward pass per token): a fixed
+    random subset, the same for every teacher."""
+    acc_sequences: int = 400
+    """Packed sequences per language for masked-token accuracy (fixed-seed mask)."""
+    mask_prob: float = 0.15
+    """Share of tokens masked for the accuracy."""
+    seed: int = 0
+    """Seed of the line subset and of the mask."""
+    char_languages: list[str] = field(default_factory=lambda: ["ja", "zh"])
+    """Languages written without spaces: their pseudo-perplexity is per character, not per word."""
+    batch_size: int = 128
+    """Masked copies per forward pass when computing the PLL."""
+
+
+@dataclass
+class TeachersConfig:
+    corpora: str = "corpora"
+    """Folder with <lang>/{train,valid,test}.txt (one paragraph per line)."""
+    teachers: dict[str, TeacherSpec] = field(default_factory=dict)
+    """Teacher name -> what to train; the name is also the output folder <out>/<name>."""
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    """How the report evaluates every teacher."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Keys applied to every teacher before its own (deep-merged), e.g. model size and train steps."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_teachers_config(path: str | None, overrides: list[str] | None = None) -> TeachersConfig:
+    """Read the YAML, apply `--a.b=value` overrides, merge `defaults` into each teacher and check
+    everything, raising one ConfigError that lists every problem."""
+    problems: list[str] = []
+    where = path or "(no config)"
+    data: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config: no file {path!r}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for arg in overrides or []:
+        try:
+            keys, value = parse_override(arg)
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        apply_override(data, keys, value)
+    defaults = data.get("defaults") or {}
+    teachers = data.get("teachers") or {}
+    if not isinstance(defaults, dict) or not isinstance(teachers, dict):
+        raise ConfigError(f"{where}: `defaults` and `teachers` must be mappings")
+    merged = dict(data)
+    merged["teachers"] = {name: _deep_merge(defaults, spec or {}) for name, spec in teachers.items()}
+    cfg = from_dict(TeachersConfig, merged, "", problems)
+    # A bad key in `defaults` shows up once per teacher: report it once, under `defaults`.
+    seen: set[str] = set()
+    deduped = []
+    for p in problems:
+        key = p
+        for name in teachers:
+            prefix = f"teachers.{name}."
+            if p.startswith(prefix):
+                rest = p[len(prefix):]
+                top = rest.split(":")[0]
+                if _in_defaults(defaults, top) and not _in_defaults(teachers[name] or {}, top):
+                    key = "defaults." + rest
+        if key not in seen:
+            seen.add(key)
+            deduped.append(key)
+    problems = deduped
+    if cfg is not None:
+        _check(cfg, problems)
+    if problems:
+        raise ConfigError(problems, header=f"{where}: {len(problems)} problem(s); nothing was run:")
+    return cfg
+
+
+def _in_defaults(d: dict, dotted: str) -> bool:
+    node: Any = d
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return False
+        node = node[k]
+    return True
+
+
+def _check(cfg: TeachersConfig, problems: list[str]) -> None:
+    if not cfg.teachers:
+        problems.append("teachers: define at least one teacher, e.g. `de: {languages: [de], tokenizer: wordpiece}`")
+    for name, t in cfg.teachers.items():
+        if t is None:
+            continue
+        w = f"teachers.{name}"
+        if not name.replace("-", "").replace("_", "").isalnum():
+            problems.append(f"{w}: the name must be letters, digits, - or _ (it names the output folder)")
+        if not t.languages:
+            problems.append(f"{w}.languages: list at least one language")
+        if t.hidden % t.heads:
+            problems.append(f"{w}.hidden: {t.hidden} must be a multiple of heads ({t.heads})")
+        if t.vocab_size < 300:
+            problems.append(f"{w}.vocab_size: {t.vocab_size} is too small (sp-bpe alone reserves 261 byte and special pieces)")
+        if not 0 < t.sampling_alpha <= 1:
+            problems.append(f"{w}.sampling_alpha: must be in (0, 1], got {t.sampling_alpha}")
+        problems += [f"{w}.train.{p}" for p in t.train.problems()]
+        for lang in t.languages:
+            for split in ("train", cfg.eval.split):
+                problem = check_corpus(str(Path(cfg.corpora) / lang / f"{split}.txt"), f"{w}.languages: {lang} ({split})")
+                if problem and problem not in problems:
+                    problems.append(problem + "; build the corpora first: `python -m mergedistill.demo.corpora --out corpora`")
+    if cfg.eval.pll_lines < 1 or cfg.eval.acc_sequences < 1:
+        problems.append("eval.pll_lines and eval.acc_sequences: must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text
+
+
+def read_split(corpora: str, lang: str, split: str) -> list[str]:
+    return list(iter_lines(str(Path(corpora) / lang / f"{split}.txt"), f"corpora {lang} {split}"))
+
+
+def sample_by_chars(lines: list[str], max_chars: int | None, seed: int) -> list[str]:
+    """A fixed random subset of `lines` holding about `max_chars` characters (all of them if None),
+    in corpus order; drawn at random so that every source of a mixed corpus is represented."""
+    if max_chars is None or sum(map(len, lines)) <= max_chars:
+        return lines
+    order = list(range(len(lines)))
+    random.Random(seed).shuffle(order)
+    keep, total = [], 0
+    for i in order:
+        if total >= max_chars:
+            break
+        keep.append(i)
+        total += len(lines[i])
+    return [lines[i] for i in sorted(keep)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One teacher
+
+
+def train_fingerprint(name: str, spec: TeacherSpec, corpora: str) -> str:
+    """What a trained teacher depends on: its settings and the bytes of its training corpora."""
+    ident = {"name": name, "spec": to_dict(spec),
+             "corpora": {lang: corpus_fingerprint(str(Path(corpora) / lang / "train.txt")) for lang in spec.languages}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_fingerprint(train_fp: str, ev: EvalSpec, corpora: str, langs: list[str]) -> str:
+    ident = {"train": train_fp, "eval": to_dict(ev),
+             "corpora": {lang: corpus_fingerprint(str(Path(corpora) / lang / f"{ev.split}.txt")) for lang in langs}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_trained(folder: Path, fingerprint: str) -> bool:
+    if not all((folder / f).is_file() for f in MODEL_FILES):
+        return False
+    meta = folder / "pretrain.json"
+    return meta.is_file() and read_json(meta).get("fingerprint") == fingerprint
+
+
+def train_teacher(name: str, spec: TeacherSpec, cfg: TeachersConfig, folder: Path, fingerprint: str) -> None:
+    from mergedistill.mlm_models import build_mlm
+    from mergedistill.tokenizer_train import train_tokenizer
+
+    t0 = time.perf_counter()
+    tcfg = spec.train
+    texts = {lang: sample_by_chars(read_split(cfg.corpora, lang, "train"), spec.max_train_chars, tcfg.seed)
+             for lang in spec.languages}
+    valid = {lang: read_split(cfg.corpora, lang, cfg.eval.split) for lang in spec.languages}
+
+    # Tokenizer: ~tokenizer_chars characters, shared among languages by the same exponent as training.
+    chars = [sum(map(len, texts[lang])) for lang in spec.languages]
+    shares = sampling_probs(chars, spec.sampling_alpha)
+    tok_texts = [line for lang, q in zip(spec.languages, shares)
+                 for line in sample_by_chars(texts[lang], int(q * spec.tokenizer_chars), tcfg.seed + 1)]
+    tokenizer = train_tokenizer(spec.tokenizer, tok_texts, spec.vocab_size, lowercase=spec.lowercase,
+                                model_max_length=tcfg.seq_len)
+    t_tok = time.perf_counter() - t0
+    log.info(f"{name}: {spec.tokenizer} tokenizer, {len(tokenizer)} pieces, from {sum(map(len, tok_texts)):,} chars "
+             f"({', '.join(f'{l} {q:.0%}' for l, q in zip(spec.languages, shares))}) in {t_tok:.0f}s")
+
+    train = tokenize_corpus(tokenizer, [texts[lang] for lang in spec.languages])
+    valid_docs = tokenize_corpus(tokenizer, [valid[lang] for lang in spec.languages])
+    tokens = [sum(len(d) for d, g in zip(train.ids, train.groups) if g == i) for i in range(len(spec.languages))]
+    probs = None
+    if len(spec.languages) > 1:
+        probs = sampling_probs(tokens, spec.sampling_alpha)
+        log.info(f"{name}: language sampling (alpha {spec.sampling_alpha}): "
+                 + ", ".join(f"{l} {n / 1e6:.2f}M tokens -> {q:.1%}" for l, n, q in zip(spec.languages, tokens, probs)))
+    t_prep = time.perf_counter() - t0
+
+    torch.manual_seed(tcfg.seed)
+    model = build_mlm(spec.tokenizer, tokenizer, spec.hidden, spec.layers, spec.heads, spec.intermediate, tcfg.seq_len,
+                      dropout=spec.dropout)
+    params = sum(p.numel() for p in model.parameters())
+    phases = ", ".join(f"{s} x {b} x {L}" for L, b, s in tcfg.phases())
+    log.info(f"{name}: {type(model).__name__} {params / 1e6:.1f}M params; {sum(tokens):,} training tokens; "
+             f"steps x batch x length: {phases}")
+    pretrain(model, tokenizer, train, valid_docs, tcfg, folder, group_probs=probs, name=name, meta={
+        "fingerprint": fingerprint,
+        "teacher": {"name": name, **to_dict(spec)},
+        "params": params,
+        "languages": {l: {"train_tokens": n, "sampling_prob": q} for l, n, q in
+                      zip(spec.languages, tokens, probs or [1.0])},
+        "prep_s": round(t_prep, 1),
+        "tokenizer_s": round(t_tok, 1),
+    })
+
+
+def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, languages: list[str], seq_len: int) -> dict[str, Any]:
+    """Per language: masked-token accuracy and pseudo-perplexity per word (or char), model vs unigram."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from mergedistill.eval.metrics import (UnigramBaseline, count_units, masked_eval_set, masked_token_accuracy,
+                          pseudo_log_likelihoods, pseudo_perplexity)
+
+    t0 = time.perf_counter()
+    ev = cfg.eval
+    model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    spec = cfg.teachers[name]
+    out: dict[str, Any] = {}
+    for lang in languages:
+        t1 = time.perf_counter()
+        train_texts = sample_by_chars(read_split(cfg.corpora, lang, "train"), spec.max_train_chars, spec.train.seed)
+        unigram = UnigramBaseline.from_texts(tokenizer, train_texts)
+        held = read_split(cfg.corpora, lang, ev.split)
+        unit = "char" if lang in ev.char_languages else "word"
+        eval_set = masked_eval_set(tokenizer, held, seq_len, ev.mask_prob, ev.seed, max_sequences=ev.acc_sequences)
+        acc = masked_token_accuracy(model, eval_set)
+        uacc = unigram.accuracy(eval_set)
+        subset = pll_subset(held, ev.pll_lines, ev.seed, unit)
+        units = sum(count_units(t, unit) for t in subset)
+        pll = sum(pseudo_log_likelihoods(model, tokenizer, subset, max_len=seq_len, batch_size=ev.batch_size))
+        ull = sum(unigram.log_likelihoods(tokenizer, subset))
+        n_tokens = sum(len(ids) for ids in tokenizer(subset, add_special_tokens=False)["input_ids"])
+        out[lang] = {
+            "unit": unit,
+            "acc": acc.value, "acc_unigram": uacc.value, "acc_positions": acc.count,
+            "pppl": pseudo_perplexity(pll, units), "pppl_unigram": pseudo_perplexity(ull, units),
+            "pll_lines": len(subset), "pll_units": units, "pll_tokens": n_tokens,
+            "eval_s": round(time.perf_counter() - t1, 1),
+        }
+        r = out[lang]
+        log.info(f"{name} on {lang}: masked acc {r['acc']:.3f} (unigram {r['acc_unigram']:.3f}), pseudo-ppl per "
+                 f"{unit} {r['pppl']:.1f} (unigram {r['pppl_unigram']:.1f})  [{r['eval_s']:.0f}s]")
+    return {"languages": out, "eval_s": round(time.perf_counter() - t0, 1)}
+
+
+def pll_subset(lines: list[str], n: int, seed: int, unit: str) -> list[str]:
+    """A fixed random subset of `n` lines with at least one word (the same for every teacher)."""
+    from mergedistill.eval.metrics import count_units
+
+    return spread_subset([t for t in lines if count_units(t, unit) > 0], n, seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+REPORT_COLUMNS = ["teacher", "language", "family", "params", "steps", "train_s", "total_s", "acc", "acc_unigram",
+                  "pppl", "pppl_unigram", "unit", "pll_lines", "acc_positions"]
+
+
+def build_rows(out: Path, cfg: TeachersConfig, names: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        folder = out / name
+        meta, evaluation = read_json(folder / "pretrain.json"), read_json(folder / "eval.json")
+        total = meta["result"]["wall_s"] + meta["result"].get("setup_s", 0) + meta.get("prep_s", 0) + evaluation["eval_s"]
+        for lang, r in evaluation["languages"].items():
+            rows.append({
+                "teacher": name, "language": lang, "family": meta["teacher"]["tokenizer"], "params": meta["params"],
+                "steps": meta["result"]["steps"], "train_s": meta["result"]["wall_s"], "total_s": round(total, 1),
+                **{k: r[k] for k in ("acc", "acc_unigram", "pppl", "pppl_unigram", "unit", "pll_lines", "acc_positions")},
+            })
+    return rows
+
+
+def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
+    rows = build_rows(out, cfg, names)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k not in ("train_s", "total_s") else v) for k, v in r.items()})
+    write_text_atomic(out / "report.csv", buf.getvalue())
+
+    ev = cfg.eval
+    lines = [
+        "# Demo teachers",
+        "",
+        f"Held-out split: `{ev.split}`. Masked-token accuracy: up to {ev.acc_sequences} packed sequences per language, "
+        f"{ev.mask_prob:.0%} of tokens masked with seed {ev.seed} (every selected token replaced by the mask token); "
+        "the unigram baseline predicts the most frequent training token. Accuracy is per token of each teacher's own "
+        "tokenizer, so compare it within a row, not across teachers.",
+        "",
+        f"Pseudo-perplexity (PPPL): exp(-PLL / units), PLL summed over every token with that token masked; "
+        f"units are whitespace words, characters for {', '.join(ev.char_languages)}. PLL is costly (one forward pass per token), "
+        f"so it is computed on a fixed random subset of {ev.pll_lines} lines per language, the same lines for every "
+        "teacher; per-word figures are comparable across tokenizers. The unigram baseline uses add-one-smoothed token "
+        "frequencies of the training text in the teacher's own tokenizer.",
+        "",
+        "| teacher | lang | family | params | steps | train | total | masked acc | unigram acc | PPPL / unit | unigram PPPL | unit |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['teacher']} | {r['language']} | {r['family']} | {r['params'] / 1e6:.1f}M | {r['steps']} | "
+            f"{_dur(r['train_s'])} | {_dur(r['total_s'])} | {r['acc']:.3f} | {r['acc_unigram']:.3f} | "
+            f"{r['pppl']:.1f} | {r['pppl_unigram']:.1f} | {r['unit']} |"
+        )
+    # Monolingual vs multilingual on the same language: what teacher selection will exploit.
+    by = {(r["teacher"], r["language"]): r for r in rows}
+    multi = [n for n in names if len(cfg.teachers[n].languages) > 1]
+    pairs = [(n, m, lang) for n in names if len(cfg.teachers[n].languages) == 1
+             for lang in cfg.teachers[n].languages for m in multi if (m, lang) in by]
+    if pairs:
+        lines += ["", "Monolingual vs multilingual teacher on the same language (PPPL per unit, lower is better):", "",
+                  "| lang | monolingual | PPPL | multilingual | PPPL | better |", "| --- | --- | ---: | --- | ---: | --- |"]
+        for n, m, lang in pairs:
+            a, b = by[(n, lang)]["pppl"], by[(m, lang)]["pppl"]
+            lines.append(f"| {lang} | {n} | {a:.1f} | {m} | {b:.1f} | {n if a < b else m} |")
+    train_total = sum(read_json(out / n / "pretrain.json")["result"]["wall_s"] for n in names)
+    all_total = sum({r["teacher"]: r["total_s"] for r in rows}.values())
+    lines += ["", f"Training wall time, all teachers: {_dur(train_total)}; with tokenizers, packing and evaluation: "
+              f"{_dur(all_total)} (on {available_cores()} CPU cores at build time).", ""]
+    write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def _dur(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def build(cfg: TeachersConfig, out: Path, only: list[str] | None = None, force: bool = False) -> list[str]:
+    """Train and evaluate every teacher that is not already complete; write the report. Returns the names."""
+    names = list(cfg.teachers)
+    if only:
+        unknown = [n for n in only if n not in cfg.teachers]
+        if unknown:
+            raise UserError(f"--only: {', '.join(unknown)} not among the configured teachers ({', '.join(names)})")
+        names = [n for n in names if n in only]
+    torch.set_num_threads(available_cores())
+    t_all = time.perf_counter()
+    for name in names:
+        spec, folder = cfg.teachers[name], out / name
+        fp = train_fingerprint(name, spec, cfg.corpora)
+        if force or not is_trained(folder, fp):
+            why = "forced" if force else ("settings or corpora changed" if folder.exists() else "not built yet")
+            log.info(f"== {name}: training ({why}) on {', '.join(spec.languages)}")
+            train_teacher(name, spec, cfg, folder, fp)
+        efp = eval_fingerprint(fp, cfg.eval, cfg.corpora, spec.languages)
+        eval_path = folder / "eval.json"
+        if eval_path.is_file() and read_json(eval_path).get("fingerprint") == efp and not force:
+            log.info(f"== {name}: complete, skipped ({folder})")
+            continue
+        log.info(f"== {name}: evaluating on {cfg.eval.split}")
+        result = evaluate_teacher(name, folder, cfg, spec.languages, spec.train.seq_len)
+        write_json_atomic(eval_path, {"fingerprint": efp, **result})
+    write_report(out, cfg, list(cfg.teachers) if all((out / n / "eval.json").is_file() for n in cfg.teachers) else names)
+    log.info(f"teachers done in {_dur(time.perf_counter() - t_all)}; report: {out / 'report.md'}")
+    return names
+
+
+def _quiet_libraries() -> None:
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mergedistill.demo.teachers_build",
+        description="Train the demo's teachers (monolingual + multilingual masked LMs) from local corpora and "
+                    "write <out>/report.md. Override any config key as --section.key=value "
+                    "(e.g. --defaults.train.max_steps=20 or --teachers.multi.train.max_steps=50).",
+    )
+    parser.add_argument("--config", "-c", required=True, metavar="FILE", help="e.g. configs/teachers.yaml")
+    parser.add_argument("--out", default="teachers", metavar="DIR", help="output folder (default: teachers)")
+    parser.add_argument("--only", default=None, metavar="NAMES", help="comma-separated teachers to build (default: all)")
+    parser.add_argument("--force", action="store_true", help="retrain and re-evaluate even if complete")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+        if bad:
+            raise UserError(f"unrecognised arguments {' '.join(bad)}: overrides take the form --section.key=value")
+        cfg = load_teachers_config(args.config, rest)
+        only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+        build(cfg, Path(args.out), only=only, force=args.force)
+    except UserError as e:
+        print(f"teachers_build: error: {e.render()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("teachers_build: interrupted; rerun the same command to continue (finished teachers are kept)", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("teachers_build: internal error (please report it with the traceback above)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

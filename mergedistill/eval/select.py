@@ -1,0 +1,83 @@
+"""`mergedistill select`: rank the candidate teachers of every language and write a routing file.
+
+Each candidate (the language's routed teacher and its `candidates`) is scored on the language's valid
+split by pseudo-perplexity per word (per character for `eval.char_languages`): the pseudo-log-
+likelihood of every token with that token masked, summed, normalised by words, so that teachers
+with different tokenizers are comparable. Lower is better. Output: runs/<run>/select/{routing.yaml,
+ranking.md, ranking.csv}; pass the routing to later stages with `--routing=runs/<run>/select/routing.yaml`
+(or `routing:` in the config).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from mergedistill.config import RunConfig
+from mergedistill.corpus import sample_lines, split_problems
+from mergedistill.errors import UserError
+from mergedistill.fsutil import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def candidates_of(cfg: RunConfig, lang: str) -> list[str]:
+    return list(dict.fromkeys([cfg.teacher_of(lang)] + cfg.languages[lang].candidates))
+
+
+def run_select(cfg: RunConfig, args) -> Path:
+    from transformers import AutoTokenizer
+
+    from mergedistill.eval.metrics import score_pll
+    from mergedistill.teachers import load_teacher_model
+
+    start = time.monotonic()
+    problems = split_problems(cfg.languages, "valid", "select scores teachers on the valid split; add one")
+    if problems:
+        raise UserError(problems, header=f"select: {len(problems)} problem(s); nothing was written:")
+    models: dict = {}
+    rows = []
+    for lang, lc in cfg.languages.items():
+        texts = sample_lines(lc.valid, f"languages.{lang}.valid", cfg.eval.pll_lines, cfg.eval.seed)
+        unit = "char" if lang in cfg.eval.char_languages else "word"
+        for name in candidates_of(cfg, lang):
+            if name not in models:
+                tc = cfg.teachers[name]
+                models[name] = (load_teacher_model(name, tc), AutoTokenizer.from_pretrained(tc.path, revision=tc.revision))
+            t0 = time.monotonic()
+            score = score_pll(*models[name], texts, unit)
+            rows.append({"language": lang, "teacher": name, "unit": unit, **score})
+            log.info("select: %s by %s: pseudo-perplexity %.2f per %s (%d lines, %d tokens, %.0f s)",
+                     lang, name, score["ppl"], unit, score["lines"], score["tokens"], time.monotonic() - t0)
+    best = {}
+    for lang in cfg.languages:
+        ranked = sorted((r for r in rows if r["language"] == lang), key=lambda r: r["ppl"])
+        for i, r in enumerate(ranked, 1):
+            r["rank"] = i
+        best[lang] = ranked[0]["teacher"]
+    out = cfg.run_dir / "select"
+    out.mkdir(parents=True, exist_ok=True)
+    header = ["language", "teacher", "rank", "ppl", "unit", "lines", "tokens", "units", "pll"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows([[r[h] for h in header] for r in rows])
+    write_text_atomic(out / "ranking.csv", buf.getvalue())
+    md = ["# Teacher selection", "", "Pseudo-perplexity per word (per character for languages written without spaces) "
+          "on each language's valid split; lower is better. The routing file sends each language to its best teacher.", "",
+          "| language | teacher | rank | pseudo-perplexity | per | lines | tokens | configured |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (list(cfg.languages).index(r["language"]), r["rank"])):
+        md.append(f"| {r['language']} | {r['teacher']} | {r['rank']} | {r['ppl']:.2f} | {r['unit']} | {r['lines']} | {r['tokens']:,} | "
+                  f"{'yes' if cfg.teacher_of(r['language']) == r['teacher'] else ''} |")
+    changed = {lang: t for lang, t in best.items() if t != cfg.teacher_of(lang)}
+    md += ["", f"Routing changes against the config: {', '.join(f'{k} -> {v}' for k, v in changed.items()) or 'none'}.", ""]
+    write_text_atomic(out / "ranking.md", "\n".join(md))
+    write_text_atomic(out / "routing.yaml", "# written by `mergedistill select`; use with --routing=<this file>\n"
+                      + yaml.safe_dump({"routing": best}, sort_keys=False))
+    log.info("select: routing %s -> %s (%.0f s)", ", ".join(f"{k}: {v}" for k, v in best.items()), out / "routing.yaml",
+             time.monotonic() - start)
+    return out / "routing.yaml"

@@ -1,0 +1,594 @@
+"""`mergedistill evaluate`: the student against the teachers that know each language and against the
+MLM-only baseline student, per language, on the held-out test splits.
+
+  intrinsic    masked-token accuracy, top-1 agreement with the routed teacher (the student reads the
+               routed teacher's tokenization mapped to student ids, with the same masked positions),
+               pseudo-log-likelihood per word (bits per char for eval.char_languages), and a unigram
+               reference (token frequencies of the train split);
+  retrieval    translations among aligned test paragraphs (JSON lines with a shared `key`), accuracy@1
+               per language pair and direction, for every model covering both languages;
+  downstream   fine-tuned classifiers / taggers per language (eval.downstream), with zero-shot transfer.
+
+Output: runs/<run>/eval/{report.md, results.csv, plots/*.png, state.json} (built in a temporary folder
+and renamed into place; tasks/ is carried over), and the results table in the exported student's
+README.md ('## Evaluation'). A rerun with the same inputs skips; --force redoes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mergedistill import __version__
+from mergedistill.config import RunConfig
+from mergedistill.configlib import to_dict
+from mergedistill.corpus import corpus_fingerprint, iter_lines, sample_lines, split_problems, spread_subset
+from mergedistill.eval.downstream import build_source_task, fine_tune, read_examples, source_task_dir, task_accuracy
+from mergedistill.errors import UserError
+from mergedistill.eval.scoring import bits_per_char, hit_rate, masked_top1, pll_per_unit, to_student_ids
+from mergedistill.eval.report import Row, Table, card_md, report_md, set_card_section, write_csv, write_plots
+from mergedistill.fsutil import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
+from mergedistill.data.masking import IGNORE_INDEX
+from mergedistill.eval.metrics import UnigramBaseline, count_units, masked_eval_set, pseudo_log_likelihoods, pseudo_perplexity
+from mergedistill.mlm_models import usable_positions
+from mergedistill.demo.pretrain import tokenize_documents
+from mergedistill.eval.retrieval import MIN_SHARED, aligned_pairs, embed_texts, read_keyed, retrieval_accuracy
+from mergedistill.teachers import load_teacher_model, model_fingerprint
+from mergedistill.vocab.stage import load_vocab
+
+log = logging.getLogger(__name__)
+
+EVAL_FORMAT = 1
+UNIGRAM_LINES = 5000
+"""Train lines per language the unigram reference counts tokens on."""
+
+DEFINITIONS = f"""\
+- **masked acc** (`mlm_acc`): share of masked positions (eval.mask_prob of the tokens, fixed seed, every one
+  replaced by the mask token, lines packed as in training) whose top-1 prediction is the original token.
+  Student and baseline read the routed teacher's tokenization mapped to student ids, with the same masked
+  positions as that teacher (a gold token pruned from the student vocabulary counts as a miss). A candidate
+  teacher uses its own tokenizer, so its per-token accuracy is not directly comparable.
+- **agreement**: share of those positions where the model's top-1 equals the routed teacher's top-1 among
+  the tokens the student vocabulary keeps (specials excluded), i.e. what distillation taught it.
+- **PLL/word** (`pll_per_word`): pseudo-log-likelihood (each token masked in turn, log p of the true token,
+  summed; Salazar et al., 2020) divided by the whitespace words scored, in nats (nearer 0 is better);
+  comparable across tokenizers. **bits/char** (`bits_per_char`, for eval.char_languages): -PLL / (chars x ln 2),
+  characters excluding whitespace (lower is better). **pseudo-ppl** (`pppl`): exp(-PLL / units).
+  `tokens_scored`, `words_scored` / `chars_scored`: what the PLL covered.
+- **unigram**: add-one-smoothed token frequencies of the routed teacher's tokenization of the train split
+  (first {UNIGRAM_LINES:,} lines): it always predicts the most frequent token, its "PLL" is the sum of
+  unigram log-probabilities. A model should beat it.
+- **retrieval accuracy@1** (`retrieval_acc@1`, language `a->b`): for each aligned test paragraph of `a`,
+  is its translation in `b` the most cosine-similar among the pair's paragraphs (mean-pooled last hidden
+  layer, specials excluded, each side centred). Pairs: languages sharing >= {MIN_SHARED} paragraph keys,
+  at most eval.retrieval_pairs paragraphs each.
+- **downstream** (`<task>/acc`, `<task>/acc_from_<lang>`): accuracy of a copy of the encoder fine-tuned with a
+  linear head on the language's training set (classify: mean-pooled text; tag: first token of each word),
+  tested on the same language, and for eval.downstream.<task>.zero_shot_from on every other language.
+"""
+
+
+def eval_dir(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "eval"
+
+
+def student_export_dir(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "train" / "export"
+
+
+def baseline_export_dir(cfg: RunConfig) -> Path:
+    return cfg.run_dir / "baseline" / "export"
+
+
+def teachers_of(cfg: RunConfig, lang: str) -> list[str]:
+    """The teachers that know `lang`: the routed one, then the candidates."""
+    return list(dict.fromkeys([cfg.teacher_of(lang)] + list(cfg.languages[lang].candidates)))
+
+
+# ---- the models compared -----------------------------------------------------------------------------
+@dataclass
+class Export:
+    """A student exported by the train stage: a HF masked LM with per-language tokenizers."""
+
+    key: str
+    folder: Path
+    languages: dict[str, str]
+    """Language -> its tokenizer folder, relative to `folder`."""
+    meta: dict
+    _model: object = None
+    _toks: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, key: str, folder: Path, problems: list[str], command: str) -> "Export | None":
+        if not (folder / "config.json").is_file():
+            problems.append(f"{folder}: no exported {key} (config.json); run `{command}` first")
+            return None
+        try:
+            langs = read_json(folder / "languages.json")
+            meta = read_json(folder / "mergedistill.json") if (folder / "mergedistill.json").is_file() else {}
+        except (OSError, json.JSONDecodeError) as e:
+            problems.append(f"{folder}: cannot read languages.json ({e}); rerun `{command}`")
+            return None
+        return cls(key, folder, langs, meta)
+
+    def model(self):
+        if self._model is None:
+            from transformers import AutoModelForMaskedLM
+
+            self._model = AutoModelForMaskedLM.from_pretrained(str(self.folder)).eval()
+        return self._model
+
+    def tokenizer(self, lang: str):
+        sub = self.languages[lang]
+        if sub not in self._toks:
+            from transformers import AutoTokenizer
+
+            self._toks[sub] = AutoTokenizer.from_pretrained(str(self.folder / sub))
+        return self._toks[sub]
+
+    def fingerprint(self) -> str:
+        """Hash of what the evaluation reads (weights, config, tokenizers), not of the README it edits."""
+        h = hashlib.sha256()
+        files = [p for p in sorted(self.folder.rglob("*")) if p.is_file() and p.name != "README.md"]
+        for p in files:
+            h.update(f"{p.relative_to(self.folder)}:{sha256_file(p)}".encode())
+        return h.hexdigest()[:16]
+
+
+class Models:
+    """Every model the evaluation compares, loaded on first use and kept: `student`, `baseline` and
+    `teacher:<name>`."""
+
+    def __init__(self, cfg: RunConfig, student: Export, baseline: Export | None):
+        self.cfg, self.student, self.baseline = cfg, student, baseline
+        self._teachers: dict[str, tuple] = {}
+
+    def teacher(self, name: str):
+        if name not in self._teachers:
+            from transformers import AutoTokenizer
+
+            tc = self.cfg.teachers[name]
+            tok = AutoTokenizer.from_pretrained(tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code)
+            self._teachers[name] = (load_teacher_model(name, tc), tok)
+        return self._teachers[name]
+
+    def model(self, key: str):
+        if key.startswith("teacher:"):
+            return self.teacher(key[len("teacher:"):])[0]
+        return self._export(key).model()
+
+    def tokenizer(self, key: str, lang: str):
+        if key.startswith("teacher:"):
+            return self.teacher(key[len("teacher:"):])[1]
+        return self._export(key).tokenizer(lang)
+
+    def _export(self, key: str) -> Export:
+        exp = self.student if key == "student" else self.baseline
+        assert exp is not None, f"no {key} to evaluate"
+        return exp
+
+    def teachers_of(self, lang: str) -> list[str]:
+        return teachers_of(self.cfg, lang)
+
+    def for_language(self, lang: str) -> list[str]:
+        out = ["student"] + (["baseline"] if self.baseline is not None else [])
+        return out + [f"teacher:{t}" for t in self.teachers_of(lang)]
+
+    def knows(self, key: str, lang: str) -> bool:
+        if key.startswith("teacher:"):
+            return key[len("teacher:"):] in self.teachers_of(lang)
+        return lang in self._export(key).languages
+
+    def role(self, key: str, lang: str) -> str:
+        if not key.startswith("teacher:"):
+            return key
+        return "routed teacher" if key[len("teacher:"):] == self.cfg.teacher_of(lang) else "candidate teacher"
+
+    def max_len(self, key: str) -> int:
+        return min(self.cfg.data.seq_len, usable_positions(self.model(key)))
+
+
+# ---- preflight -----------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    student: Export
+    baseline: Export | None
+    vocab: object
+    vrec: dict
+    languages: list[str]
+
+
+def _command(args, stage: str) -> str:
+    cfg_path = getattr(args, "config", None) or "<config>"
+    return f"mergedistill {stage} --config {cfg_path}"
+
+
+def preflight(cfg: RunConfig, args) -> Plan:
+    """Check every input (exports, vocabulary, test corpora, task files); raise all problems at once."""
+    problems: list[str] = []
+    student = Export.open("student", student_export_dir(cfg), problems, _command(args, "train"))
+    vocab = vrec = None
+    try:
+        vocab, vrec = load_vocab(cfg)
+    except UserError as e:
+        problems += e.problems
+    baseline = None
+    if cfg.eval.baseline:
+        folder = baseline_export_dir(cfg)
+        if (folder / "config.json").is_file():
+            baseline = Export.open("baseline", folder, problems, _command(args, "train") + " --baseline")
+        else:
+            log.warning("evaluate: no MLM-only baseline at %s (train it with `%s --baseline`, or set eval.baseline: false); "
+                        "comparing without it", folder, _command(args, "train"))
+    for exp in (student, baseline):
+        if exp is None:
+            continue
+        fp = exp.meta.get("vocab")
+        if vrec is not None and fp is not None and fp != vrec["vocab"]:
+            problems.append(f"{exp.folder}: trained on vocabulary {fp}, but {cfg.vocab_dir} is {vrec['vocab']}; "
+                            f"retrain it (`{_command(args, 'train')} --force`)")
+        missing = [lang for lang in cfg.languages if lang not in exp.languages]
+        if missing:
+            problems.append(f"{exp.folder}: no tokenizer for {', '.join(missing)} in languages.json; retrain with this config")
+        moved = [f"{lang} ({exp.languages[lang]}, config: tokenizers/{cfg.teacher_of(lang)})" for lang in cfg.languages
+                 if lang in exp.languages and exp.languages[lang] != f"tokenizers/{cfg.teacher_of(lang)}"]
+        if moved:
+            problems.append(f"{exp.folder}: trained with another routing for {', '.join(moved)}; "
+                            f"retrain (`{_command(args, 'train')} --force`) or restore the routing")
+    problems += split_problems(cfg.languages, "test", "evaluate needs a held-out test corpus; add `test: <file>`")
+    to_build = _auto_task_files(cfg)
+    problems += _check_downstream(cfg, to_build)
+    if problems:
+        raise UserError(problems, header=f"evaluate: {len(problems)} problem(s); nothing was run:")
+    if to_build:
+        _build_missing_tasks(cfg, to_build)
+    return Plan(student, baseline, vocab, vrec, list(cfg.languages))  # type: ignore[arg-type]
+
+
+def _auto_task_files(cfg: RunConfig) -> list[Path]:
+    """Configured task files that `build_source_task` writes and that do not exist yet."""
+    auto = source_task_dir(cfg).resolve()
+    specs = [s for t in cfg.eval.downstream.values() for s in (*t.train.values(), *t.test.values())]
+    return [Path(s) for s in specs if not s.startswith("datasets:") and not Path(s).is_file() and Path(s).resolve().parent == auto]
+
+
+def _check_downstream(cfg: RunConfig, to_build: list[Path]) -> list[str]:
+    """Problems with eval.downstream; files in `to_build` are not missing (the source task makes them)."""
+    problems: list[str] = []
+    for name, t in cfg.eval.downstream.items():
+        where = f"eval.downstream.{name}"
+        for split in ("train", "test"):
+            for lang, spec in getattr(t, split).items():
+                if lang not in cfg.languages:
+                    problems.append(f"{where}.{split}.{lang}: not a language of this run (no tokenizer for it); "
+                                    f"use one of {', '.join(cfg.languages)}")
+                elif not spec.startswith("datasets:") and not Path(spec).is_file() and Path(spec) not in to_build:
+                    problems.append(f"{where}.{split}.{lang}: no file {spec!r}")
+        for lang in t.zero_shot_from:
+            if lang not in t.train:
+                problems.append(f"{where}.zero_shot_from: {lang!r} has no training data in {where}.train")
+        if not t.train:
+            problems.append(f"{where}.train: no language has training data")
+        if t.epochs < 1 or t.max_train < 1 or t.max_test < 1 or t.lr <= 0:
+            problems.append(f"{where}: epochs, max_train, max_test must be >= 1 and lr > 0")
+    return problems
+
+
+def _build_missing_tasks(cfg: RunConfig, to_build: list[Path]) -> None:
+    """Build the demo's source task when configured files of it are missing; fail on those it cannot make."""
+    log.info("evaluate: building the source task under %s (configured task files are missing)", source_task_dir(cfg))
+    build_source_task(cfg)
+    still = [p for p in to_build if not p.is_file()]
+    if still:
+        raise UserError([f"eval.downstream: no file {str(p)!r}: the source task skips languages without JSON-lines train and "
+                         "test corpora holding two or more sources (see the log above)" for p in still])
+
+
+def inputs_fingerprint(cfg: RunConfig, plan: Plan) -> dict:
+    """Everything the outputs depend on."""
+    teachers = sorted({t for lang in plan.languages for t in teachers_of(cfg, lang)})
+    files = {}
+    for name, t in cfg.eval.downstream.items():
+        for split in ("train", "test"):
+            for lang, spec in getattr(t, split).items():
+                files[f"{name}.{split}.{lang}"] = corpus_fingerprint(spec)
+    return {
+        "format": EVAL_FORMAT,
+        "student": plan.student.fingerprint(),
+        "baseline": plan.baseline.fingerprint() if plan.baseline else None,
+        "teachers": {n: model_fingerprint(n, cfg.teachers[n]) for n in teachers},
+        "routing": {lang: teachers_of(cfg, lang) for lang in plan.languages},
+        "test": {lang: corpus_fingerprint(cfg.languages[lang].test) for lang in plan.languages},  # type: ignore[arg-type]
+        "train": {lang: corpus_fingerprint(cfg.languages[lang].train) for lang in plan.languages},
+        "eval": to_dict(cfg.eval),
+        "seq_len": cfg.data.seq_len,
+        "tasks": files,
+    }
+
+
+# ---- intrinsic -----------------------------------------------------------------------------------
+def _pll_rows(models: Models, key: str, lang: str, texts: list[str], unit: str, batch_size: int) -> tuple[list[Row], str]:
+    model, tok = models.model(key), models.tokenizer(key, lang)
+    pll = sum(pseudo_log_likelihoods(model, tok, texts, max_len=models.max_len(key), batch_size=batch_size))
+    return _pll_summary(models.role(key, lang), key, lang, pll, tok, texts, unit)
+
+
+def _pll_summary(role: str, key: str, lang: str, pll: float, tok, texts: list[str], unit: str) -> tuple[list[Row], str]:
+    docs, _ = tokenize_documents(tok, texts)
+    tokens = sum(len(d) for d in docs)
+    units = sum(count_units(t, unit) for t in texts)
+    if units == 0:
+        return [], "no text to score"
+    r = lambda metric, value, n: Row("intrinsic", lang, key, role, metric, value, n)  # noqa: E731
+    try:
+        pppl = pseudo_perplexity(pll, units)
+    except OverflowError:  # exp(> 709): a model that is hopeless on this language
+        pppl = float("inf")
+    if unit == "char":
+        main = r("bits_per_char", bits_per_char(pll, units), units)
+    else:
+        main = r("pll_per_word", pll_per_unit(pll, units), units)
+    rows = [main, r("pppl", pppl, units), r("tokens_scored", tokens, tokens), r(f"{unit}s_scored", units, units)]
+    return rows, f"{main.metric} {main.value:.3f}, pseudo-ppl/{unit} {pppl:.4g} ({tokens:,} tokens, {units:,} {unit}s)"
+
+
+def _allowed(model, idmap: np.ndarray, special_ids: list[int]) -> torch.Tensor:
+    """(V,) bool over the teacher head's outputs: tokens the student vocabulary keeps, specials excluded."""
+    n = model.get_output_embeddings().weight.shape[0]
+    ok = torch.zeros(n, dtype=torch.bool)
+    m = min(n, len(idmap))
+    ok[:m] = torch.from_numpy(idmap[:m] >= 0)
+    ok[[i for i in special_ids if 0 <= i < n]] = False
+    return ok
+
+
+def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row]:
+    e = cfg.eval
+    spec = cfg.languages[lang].test
+    texts = sample_lines(spec, f"languages.{lang}.test", None)  # type: ignore[arg-type]  # read once, subset twice
+    acc_texts = spread_subset(texts, e.max_lines, e.seed)
+    pll_texts = spread_subset(texts, e.pll_lines, e.seed)
+    unit = "char" if lang in e.char_languages else "word"
+    pll_batch = e.batch_size * 4  # PLL copies are single lines, a few times shorter than packed sequences
+    routed = cfg.teacher_of(lang)
+    rkey = f"teacher:{routed}"
+    rmodel, rtok = models.teacher(routed)
+    idmap = plan.vocab.idmaps[routed]
+    students = [k for k in ("student", "baseline") if k in models.for_language(lang)]
+    seq_len = min([models.max_len(rkey)] + [models.max_len(k) for k in students])
+    rows: list[Row] = []
+
+    # the routed teacher: its masked set is everybody's (student ids through the id map)
+    t0 = time.monotonic()
+    eset = masked_eval_set(rtok, acc_texts, seq_len, e.mask_prob, e.seed)
+    sel = eset["labels"] != IGNORE_INDEX  # (N, L)
+    gold = eset["labels"][sel]  # (M,) teacher ids
+    t_top, t_kept = masked_top1(rmodel, eset["input_ids"], eset["attention_mask"], sel, e.batch_size,
+                                allowed=_allowed(rmodel, idmap, rtok.all_special_ids))
+    n = int(gold.numel())
+    rows.append(Row("intrinsic", lang, rkey, "routed teacher", "mlm_acc", hit_rate(t_top, gold), n))
+    pll_rows, msg = _pll_rows(models, rkey, lang, pll_texts, unit, pll_batch)
+    rows += pll_rows
+    log.info("evaluate %s / %s (routed teacher): masked acc %.3f (%s masked), %s, %.1f s", lang, rkey, rows[0].value, f"{n:,}",
+             msg, time.monotonic() - t0)
+
+    s_in = to_student_ids(idmap, eset["input_ids"])
+    s_gold = to_student_ids(idmap, gold, pruned=None)
+    s_teacher = to_student_ids(idmap, t_kept, pruned=None)  # type: ignore[arg-type]
+    for key in students:
+        t0 = time.monotonic()
+        top, _ = masked_top1(models.model(key), s_in, eset["attention_mask"], sel, e.batch_size)
+        acc, agree = hit_rate(top, s_gold), hit_rate(top, s_teacher)
+        rows += [Row("intrinsic", lang, key, key, "mlm_acc", acc, n), Row("intrinsic", lang, key, key, "agreement", agree, n)]
+        pll_rows, msg = _pll_rows(models, key, lang, pll_texts, unit, pll_batch)
+        rows += pll_rows
+        log.info("evaluate %s / %s: masked acc %.3f, agreement with %s %.3f (%s masked), %s, %.1f s", lang, key, acc, routed, agree,
+                 f"{n:,}", msg, time.monotonic() - t0)
+
+    for name in models.teachers_of(lang)[1:]:
+        t0 = time.monotonic()
+        key = f"teacher:{name}"
+        cmodel, ctok = models.teacher(name)
+        cset = masked_eval_set(ctok, acc_texts, models.max_len(key), e.mask_prob, e.seed)
+        csel = cset["labels"] != IGNORE_INDEX
+        top, _ = masked_top1(cmodel, cset["input_ids"], cset["attention_mask"], csel, e.batch_size)
+        acc = hit_rate(top, cset["labels"][csel])
+        rows.append(Row("intrinsic", lang, key, "candidate teacher", "mlm_acc", acc, int(csel.sum())))
+        pll_rows, msg = _pll_rows(models, key, lang, pll_texts, unit, pll_batch)
+        rows += pll_rows
+        log.info("evaluate %s / %s (candidate): masked acc %.3f (%s masked, own tokenizer), %s, %.1f s", lang, key, acc,
+                 f"{int(csel.sum()):,}", msg, time.monotonic() - t0)
+
+    t0 = time.monotonic()
+    train_lines = list(iter_lines(cfg.languages[lang].train, f"languages.{lang}.train", UNIGRAM_LINES))
+    uni = UnigramBaseline.from_texts(rtok, train_lines)
+    u_acc = uni.accuracy(eset)
+    rows.append(Row("intrinsic", lang, "unigram", "unigram", "mlm_acc", u_acc.value, u_acc.count))
+    u_rows, msg = _pll_summary("unigram", "unigram", lang, sum(uni.log_likelihoods(rtok, pll_texts)), rtok, pll_texts, unit)
+    rows += [r for r in u_rows if r.metric not in ("tokens_scored", f"{unit}s_scored")]
+    log.info("evaluate %s / unigram (%s train lines): masked acc %.3f, %s, %.1f s", lang, f"{len(train_lines):,}", u_acc.value, msg,
+             time.monotonic() - t0)
+    return rows
+
+
+# ---- retrieval -----------------------------------------------------------------------------------
+def retrieval(cfg: RunConfig, models: Models, languages: list[str]) -> list[Row]:
+    e = cfg.eval
+    keyed = {lang: read_keyed(cfg.languages[lang].test, f"languages.{lang}.test") for lang in languages}
+    keyed = {lang: k for lang, k in keyed.items() if len(k) >= MIN_SHARED}
+    pairs = aligned_pairs(keyed, e.retrieval_pairs, e.seed)
+    if not pairs:
+        log.info("evaluate: no language pairs share %d aligned test paragraphs (JSON lines with `key`); no retrieval", MIN_SHARED)
+        return []
+    keys_all = ["student"] + (["baseline"] if models.baseline is not None else [])
+    keys_all += [f"teacher:{t}" for t in dict.fromkeys(t for lang in languages for t in models.teachers_of(lang))]
+    rows: list[Row] = []
+    for key in keys_all:
+        mine = [(a, b) for a, b in pairs if models.knows(key, a) and models.knows(key, b)]
+        if not mine:
+            continue
+        need: dict[str, set[str]] = {}
+        for a, b in mine:
+            need.setdefault(a, set()).update(pairs[(a, b)])
+            need.setdefault(b, set()).update(pairs[(a, b)])
+        emb: dict[str, dict[str, torch.Tensor]] = {}
+        for lang, ks in need.items():
+            t0 = time.monotonic()
+            ks_sorted = sorted(ks)
+            vecs = embed_texts(models.model(key), models.tokenizer(key, lang), [keyed[lang][k] for k in ks_sorted],
+                               models.max_len(key), e.batch_size)
+            emb[lang] = dict(zip(ks_sorted, vecs))
+            log.info("evaluate %s / %s: embedded %s aligned paragraphs, %.1f s", lang, key, f"{len(ks_sorted):,}",
+                     time.monotonic() - t0)
+        role = key if not key.startswith("teacher:") else "teacher"
+        for a, b in mine:
+            ks = pairs[(a, b)]
+            va, vb = torch.stack([emb[a][k] for k in ks]), torch.stack([emb[b][k] for k in ks])
+            rows.append(Row("retrieval", f"{a}->{b}", key, role, "retrieval_acc@1", retrieval_accuracy(va, vb), len(ks)))
+            rows.append(Row("retrieval", f"{b}->{a}", key, role, "retrieval_acc@1", retrieval_accuracy(vb, va), len(ks)))
+        log.info("evaluate retrieval / %s: %d pairs, mean accuracy@1 %.3f", key, len(mine),
+                 sum(r.value for r in rows[-2 * len(mine):]) / (2 * len(mine)))
+    return rows
+
+
+# ---- downstream ----------------------------------------------------------------------------------
+def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
+    e, task = cfg.eval, cfg.eval.downstream[name]
+    order = [lang for lang in cfg.languages]
+    train = {lang: read_examples(task.train[lang], task, f"eval.downstream.{name}.train.{lang}", task.max_train)
+             for lang in order if lang in task.train}
+    test = {lang: read_examples(task.test[lang], task, f"eval.downstream.{name}.test.{lang}", task.max_test)
+            for lang in order if lang in task.test}
+    labels = sorted({lab for exs in train.values() for ex in exs for lab in (ex.label if task.kind == "tag" else [ex.label])})
+    if len(labels) < 2:
+        raise UserError(f"eval.downstream.{name}: the training data has {len(labels)} label(s); a task needs at least two")
+    joiner = lambda lang: "" if lang in e.char_languages else " "  # noqa: E731
+    rows: list[Row] = []
+    for src, exs in train.items():
+        if not exs:
+            log.warning("evaluate: eval.downstream.%s.train.%s has no examples; skipped", name, src)
+            continue
+        for key in models.for_language(src):
+            t0 = time.monotonic()
+            tok = models.tokenizer(key, src)
+            ft = fine_tune(models.model(key), tok, exs, labels, task.kind, task.epochs, task.lr, e.batch_size,
+                           models.max_len(key), e.seed, joiner(src))
+            done = []
+            targets = [src] + ([t for t in test if t != src] if src in task.zero_shot_from else [])
+            for tgt in targets:
+                if tgt not in test or not test[tgt] or not models.knows(key, tgt):
+                    continue
+                if tgt != src and key == "student":  # once per language pair, not once per model
+                    warn = label_mismatch(_labels_of(exs, task.kind), _labels_of(test[tgt], task.kind))
+                    if warn:
+                        log.warning("evaluate: eval.downstream.%s zero-shot %s -> %s: %s", name, src, tgt, warn)
+                acc, n = task_accuracy(ft, models.tokenizer(key, tgt), test[tgt], labels, models.max_len(key), e.batch_size,
+                                       joiner(tgt))
+                metric = f"{name}/acc" if tgt == src else f"{name}/acc_from_{src}"
+                rows.append(Row("downstream", tgt, key, models.role(key, tgt), metric, acc, n))
+                done.append(f"{tgt} {acc:.3f}")
+            log.info("evaluate %s / %s: %s fine-tuned on %s examples (%d epochs): %s, %.1f s", src, key, name, f"{len(exs):,}",
+                     task.epochs, "; ".join(done) or "no test set", time.monotonic() - t0)
+            del ft
+    return rows
+
+
+def _labels_of(examples, kind: str) -> set[str]:
+    return {lab for ex in examples for lab in (ex.label if kind == "tag" else [ex.label])}
+
+
+def label_mismatch(source: set[str], target: set[str]) -> str | None:
+    """Why a zero-shot accuracy from a language trained on `source` labels to a test set with `target`
+    labels may mislead (None when both sets agree): the classifier can predict labels the target never
+    has, and cannot predict labels it never saw."""
+    extra, missing = sorted(source - target), sorted(target - source)
+    parts = []
+    if extra:
+        parts.append(f"the source's labels {', '.join(extra)} never occur in the target's test set")
+    if missing:
+        parts.append(f"the target's labels {', '.join(missing)} were never trained on")
+    if not parts:
+        return None
+    return "; ".join(parts) + " (the zero-shot accuracy counts such predictions as wrong: prefer languages with the same labels)"
+
+
+# ---- the stage -------------------------------------------------------------------------------------
+def autocast(cfg: RunConfig):
+    """Forward passes in bfloat16 when the config asks for it (`eval.dtype: bfloat16`, read only if the
+    config defines that field): measured 2.4x faster for a 256 x 4 model on this project's CPUs
+    (AVX512-BF16), with metrics that move in the third digit. float32 otherwise."""
+    dtype = getattr(cfg.eval, "dtype", "float32")
+    if dtype in ("bfloat16", "bf16"):
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_evaluate(cfg: RunConfig, args) -> Path:
+    """Evaluate, write runs/<run>/eval/ and the model card's Evaluation section; returns the eval folder."""
+    start = time.monotonic()
+    plan = preflight(cfg, args)
+    out = eval_dir(cfg)
+    inputs = inputs_fingerprint(cfg, plan)
+    state = out / "state.json"
+    if state.is_file() and (out / "report.md").is_file() and not getattr(args, "force", False):
+        try:
+            same = read_json(state).get("inputs") == inputs
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            log.info("evaluate: %s is complete for these inputs; skipping (--force redoes it)", out)
+            return out
+    models = Models(cfg, plan.student, plan.baseline)
+    log.info("evaluate: %d languages (%s); models: student%s, teachers %s", len(plan.languages), ", ".join(plan.languages),
+             ", baseline" if plan.baseline else "",
+             ", ".join(dict.fromkeys(t for lang in plan.languages for t in models.teachers_of(lang))))
+    rows: list[Row] = []
+    with autocast(cfg):
+        for lang in plan.languages:
+            rows += intrinsic(cfg, models, plan, lang)
+        if cfg.eval.retrieval:
+            rows += retrieval(cfg, models, plan.languages)
+        for name in cfg.eval.downstream:
+            rows += downstream(cfg, models, name)
+
+    table = Table(rows)
+    seconds = time.monotonic() - start
+    with atomic_dir(out) as tmp:
+        if (out / "tasks").is_dir():
+            shutil.copytree(out / "tasks", tmp / "tasks")
+        write_csv(rows, tmp / "results.csv")
+        plots = write_plots(table, tmp / "plots")
+        (tmp / "report.md").write_text(report_md(table, _header(cfg, plan, seconds), DEFINITIONS, plots), encoding="utf-8")
+        write_json_atomic(tmp / "state.json", {"inputs": inputs, "rows": len(rows), "seconds": round(seconds, 1),
+                                               "mergedistill": __version__})
+    readme = plan.student.folder / "README.md"
+    card = readme.read_text(encoding="utf-8") if readme.is_file() else f"# {cfg.run}\n"
+    write_text_atomic(readme, set_card_section(card, card_md(table, str(out / "report.md"))))
+    log.info("evaluate: %d results in %.0f s; report %s, model card %s", len(rows), time.monotonic() - start,
+             out / "report.md", readme)
+    return out
+
+
+def _header(cfg: RunConfig, plan: Plan, seconds: float) -> str:
+    e = cfg.eval
+    base = f"`{plan.baseline.folder}`" if plan.baseline else "none (no baseline export, or eval.baseline: false)"
+    return "\n".join([
+        f"# Evaluation: {cfg.run}",
+        "",
+        f"- student: `{plan.student.folder}`; MLM-only baseline: {base}",
+        f"- vocabulary `{plan.vrec['vocab']}`; languages and teachers: "
+        + "; ".join(f"{lang} -> {', '.join(teachers_of(cfg, lang))}" for lang in plan.languages),
+        f"- test lines per language (a seeded random sample spread over the split): {e.max_lines if e.max_lines is not None else 'all'} for masked accuracy "
+        f"(mask rate {e.mask_prob}, seed {e.seed}), {e.pll_lines} for PLL; "
+        f"per-char languages: {', '.join(e.char_languages) or 'none'}",
+        f"- {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {seconds:.0f} s, mergedistill {__version__}",
+    ])

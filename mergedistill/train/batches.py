@@ -1,0 +1,164 @@
+"""Training batches from the data stage's shards, with language sampling.
+
+Batch b of the whole run is a pure function of (seed, b): its languages are drawn with
+p(lang) ~ size(lang)^sampling_alpha and its sequences uniformly within each language. So resuming at
+step s gives the same next batch as an uninterrupted run, and with several ranks the global batch is
+the same as on one process: rank r takes rows r, r + world, ... of it and reads only those rows from
+the memory-mapped shards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mergedistill.data.shards import open_shard
+from mergedistill.vocab.joint import PAD_ID
+
+
+def sampling_probs(sizes: dict[str, int], alpha: float) -> dict[str, float]:
+    """p(lang) proportional to size^alpha (alpha = 1: proportional to data; 0: uniform)."""
+    w = {k: float(v) ** alpha for k, v in sizes.items() if v > 0}
+    z = sum(w.values())
+    return {k: v / z for k, v in w.items()}
+
+
+class LanguageShards:
+    """The rows of one language's shards (one split) as one indexable, memory-mapped sequence."""
+
+    def __init__(self, paths: list[Path], vocab_fp: str, k: int):
+        self.sets = [open_shard(p, expect_vocab=vocab_fp).with_format("numpy") for p in paths]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sets])
+        self.k = k
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        s = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.sets[s][int(i - self.offsets[s])]
+
+
+@dataclass
+class Batch:
+    """A collated batch. N = masked positions in the batch, k = teacher predictions per position."""
+    input_ids: torch.Tensor  # (B, L) long
+    attention_mask: torch.Tensor  # (B, L) long
+    selected: torch.Tensor  # (B, L) bool: masked positions, row-major order = the order of N
+    labels: torch.Tensor  # (N,) gold student ids
+    topk_ids: torch.Tensor  # (N, k) long
+    topk_logits: torch.Tensor  # (N, k) float
+    lang: torch.Tensor  # (N,) language index of each masked position
+    seq_lang: torch.Tensor  # (B,) language index of each sequence
+
+    def to(self, device) -> "Batch":
+        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def collate(rows: list[dict], langs: list[int], k: int) -> Batch:
+    width = max(len(r["input_ids"]) for r in rows)
+    b = len(rows)
+    ids = torch.full((b, width), PAD_ID, dtype=torch.long)
+    att = torch.zeros((b, width), dtype=torch.long)
+    sel = torch.zeros((b, width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.from_numpy(r["input_ids"].astype(np.int64))
+        att[i, :n] = 1
+        sel[i, torch.from_numpy(r["positions"].astype(np.int64))] = True
+    labels = torch.from_numpy(np.concatenate([r["labels"] for r in rows]).astype(np.int64))
+    topk_ids = torch.from_numpy(np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64)).view(-1, k)
+    topk_logits = torch.from_numpy(np.concatenate([r["topk_logits"] for r in rows]).astype(np.float32)).view(-1, k)
+    lang = torch.from_numpy(np.concatenate([np.full(len(r["positions"]), li) for r, li in zip(rows, langs)]).astype(np.int64))
+    return Batch(ids, att, sel, labels, topk_ids, topk_logits, lang, torch.tensor(langs, dtype=torch.long))
+
+
+class SampledBatches(torch.utils.data.IterableDataset):
+    """Endless training batches for one rank. Iteration starts at micro-batch `start()`, read when
+    iteration begins (after a resumed run's step counter is restored)."""
+
+    def __init__(self, sources: dict[str, LanguageShards], probs: dict[str, float], global_batch: int,
+                 rank: int, world: int, seed: int, k: int, start=lambda: 0):
+        super().__init__()
+        self.langs = list(probs)
+        self.sources = sources
+        self.p = np.array([probs[lang] for lang in self.langs])
+        self.sizes = np.array([len(sources[lang]) for lang in self.langs])
+        self.global_batch, self.rank, self.world, self.seed, self.k = global_batch, rank, world, seed, k
+        self.start = start
+
+    def draw(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Languages and row indices of global batch b (all ranks draw the same)."""
+        rng = np.random.default_rng([self.seed, b])
+        lang = rng.choice(len(self.langs), size=self.global_batch, p=self.p)
+        row = (rng.random(self.global_batch) * self.sizes[lang]).astype(np.int64)
+        return lang, row
+
+    def batch(self, b: int) -> Batch:
+        lang, row = self.draw(b)
+        mine = slice(self.rank, None, self.world)
+        rows = [self.sources[self.langs[li]][int(ri)] for li, ri in zip(lang[mine], row[mine])]
+        return collate(rows, lang[mine].tolist(), self.k)
+
+    def __iter__(self):
+        b = int(self.start())
+        while True:
+            yield self.batch(b)
+            b += 1
+
+
+class ValidationBatches(torch.utils.data.Dataset):
+    """The first `limit` sequences of each language, in order, in single-language batches."""
+
+    def __init__(self, sources: dict[str, LanguageShards], languages: list[str], batch_size: int, limit: int, k: int):
+        self.sources, self.languages, self.k = sources, languages, k
+        self.items: list[tuple[str, int, int]] = []  # (language, first row, last row + 1)
+        for lang, src in sources.items():
+            n = min(len(src), limit)
+            self.items += [(lang, i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Batch:
+        lang, a, b = self.items[i]
+        rows = [self.sources[lang][j] for j in range(a, b)]
+        return collate(rows, [self.languages.index(lang)] * len(rows), self.k)
+
+
+def log_unigram_prior(counts: Sequence[torch.Tensor], probs: Sequence[float] | None = None) -> torch.Tensor:
+    """(V,) add-one-smoothed log unigram probabilities from per-group token counts ((V,) each). With
+    `probs`, each group's frequencies are weighted as the sampler weighs the group (pseudo-counts with
+    that mixture and the real total); without, the counts are pooled."""
+    counts = [c.double() for c in counts]
+    total = float(sum(c.sum() for c in counts))
+    if probs is None:
+        mix = torch.stack(counts).sum(0)
+    else:
+        mix = torch.stack([p * c / max(float(c.sum()), 1.0) for c, p in zip(counts, probs)]).sum(0)
+        if mix.sum() > 0:
+            mix = mix / mix.sum() * total
+    return torch.log((mix + 1.0) / (total + counts[0].shape[0]))
+
+
+def unigram_log_probs(sources: dict[str, "LanguageShards"], probs: dict[str, float], vocab_size: int,
+                      max_rows: int = 20_000) -> torch.Tensor:
+    """(V,) log frequencies of the gold tokens at masked positions (what the MLM head predicts): per
+    language from its first `max_rows` sequences, the languages mixed with the sampling probabilities
+    `probs` (`log_unigram_prior`)."""
+    counts = []
+    for src in sources.values():
+        c = torch.zeros(vocab_size, dtype=torch.float64)
+        left = max_rows
+        for shard in src.sets:
+            n = min(len(shard), left)
+            if n <= 0:
+                break
+            left -= n
+            flat = np.concatenate(list(shard[:n]["labels"])).astype(np.int64)
+            c += torch.from_numpy(np.bincount(flat, minlength=vocab_size)[:vocab_size]).double()
+        counts.append(c)
+    return log_unigram_prior(counts, [probs.get(lang, 0.0) for lang in sources])

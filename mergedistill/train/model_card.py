@@ -1,0 +1,66 @@
+"""The exported student's README: what it was distilled from, on what, how, and how well."""
+from __future__ import annotations
+
+from mergedistill.config import RunConfig
+
+
+def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str], metrics: dict, init_info: dict,
+               results_md: str | None = None) -> str:
+    t, s = cfg.train, cfg.student
+    first = languages[0]
+    tok_dir = f"tokenizers/{cfg.teacher_of(first)}"
+    rows = []
+    for lang in languages:
+        sp = manifest["languages"][lang]["splits"]
+        tr = sp.get("train", {})
+        rows.append(f"| {lang} | {cfg.teacher_of(lang)} | `tokenizers/{cfg.teacher_of(lang)}` | {tr.get('lines', 0):,} | "
+                    f"{tr.get('corpus_tokens', 0):,} | {_m(metrics, f'val/{lang}/acc')} | {_m(metrics, f'val/{lang}/agree')} |")
+    teachers = "\n".join(f"| {n} | `{cfg.teachers[n].path}` | {', '.join(cfg.languages_of(n)) or '-'} |" for n in cfg.teachers)
+    lines = [
+        f"# {cfg.run}: a multilingual student distilled with mergedistill",
+        "",
+        f"A BERT masked LM ({s.layers} layers, hidden {s.hidden}, {s.heads} heads, vocabulary {vrec['size']:,}) distilled "
+        f"from {len(cfg.teachers)} teachers by task-agnostic knowledge distillation (MergeDistill, Khanuja et al., "
+        "Findings of ACL 2021): each language learns from the teacher routed to it, through one joint vocabulary.",
+        "",
+        "## Use it",
+        "",
+        "Text must be tokenized with the tokenizer of the teacher that served its language (`languages.json` says which); "
+        "those tokenizers emit the student's ids.",
+        "",
+        "```python",
+        "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline",
+        "",
+        "model = AutoModelForMaskedLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"PATH_TO_THIS_FOLDER/{tok_dir}\")  # language '{first}'",
+        "fill = pipeline(\"fill-mask\", model=model, tokenizer=tokenizer)",
+        "print(fill(f\"... {tokenizer.mask_token} ...\"))",
+        "```",
+        "",
+        "## Teachers and routing",
+        "",
+        "| teacher | source | languages |",
+        "|---|---|---|",
+        teachers,
+        "",
+        "| language | teacher | tokenizer | train lines | train tokens | valid accuracy | valid agreement with teacher |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "## Training",
+        "",
+        f"- loss: {t.alpha} x KD (top-{manifest['k']} teacher predictions, temperature {t.temperature}) + {1 - t.alpha:g} x MLM, at masked positions",
+        f"- {t.max_steps} steps of {t.batch_size} sequences per device (x{t.grad_accum} accumulation), lr {t.lr}, "
+        f"warmup {t.warmup_steps}, weight decay {t.weight_decay}, clipping {t.grad_clip}",
+        f"- language sampling exponent {t.sampling_alpha}; masking {manifest['masking']}",
+        f"- initialisation: {init_info}",
+        f"- vocabulary fingerprint `{vrec['vocab']}`",
+        "",
+    ]
+    if results_md:
+        lines += ["## Evaluation", "", results_md, ""]
+    return "\n".join(lines)
+
+
+def _m(metrics: dict, key: str) -> str:
+    return f"{metrics[key]:.3f}" if key in metrics else "-"

@@ -1,0 +1,102 @@
+"""The LightningModule: wires the student, the batches and the pure losses together; one shared step
+function for training and validation, metrics through `self.log`."""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from mergedistill.config import RunConfig
+from mergedistill.train.losses import distill_loss
+from mergedistill.mlm_models import masked_logits
+from mergedistill.train.batches import Batch
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf: training stops; the last checkpoint written before stays good."""
+
+
+def warmup_linear(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup` steps, then linear decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class DistillModule(L.LightningModule):
+    def __init__(self, cfg: RunConfig, student, languages: list[str], online=None):
+        super().__init__()
+        self.cfg, self.student, self.languages = cfg, student, languages
+        self.online = online  # an OnlineTeachers for online KD (teachers run inside the step), or None
+        self._t0: float | None = None
+
+    # ---- the shared step -----------------------------------------------------------------------
+    def _step(self, batch: Batch, stage: str) -> torch.Tensor:
+        t = self.cfg.train
+        if self.online is not None and stage == "train":
+            batch = self.online.predict(batch)
+        logits = masked_logits(self.student, batch.input_ids, batch.attention_mask, batch.selected)  # (N, V)
+        parts = distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
+        n = batch.labels.numel()
+        per_pos = parts["mlm_per_position"]  # (N,)
+        with torch.no_grad():
+            top1 = logits.argmax(-1)
+            correct = (top1 == batch.labels).float()
+            agree = (top1 == batch.topk_ids[:, 0]).float()
+        sync = True  # means over ranks: a DDP run logs the same curve as one process with the global batch
+        self.log(f"{stage}/loss", parts["loss"], batch_size=n, sync_dist=sync, prog_bar=True)
+        self.log(f"{stage}/mlm_loss", parts["mlm"], batch_size=n, sync_dist=sync)
+        self.log(f"{stage}/kd_loss", parts["kd"], batch_size=n, sync_dist=sync)
+        self.log(f"{stage}/acc", correct.mean(), batch_size=n, sync_dist=sync)
+        self.log(f"{stage}/agree", agree.mean(), batch_size=n, sync_dist=sync)
+        # Per-language figures: a language may be absent from one rank's part of a training batch, and
+        # a synced log must be called by every rank alike, so these stay rank-local in training.
+        # Validation batches are the same on every rank: synced there.
+        lang_sync = stage != "train"
+        for li, lang in enumerate(self.languages):
+            here = batch.lang == li
+            m = int(here.sum())
+            if m == 0:
+                continue
+            self.log(f"{stage}/{lang}/mlm_loss", per_pos[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
+            self.log(f"{stage}/{lang}/acc", correct[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
+            if stage != "train":
+                self.log(f"{stage}/{lang}/agree", agree[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
+        return parts["loss"]
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):
+            langs = sorted({self.languages[i] for i in batch.seq_lang.tolist()})
+            raise NonFiniteLoss(
+                f"train: the loss became {loss.item()} at step {self.global_step} (batch languages: {', '.join(langs)}); "
+                "training stopped and the last checkpoint is the last good state. Lower train.lr, raise "
+                "train.warmup_steps or use precision 32, then continue with --resume"
+            )
+        tokens = int(batch.attention_mask.sum())
+        now = time.perf_counter()
+        if self._t0 is not None:
+            self.log("train/tokens_per_s", tokens / max(now - self._t0, 1e-9), batch_size=1)
+        self._t0 = now
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step(batch, "val")
+
+    # ---- exact resumption: the random state (dropout) of step s is a function of (seed, s, rank), like
+    # its batch, so a resumed run draws exactly what the uninterrupted one would have
+    def on_train_batch_start(self, batch, batch_idx):
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        torch.manual_seed(((self.cfg.train.seed * 1_000_003 + self.global_step) * 64 + micro) * 1009 + self.global_rank)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        t = self.cfg.train
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear(s, t.warmup_steps, t.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,286 @@
+"""`mergedistill train`: Lightning training of the student on the data stage's shards.
+
+Output: runs/<run>/train/{checkpoints/, logs/, export/}. `--resume` continues from checkpoints/last.ckpt
+with the data position restored (batch b is a pure function of the seed and b, see train_data.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from mergedistill import __version__
+from mergedistill.config import RunConfig
+from mergedistill.configlib import to_dict
+from mergedistill.data.stage import data_dir, load_manifest
+from mergedistill.errors import UserError
+from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic
+from mergedistill.train.module import DistillModule, NonFiniteLoss
+from mergedistill.train.student import build_student
+from mergedistill.teachers import load_all_tokenizers, load_teacher_model
+from mergedistill.train.batches import Batch, LanguageShards, SampledBatches, ValidationBatches, sampling_probs
+from mergedistill.vocab.stage import load_vocab
+
+log = logging.getLogger(__name__)
+
+
+def train_dir(cfg: RunConfig, baseline: bool = False) -> Path:
+    """runs/<run>/train (the distilled student) or runs/<run>/baseline (the MLM-only student)."""
+    return cfg.run_dir / ("baseline" if baseline else "train")
+
+
+class ShardDataModule(L.LightningDataModule):
+    def __init__(self, cfg: RunConfig, manifest: dict, vocab_fp: str, languages: list[str], val_sequences: int = 256):
+        super().__init__()
+        self.cfg, self.manifest, self.vocab_fp, self.languages, self.val_sequences = cfg, manifest, vocab_fp, languages, val_sequences
+        self.train_ds: SampledBatches | None = None
+
+    def _sources(self, split: str) -> dict[str, LanguageShards]:
+        out = {}
+        for lang in self.languages:
+            entry = self.manifest["languages"][lang]["splits"].get(split)
+            if entry and entry["sequences"] > 0:
+                out[lang] = LanguageShards([data_dir(self.cfg) / p for p in entry["shards"]], self.vocab_fp, self.manifest["k"])
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        return {lang: self.manifest["languages"][lang]["splits"]["train"]["tokens"] for lang in self.languages}
+
+    def setup(self, stage: str) -> None:
+        self.train_sources = self._sources("train")
+        self.val_sources = self._sources("valid")
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch.to(device) if isinstance(batch, Batch) else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def train_dataloader(self):
+        t = self.cfg.train
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        probs = sampling_probs(self.sizes(), t.sampling_alpha)
+        trainer = self.trainer
+        # micro-batch to start from: 0, or where a resumed run stopped (its step is restored by now)
+        start = lambda: trainer.global_step * trainer.accumulate_grad_batches  # noqa: E731
+        self.train_ds = SampledBatches(self.train_sources, probs, t.batch_size * world, rank, world, t.seed, self.manifest["k"], start)
+        return torch.utils.data.DataLoader(self.train_ds, batch_size=None)
+
+    def val_dataloader(self):
+        ds = ValidationBatches(self.val_sources, self.languages, self.cfg.train.batch_size, self.val_sequences, self.manifest["k"])
+        return torch.utils.data.DataLoader(ds, batch_size=None) if len(ds) else []
+
+
+class _Progress(L.Callback):
+    """One line per interval (progress bars do not show in logs or CI)."""
+
+    def __init__(self, every_s: float = 20.0):
+        self.every_s, self.last, self.start = every_s, 0.0, 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = self.last = time.monotonic()
+        self.step0 = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.monotonic()
+        if now - self.last < self.every_s or trainer.global_rank != 0:
+            return
+        self.last = now
+        m = trainer.callback_metrics
+        done = trainer.global_step - self.step0
+        rate = done / max(now - self.start, 1e-9)
+        eta = (trainer.max_steps - trainer.global_step) / max(rate, 1e-9)
+        log.info("train: step %d/%d, loss %.3f, %s tokens/s, %.1f steps/s, ETA %.0f s", trainer.global_step, trainer.max_steps,
+                 float(m.get("train/loss", float("nan"))), f"{float(m.get('train/tokens_per_s', 0)):,.0f}", rate, eta)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_rank == 0 and not trainer.sanity_checking:
+            m = trainer.callback_metrics
+            log.info("train: step %d validation: loss %.3f, accuracy %.3f, agreement with teachers %.3f", trainer.global_step,
+                     float(m.get("val/loss", float("nan"))), float(m.get("val/acc", float("nan"))), float(m.get("val/agree", float("nan"))))
+
+
+def _precision(cfg: RunConfig) -> str:
+    p = cfg.train.precision
+    if p != "auto":
+        return p
+    gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def _loggers(cfg: RunConfig, out: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    kind = cfg.train.logger
+    csv_logger = CSVLogger(out, name="logs")  # version_0, version_1 (after --resume), ...: see read_metrics
+    if kind == "tensorboard":
+        return [csv_logger, TensorBoardLogger(out, name="tensorboard")]
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        return [csv_logger, WandbLogger(project="mergedistill", name=cfg.run, save_dir=str(out), offline=offline)]
+    return [csv_logger]
+
+
+def read_metrics(train_out: Path) -> list[dict]:
+    """All logged rows of a training run, across resumed attempts (logs/version_*/metrics.csv), by
+    step; a later attempt's rows replace an earlier one's for the steps they both logged."""
+    import csv
+
+    rows: list[dict] = []
+    versions = sorted((train_out / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    for v in versions:
+        f = v / "metrics.csv"
+        if not f.is_file():
+            continue
+        with open(f, newline="") as fh:
+            new = list(csv.DictReader(fh))
+        if new:
+            first = min(int(r["step"]) for r in new)
+            rows = [r for r in rows if int(r["step"]) < first] + new
+    return rows
+
+
+@torch.no_grad()
+def init_output_bias(student, dm: "ShardDataModule", sampling_alpha: float) -> str:
+    """Set the student's MLM output bias to the log unigram frequencies of the training shards."""
+    from mergedistill.train.batches import unigram_log_probs
+
+    bias = student.get_output_embeddings().bias
+    sources = dm._sources("train")
+    probs = sampling_probs({lang: dm.sizes()[lang] for lang in sources}, sampling_alpha)
+    bias.copy_(unigram_log_probs(sources, probs, bias.shape[0]).to(bias.dtype))
+    return "log unigram frequencies of the training shards"
+
+
+def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillModule, dict]:
+    cache: dict = {}
+
+    def teacher(name):
+        if name not in cache:
+            cache[name] = load_teacher_model(name, cfg.teachers[name])
+        return cache[name]
+
+    student, info = build_student(cfg, vocab, teacher)
+    online = None
+    if cfg.train.mode == "online" and cfg.train.alpha > 0:
+        from mergedistill.train.online import OnlineTeachers
+
+        toks = load_all_tokenizers(cfg)
+        routed = {cfg.teacher_of(lang) for lang in languages}
+        online = OnlineTeachers(vocab, {n: teacher(n) for n in routed}, {lang: cfg.teacher_of(lang) for lang in languages},
+                                languages, cfg.data.mask_prob, cfg.data.top_k, cfg.train.seed, {n: toks[n].special_ids() for n in routed})
+    return DistillModule(cfg, student, languages, online=online), info
+
+
+def _is_launcher() -> bool:
+    """False in the worker processes Lightning's DDP launcher starts (they rerun this command): the
+    checks, clean-up and state files belong to the process the user started."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def run_train(cfg: RunConfig, args) -> Path:
+    """Train the student (or, with --baseline, the MLM-only baseline: same size, data and steps, but
+    nothing from any teacher: alpha 0, random initialisation, no embedding rows copied) and export it."""
+    start = time.monotonic()
+    baseline = bool(getattr(args, "baseline", False))
+    if baseline:
+        cfg.train.alpha, cfg.train.mode = 0.0, "offline"
+        cfg.student.init, cfg.student.embeddings_from_teachers = "random", False
+        cfg.student.init_output_bias = True  # token frequencies come from the data, not from a teacher
+    vocab, vrec = load_vocab(cfg)
+    manifest = load_manifest(cfg, vrec["vocab"])
+    languages = [lang for lang in cfg.languages if lang in manifest["languages"]]
+    missing = [lang for lang in cfg.languages if lang not in manifest["languages"]]
+    if missing:
+        raise UserError(f"train: no shards for {', '.join(missing)}; rerun `mergedistill data`")
+    out = train_dir(cfg, baseline)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    export = out / "export"
+    state_path = out / "state.json"
+    inputs = {"vocab": vrec["vocab"], "data": {lang: manifest["languages"][lang]["inputs"] for lang in languages},
+              "student": to_dict(cfg.student), "train": {k: v for k, v in to_dict(cfg.train).items()
+                                                         if k not in ("devices", "accelerator", "strategy", "num_nodes", "logger")}}
+    force, resume = getattr(args, "force", False), getattr(args, "resume", False)
+    if _is_launcher():
+        if state_path.is_file() and (export / "config.json").is_file() and not force:
+            if read_json(state_path).get("inputs") == inputs:
+                log.info("train: %s is complete for these inputs; skipping (--force retrains)", export)
+                return export
+        if force and out.exists():
+            shutil.rmtree(out)
+        if last.is_file():
+            prev = read_json(state_path).get("inputs") if state_path.is_file() else None
+            if prev is not None and prev != inputs:
+                # Never continue a checkpoint trained with other settings (it would be exported as if
+                # trained with these). `run` and `ablate` start over; an explicit --resume is refused.
+                if getattr(args, "restart_changed", False):
+                    log.info("train: the settings changed since %s was written; starting over", last)
+                    shutil.rmtree(out)
+                else:
+                    raise UserError(f"train: {last} belongs to a run with other settings; pass --force to start over")
+            elif not resume:
+                raise UserError(f"train: {last} exists from an earlier run; pass --resume to continue it or --force to start over")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(state_path, {"inputs": inputs, "status": "training"})
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    t = cfg.train
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    module, init_info = make_module(cfg, vocab, languages)
+    dm = ShardDataModule(cfg, manifest, vrec["vocab"], languages)
+    if cfg.student.init_output_bias and not (resume and last.is_file()):
+        init_info["output_bias"] = init_output_bias(module.student, dm, t.sampling_alpha)
+    has_val = any("valid" in manifest["languages"][lang]["splits"] for lang in languages)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", save_last=True, save_top_k=1 if has_val else 0,
+                           monitor="val/loss" if has_val else None, mode="min", every_n_train_steps=t.val_every)
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=_precision(cfg),
+        max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum, gradient_clip_val=t.grad_clip or None,
+        val_check_interval=t.val_every * t.grad_accum if has_val else None, check_val_every_n_epoch=None,
+        num_sanity_val_steps=0, logger=_loggers(cfg, out), callbacks=[ckpt, _Progress()],
+        default_root_dir=str(out), enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+        log_every_n_steps=min(10, t.val_every), use_distributed_sampler=False, limit_val_batches=None if has_val else 0,
+    )
+    log.info("train: %d languages (%s), sampling %s; student %d layers x %d, %s parameters; %s",
+             len(languages), ", ".join(languages),
+             ", ".join(f"{k} {v:.2f}" for k, v in sampling_probs(dm.sizes(), t.sampling_alpha).items()),
+             cfg.student.layers, cfg.student.hidden, f"{sum(p.numel() for p in module.student.parameters()):,}",
+             f"init {init_info}")
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+    except NonFiniteLoss as e:
+        raise UserError(str(e) + (f" ({last})" if last.is_file() else "")) from None
+    if trainer.global_rank != 0:
+        return export
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    export_student(cfg, module.student, vrec, manifest, languages, metrics, init_info, ckpt.best_model_path, out / "export")
+    write_json_atomic(state_path, {"inputs": inputs, "status": "done", "steps": trainer.global_step, "val": metrics,
+                                   "seconds": time.monotonic() - start})
+    log.info("train: %d steps in %.0f s; exported to %s", trainer.global_step, time.monotonic() - start, export)
+    return export
+
+
+def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
+                   init_info: dict, best: str | None, out: Path) -> Path:
+    """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
+    tokenizers, languages.json (language -> tokenizer folder) and a README model card."""
+    from mergedistill.train.model_card import model_card
+
+    routing = {lang: cfg.teacher_of(lang) for lang in languages}
+    with atomic_dir(out) as tmp:
+        student.save_pretrained(str(tmp), safe_serialization=True)
+        for name in sorted(set(routing.values())):
+            shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
+        (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info), encoding="utf-8")
+        write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,
+                                                      "best_checkpoint": best or None})
+    return out

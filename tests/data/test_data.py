@@ -1,0 +1,373 @@
+"""The data stage on tiny teachers: shards checked against a full teacher forward, mapping, masking,
+pruning, fingerprints, resumption and parallel equality."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from conftest import SENTENCES, in_dir, make_config
+from mergedistill.cli import main
+from mergedistill.config import load_config
+from mergedistill.data.stage import ShardBuilder, load_manifest
+from mergedistill.errors import UserError
+from mergedistill.data.shards import open_shard
+from mergedistill.data.topk import topk_at_masked, topk_naive
+from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from mergedistill.vocab.stage import load_vocab
+
+ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe", "zh": "spbpe", "ja": "multi"}
+DATA = {"seq_len": 32, "shard_lines": 10, "splits": ["train"], "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data-corpora")
+    out = {}
+    for lang, sents in SENTENCES.items():
+        p = root / f"{lang}.txt"
+        # vary the lines so sequences differ in length and content
+        lines = [f"{s} {' '.join(sents[(i + 1) % len(sents)].split()[: i % 5])}" for i, s in enumerate(sents * 8)]
+        p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out[lang] = p
+    return out
+
+
+def build(workdir: Path, teachers, corpora, extra=(), **sections):
+    sections.setdefault("data", DATA)
+    cfg_path = make_config(workdir / "c.yaml", teachers, corpora, ROUTING, **sections)
+    assert main(["vocab", "--config", str(cfg_path)]) == 0
+    assert main(["data", "--config", str(cfg_path), *extra]) == 0
+    return load_config(cfg_path)
+
+
+def shards_of(workdir: Path, lang: str, split: str = "train") -> list[Path]:
+    return sorted((workdir / "runs/t/data" / lang / split).glob("shard-*.arrow"))
+
+
+def read_all(workdir: Path) -> dict[str, list[dict]]:
+    out = {}
+    for lang in ROUTING:
+        rows = []
+        for p in shards_of(workdir, lang):
+            rows += list(open_shard(p).with_format("numpy"))
+        out[lang] = rows
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_teachers, corpora):
+    work = tmp_path_factory.mktemp("data-build")
+    with in_dir(work):
+        cfg = build(work, tiny_teachers, corpora)
+    return work, cfg
+
+
+@pytest.fixture
+def here(built, monkeypatch):
+    """The module's shared build, with the current directory set to it (outputs are cwd-relative)."""
+    monkeypatch.chdir(built[0])
+    return built
+
+
+def _inverse(idmap: np.ndarray, size: int) -> np.ndarray:
+    inv = np.full(size, -1, dtype=np.int64)
+    inv[idmap[idmap >= 0]] = np.flatnonzero(idmap >= 0)
+    return inv
+
+
+@pytest.mark.parametrize("lang", list(ROUTING))
+def test_shards_hold_the_full_forward_top_k_in_student_ids(here, tiny_teachers, lang):
+    """Rebuild each sequence's teacher input from the shard, run the whole teacher (every position,
+    full logits) and compare its top-k at the masked positions, mapped to student ids."""
+    work, cfg = here
+    name = ROUTING[lang]
+    vocab, _ = load_vocab(cfg)
+    inv = _inverse(vocab.idmaps[name], vocab.size)
+    model = AutoModelForMaskedLM.from_pretrained(str(tiny_teachers[name])).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    specials = {tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id}
+    rows = read_all(work)[lang]
+    assert rows
+    for row in rows:
+        t_in = torch.from_numpy(inv[row["input_ids"]])[None]  # (1, L) teacher ids
+        assert (t_in >= 0).all()
+        with torch.no_grad():
+            logits = model(input_ids=t_in).logits[0, row["positions"]]  # (M, V)
+        logits[:, sorted(specials)] = float("-inf")
+        ref_val, ref_ids = logits.topk(cfg.data.top_k, dim=-1)
+        got_ids = row["topk_ids"].reshape(-1, cfg.data.top_k)
+        got_val = row["topk_logits"].reshape(-1, cfg.data.top_k)
+        assert (got_ids == vocab.idmaps[name][ref_ids.numpy()]).all()
+        np.testing.assert_allclose(got_val, ref_val.numpy(), rtol=2e-3, atol=2e-3)  # stored as float16
+
+
+@pytest.mark.parametrize("lang", ["de", "ru", "fr", "zh"])
+def test_unmasked_inputs_are_the_student_tokenizer_ids_of_the_packed_lines(here, corpora, lang):
+    work, cfg = here
+    student = AutoTokenizer.from_pretrained(str(work / "vocab/t/tokenizers" / ROUTING[lang]))
+    lines = [x.strip() for x in corpora[lang].read_text(encoding="utf-8").splitlines() if x.strip()]  # as the stage reads them
+    room = cfg.data.seq_len - 2  # a line longer than a sequence is split; every piece ends in [SEP]
+    expected = []
+    for line in lines:
+        ids = student(line, add_special_tokens=False)["input_ids"]
+        for i in range(0, len(ids), room):
+            expected += ids[i:i + room] + [SEP_ID]
+    got = []
+    for row in read_all(work)[lang]:
+        ids = row["input_ids"].astype(np.int64).copy()
+        ids[row["positions"]] = row["labels"]
+        assert ids[0] == CLS_ID and ids[-1] == SEP_ID
+        got += ids[1:].tolist()
+    assert got == expected
+
+
+def test_masking_statistics(here):
+    work, cfg = here
+    rows = [r for rs in read_all(work).values() for r in rs]
+    eligible = masked = as_mask = kept = 0
+    for r in rows:
+        ids = r["input_ids"]
+        pos = r["positions"]
+        n_eligible = int(np.isin(ids, [CLS_ID, SEP_ID, PAD_ID], invert=True).sum())
+        assert len(pos) == max(1, round(cfg.data.mask_prob * n_eligible))  # exact per sequence
+        assert not np.isin(r["labels"], [CLS_ID, SEP_ID, PAD_ID, MASK_ID]).any(), "a special token was masked"
+        assert (np.diff(pos) > 0).all()
+        eligible += n_eligible
+        masked += len(pos)
+        as_mask += int((ids[pos] == MASK_ID).sum())
+        kept += int((ids[pos] == r["labels"]).sum())
+    assert abs(masked / eligible - cfg.data.mask_prob) < 0.03
+    assert 0.7 < as_mask / masked < 0.9 and 0.05 < kept / masked < 0.2
+
+
+@pytest.mark.parametrize("name", ["wp", "uni", "spbpe", "bbpe"])
+def test_fast_path_equals_reference_on_each_family(tiny_teachers, name):
+    model = AutoModelForMaskedLM.from_pretrained(str(tiny_teachers[name])).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, model.config.vocab_size, (3, 17), generator=g)
+    att = torch.ones_like(ids)
+    att[1, 12:] = 0
+    sel = torch.rand(ids.shape, generator=g) < 0.3
+    sel &= att.bool()
+    allowed = torch.rand(model.config.vocab_size, generator=g) < 0.7
+    a_ids, a_val = topk_at_masked(model, ids, att, sel, 5, allowed)
+    b_ids, b_val = topk_naive(model, ids, att, sel, 5, allowed)
+    assert a_ids.shape == (int(sel.sum()), 5)
+    assert torch.equal(a_ids, b_ids)
+    torch.testing.assert_close(a_val, b_val, rtol=1e-5, atol=1e-5)
+    assert allowed[a_ids].all()
+
+
+def test_pruned_tokens_are_dropped_from_teacher_predictions(workdir, tiny_teachers, corpora):
+    cfg = build(workdir, tiny_teachers, corpora, vocab={"prune": True, "keep_single_chars": False})
+    vocab, _ = load_vocab(cfg)
+    name, lang = "multi", "ja"  # the multilingual teacher on one language: most of its vocabulary is pruned
+    idmap = vocab.idmaps[name]
+    assert (idmap < 0).sum() > 50
+    inv = _inverse(idmap, vocab.size)
+    model = AutoModelForMaskedLM.from_pretrained(str(tiny_teachers[name])).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    allowed = torch.from_numpy(idmap >= 0)
+    allowed[[tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id]] = False
+    pruned_best = 0
+    for row in read_all(workdir)[lang]:
+        got = row["topk_ids"].reshape(-1, cfg.data.top_k)
+        assert (inv[got] >= 0).all(), "a stored prediction is not a kept token of the teacher"
+        t_in = torch.from_numpy(inv[row["input_ids"]])[None]
+        with torch.no_grad():
+            logits = model(input_ids=t_in).logits[0, row["positions"]]
+        pruned_best += int((~allowed[logits.argmax(-1)]).sum())
+        ref = logits.masked_fill(~allowed, float("-inf")).topk(cfg.data.top_k, dim=-1)
+        assert (got == idmap[ref.indices.numpy()]).all()
+        np.testing.assert_allclose(row["topk_logits"].reshape(-1, cfg.data.top_k), ref.values.numpy(), rtol=2e-3, atol=2e-3)
+    assert pruned_best > 0, "the test needs positions where the teacher's favourite token was pruned"
+
+
+def test_shards_refuse_another_vocabulary(workdir, tiny_teachers, corpora):
+    cfg = build(workdir, tiny_teachers, corpora)
+    _, old = load_vocab(cfg)
+    shard = shards_of(workdir, "de")[0]
+    # a different vocabulary for the same run (pruned now): old shards and manifest are refused
+    cfg2 = make_config(workdir / "c.yaml", tiny_teachers, corpora, ROUTING, data=DATA, vocab={"prune": True})
+    assert main(["vocab", "--config", str(cfg2)]) == 0
+    _, new = load_vocab(load_config(cfg2))
+    assert new["vocab"] != old["vocab"]
+    with pytest.raises(UserError, match="rerun `mergedistill data`"):
+        load_manifest(load_config(cfg2), new["vocab"])
+    with pytest.raises(UserError, match="built for vocabulary"):
+        open_shard(shard, expect_vocab=new["vocab"])
+    # and the data stage rebuilds them for the new vocabulary
+    assert main(["data", "--config", str(cfg2)]) == 0
+    assert load_manifest(load_config(cfg2), new["vocab"])["vocab"] == new["vocab"]
+
+
+def _shard_bytes(workdir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(workdir / "runs/t/data")): p.read_bytes() for p in sorted((workdir / "runs/t/data").rglob("shard-*.arrow"))}
+
+
+def test_resume_after_a_crash_gives_identical_shards(built, tmp_path, tiny_teachers, corpora, monkeypatch):
+    ref, crash = built[0], tmp_path / "crash"  # the module's build: the same config, uninterrupted
+    crash.mkdir()
+    monkeypatch.chdir(crash)
+    real = ShardBuilder.build
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt  # as if killed mid-run
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ShardBuilder, "build", dying)
+    cfg_path = make_config(crash / "c.yaml", tiny_teachers, corpora, ROUTING, data=DATA)
+    assert main(["vocab", "--config", str(cfg_path)]) == 0
+    assert main(["data", "--config", str(cfg_path)]) == 130
+    assert not (crash / "runs/t/data/manifest.json").exists()
+    assert 0 < len(_shard_bytes(crash)) < len(_shard_bytes(ref))
+    (crash / "runs/t/data/de/train/.shard-00009.arrow.123.tmp").write_bytes(b"half a shard")  # debris of a kill
+    monkeypatch.setattr(ShardBuilder, "build", real)
+    assert main(["data", "--config", str(cfg_path)]) == 0
+    assert _shard_bytes(crash) == _shard_bytes(ref)
+
+
+def test_kill_9_then_rerun_gives_identical_shards(tmp_path, tiny_teachers, corpora, monkeypatch):
+    big = {}
+    for lang, p in corpora.items():  # a longer corpus, so the kill lands mid-run
+        big[lang] = tmp_path / f"big-{lang}.txt"
+        big[lang].write_text(p.read_text(encoding="utf-8") * 3, encoding="utf-8")
+    dirs = {}
+    for tag in ("ref", "killed"):
+        d = dirs[tag] = tmp_path / tag
+        d.mkdir()
+        monkeypatch.chdir(d)
+        make_config(d / "c.yaml", tiny_teachers, big, ROUTING, data=DATA)
+        assert main(["vocab", "--config", "c.yaml"]) == 0
+    monkeypatch.chdir(dirs["ref"])
+    assert main(["data", "--config", "c.yaml"]) == 0
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "mergedistill", "data", "--config", "c.yaml"], cwd=dirs["killed"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and len(list((dirs["killed"] / "runs").rglob("shard-*.json"))) < 2:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (dirs["killed"] / "runs/t/data/manifest.json").exists(), "the run finished before the kill: make the corpus longer"
+    monkeypatch.chdir(dirs["killed"])
+    assert main(["data", "--config", "c.yaml"]) == 0
+    assert _shard_bytes(dirs["killed"]) == _shard_bytes(dirs["ref"])
+
+
+def _assert_same_shards(a: Path, b: Path) -> None:
+    ra, rb = read_all(a), read_all(b)
+    for lang in ROUTING:
+        assert len(ra[lang]) == len(rb[lang])
+        for x, y in zip(ra[lang], rb[lang]):
+            for col in ("input_ids", "positions", "labels", "topk_ids"):
+                assert (x[col] == y[col]).all(), col
+            np.testing.assert_allclose(x["topk_logits"], y["topk_logits"], rtol=2e-3, atol=2e-3)
+
+
+def test_two_local_workers_give_the_same_shards_as_one(built, tmp_path, tiny_teachers, corpora, monkeypatch):
+    one, two = built[0], tmp_path / "two"  # the module's build: the same config, one worker
+    two.mkdir()
+    monkeypatch.chdir(two)
+    build(two, tiny_teachers, corpora, data=dict(DATA, workers=2))
+    _assert_same_shards(one, two)
+
+
+def test_two_launcher_ranks_split_the_work_and_the_last_writes_the_manifest(built, tmp_path, tiny_teachers, corpora, monkeypatch):
+    one, ranks = built[0], tmp_path / "ranks"  # the module's build: the same config, one process
+    ranks.mkdir()
+    monkeypatch.chdir(ranks)
+    cfg_path = make_config(ranks / "c.yaml", tiny_teachers, corpora, ROUTING, data=DATA)
+    assert main(["vocab", "--config", str(cfg_path)]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["data", "--config", str(cfg_path)]) == 0
+    assert not (ranks / "runs/t/data/manifest.json").exists()
+    n_rank1 = len(_shard_bytes(ranks))
+    assert 0 < n_rank1 < len(_shard_bytes(one))
+    monkeypatch.setenv("RANK", "0")
+    assert main(["data", "--config", str(cfg_path)]) == 0
+    assert (ranks / "runs/t/data/manifest.json").exists()
+    _assert_same_shards(one, ranks)
+
+
+def test_manifest_counts_and_bytes(here):
+    work, cfg = here
+    vocab, vrec = load_vocab(cfg)
+    m = load_manifest(cfg, vrec["vocab"])
+    assert m["k"] == cfg.data.top_k and m["id_dtype"] == "uint16" and m["vocab_size"] == vocab.size
+    de = m["languages"]["de"]["splits"]["train"]
+    assert de["lines"] == 32 and len(de["shards"]) == 4
+    on_disk = sum(p.stat().st_size for p in (work / "runs/t/data").rglob("shard-*.arrow"))
+    assert m["totals"]["bytes"] == on_disk
+
+
+def test_bad_teacher_model_folder_is_refused(workdir, tiny_teachers, corpora, capsys):
+    import shutil
+
+    headless = workdir / "headless"
+    shutil.copytree(tiny_teachers["wp"], headless)
+    (headless / "model.safetensors").unlink()
+    cfg_path = make_config(workdir / "c.yaml", dict(tiny_teachers, wp=headless), corpora, ROUTING, data=DATA)
+    assert main(["vocab", "--config", str(cfg_path)]) == 0
+    assert main(["data", "--config", str(cfg_path)]) == 2
+    assert "teachers.wp" in capsys.readouterr().err
+    assert not (workdir / "runs/t/data/manifest.json").exists()
+
+
+def test_data_before_vocab_says_what_to_run(workdir, tiny_teachers, corpora, capsys):
+    cfg_path = make_config(workdir / "c.yaml", tiny_teachers, corpora, ROUTING, data=DATA)
+    assert main(["data", "--config", str(cfg_path)]) == 2
+    assert "run `mergedistill vocab" in capsys.readouterr().err
+
+
+def test_max_lines_caps_each_corpus(workdir, tiny_teachers, corpora):
+    cfg = build(workdir, tiny_teachers, corpora, data=dict(DATA, max_lines=15))
+    _, vrec = load_vocab(cfg)
+    m = load_manifest(cfg, vrec["vocab"])
+    assert all(lang["splits"]["train"]["lines"] == 15 for lang in m["languages"].values())
+
+
+def test_whole_word_masking_and_dupe_factor(workdir, tiny_teachers, corpora):
+    cfg = build(workdir, tiny_teachers, corpora, data=dict(DATA, whole_word_mask=True, dupe_factor=2))
+    vocab, vrec = load_vocab(cfg)
+    m = load_manifest(cfg, vrec["vocab"])
+    de = m["languages"]["ru"]["splits"]["train"]
+    rows = read_all(workdir)["ru"]  # the tiny Unigram teacher splits Russian words into several pieces
+    inv = _inverse(vocab.idmaps["uni"], vocab.size)
+    tok = AutoTokenizer.from_pretrained(str(tiny_teachers["uni"]))
+    checked = 0
+    for row in rows:
+        gold = row["input_ids"].astype(np.int64).copy()
+        gold[row["positions"]] = row["labels"]
+        pieces = tok.convert_ids_to_tokens(inv[gold].tolist())
+        masked = set(row["positions"].tolist())
+        for i, p in enumerate(pieces):
+            if 1 < i < len(pieces) - 1 and not p.startswith("▁") and p not in tok.all_special_tokens \
+                    and pieces[i - 1] not in tok.all_special_tokens:
+                # a continuation piece is masked exactly when the piece before it (same word) is
+                assert (i in masked) == (i - 1 in masked), (pieces, sorted(masked))
+                checked += 1
+    assert checked > 20
+    assert de["sequences"] == len(rows)
+    by_input = {}
+    for row in (r for rs in read_all(workdir).values() for r in rs):
+        gold = row["input_ids"].astype(np.int64).copy()
+        gold[row["positions"]] = row["labels"]
+        by_input.setdefault(gold.tobytes(), []).append(tuple(row["positions"].tolist()))
+    assert all(len(v) % 2 == 0 for v in by_input.values()), "each sequence comes in dupe_factor = 2 copies"
+    pairs = [v for v in by_input.values() if len(v) == 2]
+    # each copy draws its own mask: with a few words per sequence some copies coincide, most do not
+    assert len(pairs) >= 20 and sum(a != b for a, b in pairs) >= len(pairs) // 2, "copies share their masks"

@@ -1,0 +1,291 @@
+import csv
+import json
+import logging
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from conftest import patterned_texts, tiny_model, tiny_tokenizer
+from mergedistill.demo.pretrain import (
+    Documents,
+    MLMCollator,
+    PhasedBatches,
+    PretrainConfig,
+    SpecialLayout,
+    group_sample_weights,
+    linear_warmup_decay,
+    pack_corpus,
+    pack_documents,
+    pack_texts,
+    pretrain,
+    sampling_probs,
+    tokenize_corpus,
+    tokenize_documents,
+    unigram_log_probs,
+)
+
+
+def test_special_layout_follows_the_post_processor():
+    bert = tiny_tokenizer("wordpiece")
+    cls, sep = bert.cls_token_id, bert.sep_token_id
+    assert SpecialLayout.of(bert) == SpecialLayout([cls], [sep], [sep])
+    for kind in ("byte-bpe", "unigram"):
+        tok = tiny_tokenizer(kind)
+        s, e = tok.bos_token_id, tok.eos_token_id
+        assert SpecialLayout.of(tok) == SpecialLayout([s], [e, e], [e])
+
+
+def test_pack_documents_exact_layout():
+    layout = SpecialLayout(prefix=[1], mid=[2, 2], suffix=[2])
+    docs = [[10, 11], [12], [20, 21, 22, 23, 24, 25, 26, 27, 28], [30, 31]]
+    words = [[0, 1], [0], [0, 0, 1, 2, 3, 3, 4, 5, 6], [0, 0]]
+    p = pack_documents(docs, seq_len=8, layout=layout, pad_id=0, words=words)
+    # room = 6 content tokens; doc 3 (9 tokens) is cut into 6 + 3; "30 31" does not fit beside the tail
+    assert p.input_ids.tolist() == [
+        [1, 10, 11, 2, 2, 12, 2, 0],
+        [1, 20, 21, 22, 23, 24, 25, 2],
+        [1, 26, 27, 28, 2, 0, 0, 0],
+        [1, 30, 31, 2, 0, 0, 0, 0],
+    ]
+    assert p.attention_mask.sum(1).tolist() == [7, 8, 5, 4]
+    # word ids: unique per sequence, shared by the pieces of a word, -1 on specials and padding
+    assert p.word_ids.tolist()[0] == [-1, 0, 1, -1, -1, 2, -1, -1]
+    assert p.word_ids.tolist()[1] == [-1, 0, 0, 1, 2, 3, 3, -1]
+    assert p.word_ids.tolist()[2][:5] == [-1, 0, 1, 2, -1]
+
+
+def test_pack_texts_with_a_real_tokenizer_round_trips():
+    tok = tiny_tokenizer("wordpiece")
+    texts = ["the cat sat on the mat", "the dog sat on the log"]
+    p = pack_texts(tok, texts, seq_len=32)
+    assert len(p) == 1
+    row = p.input_ids[0][p.attention_mask[0]].tolist()
+    assert row == tok(texts[0], texts[1])["input_ids"]  # the same as the tokenizer's own pair layout
+
+
+def test_collator_masks_dynamically_but_reproducibly():
+    tok = tiny_tokenizer("wordpiece")
+    p = pack_texts(tok, patterned_texts(64), seq_len=32)
+    a = MLMCollator(p, tok, 0.15, seed=0)
+    b = MLMCollator(p, tok, 0.15, seed=0)
+    first, second = a(list(range(8))), a(list(range(8)))
+    assert not torch.equal(first["labels"], second["labels"])  # a new mask each time
+    assert torch.equal(first["labels"], b(list(range(8)))["labels"])  # the same sequence of masks per seed
+    specials = torch.tensor(tok.all_special_ids)
+    assert not torch.isin(p.input_ids[:8].long(), specials)[first["labels"] != -100].any()
+
+
+def test_sampling_probs_and_weights():
+    q = sampling_probs([900, 100], alpha=0.3)
+    expected = [0.9 ** 0.3 / (0.9 ** 0.3 + 0.1 ** 0.3), 0.1 ** 0.3 / (0.9 ** 0.3 + 0.1 ** 0.3)]
+    assert q == pytest.approx(expected)
+    assert sampling_probs([900, 100], alpha=1.0) == pytest.approx([0.9, 0.1])
+    w = group_sample_weights(torch.tensor([0, 0, 1, 0]), [0.5, 0.5])
+    assert w.tolist() == pytest.approx([1 / 6, 1 / 6, 0.5, 1 / 6])
+
+
+def test_phased_batches_follow_the_curriculum_and_group_probabilities():
+    cfg = PretrainConfig(seq_len=64, batch_size=4, max_steps=100, short_seq_lens=[16, 32], short_seq_fraction=0.5)
+    assert cfg.phases() == [(16, 16, 25), (32, 8, 25), (64, 4, 50)]
+    assert PretrainConfig(seq_len=64, max_steps=10).phases() == [(64, 32, 10)]
+    tok = tiny_tokenizer("wordpiece")
+    docs = tokenize_corpus(tok, [patterned_texts(300, seed=1), patterned_texts(30, seed=2)])  # 10:1
+    layout = SpecialLayout.of(tok)
+    packs = {n: pack_corpus(docs, n, layout, tok.pad_token_id) for n in (16, 32, 64)}
+    phases = [(packs[n], b, s) for n, b, s in cfg.phases()]
+    gen = torch.Generator().manual_seed(0)
+    collators = [MLMCollator(p, tok, 0.15, generator=gen) for p, _, _ in phases]
+    for group_probs in (None, [0.5, 0.5]):
+        batches = list(PhasedBatches(phases, collators, group_probs, gen))
+        assert len(batches) == 100
+        assert [b["input_ids"].shape for b in (batches[0], batches[25], batches[99])] == [(16, 16), (8, 32), (4, 64)]
+    p64 = packs[64]
+    assert (p64.groups == 1).float().mean().item() < 0.15  # the small group's natural share
+    sampler = PhasedBatches(phases, collators, None, torch.Generator().manual_seed(1))
+    epoch = torch.cat(list(sampler._indices(p64, 4, len(p64) // 4)))
+    assert len(set(epoch.tolist())) == len(epoch)  # without probabilities: an epoch repeats no sequence
+    sampler = PhasedBatches(phases, collators, [0.5, 0.5], torch.Generator().manual_seed(1))
+    drawn = torch.cat(list(sampler._indices(p64, 4, 1000)))
+    assert abs((p64.groups[drawn] == 1).float().mean().item() - 0.5) < 0.03  # with them: half and half
+
+
+def test_tokenize_documents_matches_the_tokenizer_and_ignores_its_truncation_state():
+    tok = tiny_tokenizer("byte-bpe")
+    texts = ["the cat sat, on the mat", "birds fly"]
+    ids, words = tokenize_documents(tok, texts, with_words=True)
+    enc = tok(texts, add_special_tokens=False)
+    assert ids == enc["input_ids"]
+    assert words == [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(2)]
+    layout = SpecialLayout.of(tok)
+    try:
+        tok.backend_tokenizer.enable_truncation(max_length=2)  # what a call with truncation=True leaves behind
+        assert tokenize_documents(tok, texts)[0] == ids
+        assert SpecialLayout.of(tok) == layout
+        assert tok.backend_tokenizer.truncation is not None  # the caller's tokenizer is left as it was
+    finally:
+        tok.backend_tokenizer.no_truncation()
+
+
+def test_unigram_log_probs_and_output_bias_init(tmp_path):
+    docs = Documents(ids=[[5, 5, 6], [7]], groups=[0, 1])
+    lp = unigram_log_probs(docs, vocab_size=10)
+    assert lp[5].item() == pytest.approx(math.log(3 / 14)) and lp[0].item() == pytest.approx(math.log(1 / 14))
+    mixed = unigram_log_probs(docs, vocab_size=10, group_probs=[0.5, 0.5])  # group 1's one token counts as half the mass
+    assert mixed[7].item() == pytest.approx(math.log((0.5 * 4 + 1) / 14))
+    tok = tiny_tokenizer("wordpiece")
+    model = tiny_model("wordpiece", max_position=32)
+    train = tokenize_corpus(tok, [patterned_texts(50)])
+    cfg = PretrainConfig(seq_len=32, batch_size=4, max_steps=1, lr=1e-9, warmup_steps=0, init_output_bias=True,
+                         num_threads=1, accelerator="cpu")
+    pretrain(model, tok, train, None, cfg, tmp_path / "m")
+    expected = unigram_log_probs(train, len(tok))
+    torch.testing.assert_close(model.get_output_embeddings().bias.detach().double(), expected, atol=1e-4, rtol=0)
+
+
+def test_linear_warmup_decay():
+    f = linear_warmup_decay(warmup_steps=4, max_steps=14)
+    assert f(0) == pytest.approx(0.2) and f(3) == pytest.approx(0.8)
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == 0.0
+
+
+def test_pretrain_lowers_loss_and_saves_a_loadable_folder(tmp_path, caplog):
+    tok = tiny_tokenizer("byte-bpe")
+    model = tiny_model("byte-bpe", max_position=32)
+    train = tokenize_corpus(tok, [patterned_texts(400, seed=1)])
+    valid = tokenize_corpus(tok, [patterned_texts(60, seed=2)])
+    cfg = PretrainConfig(seq_len=32, batch_size=16, max_steps=60, lr=3e-3, warmup_steps=5, eval_every=30,
+                         eval_sequences=64, log_every=20, num_threads=1, accelerator="cpu",
+                         short_seq_lens=[16], short_seq_fraction=0.25)
+    out = tmp_path / "mlm"
+    valid_packed = pack_texts(tok, patterned_texts(60, seed=2), seq_len=32)
+    probe = MLMCollator(valid_packed, tok, 0.15, seed=9)(list(range(len(valid_packed))))
+    with torch.no_grad():
+        initial = float(model(**probe).loss)
+    with caplog.at_level(logging.INFO, logger="mergedistill.demo.pretrain"):
+        result = pretrain(model, tok, train, valid, cfg, out, name="tiny", meta={"note": "test"})
+    assert result.steps == 60
+    assert any("step 20/60" in r.message and "tok/s" in r.message and "ETA" in r.message for r in caplog.records)
+
+    meta = json.loads((out / "pretrain.json").read_text())
+    history = meta["history"]
+    assert [h["step"] for h in history] == [30, 60] and meta["note"] == "test"
+    assert [(p["seq_len"], p["steps"]) for p in meta["phases"]] == [(16, 15), (32, 45)]
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    assert len(losses) >= 2 and losses[-1] < losses[0] - 0.5  # it learned
+    assert history[-1]["val_loss"] < initial - 1.0
+    assert not list(tmp_path.glob(".mlm*"))  # the temp folder was renamed into place
+
+    loaded = AutoModelForMaskedLM.from_pretrained(out).eval()
+    loaded_tok = AutoTokenizer.from_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    text = "the cat sleeps near the mat"
+    enc, enc2 = tok(text, return_tensors="pt"), loaded_tok(text, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], enc2["input_ids"])
+    assert loaded_tok.mask_token_id == tok.mask_token_id
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc2).logits, model(**enc).logits, rtol=0, atol=0)
+
+
+def test_pretrain_reports_config_problems(tmp_path):
+    tok = tiny_tokenizer("wordpiece")
+    train = tokenize_corpus(tok, [patterned_texts(10)])
+    with pytest.raises(ValueError) as e:
+        pretrain(tiny_model("wordpiece", 16), tok, train, None,
+                 PretrainConfig(seq_len=32, mask_prob=1.5, warmup_steps=-1, short_seq_lens=[64]), tmp_path / "x",
+                 group_probs=[0.5, 0.5])
+    msg = str(e.value)
+    assert "mask_prob" in msg and "warmup_steps" in msg and "short_seq_lens" in msg and "group_probs" in msg
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# teachers_build: config checks, a tiny end-to-end build, idempotence
+
+
+def _tiny_teachers_config(tmp_path):
+    from mergedistill.demo.teachers_build import load_teachers_config
+
+    corpora = tmp_path / "corpora"
+    for lang, seed in (("de", 1), ("ja", 2)):
+        (corpora / lang).mkdir(parents=True)
+        texts = patterned_texts(120, seed=seed)
+        if lang == "ja":
+            texts = [t.replace(" ", "") for t in texts]
+        (corpora / lang / "train.txt").write_text("\n".join(texts[:100]) + "\n")
+        (corpora / lang / "valid.txt").write_text("\n".join(texts[100:]) + "\n")
+    cfg_path = tmp_path / "teachers.yaml"
+    cfg_path.write_text(f"""
+corpora: {corpora}
+defaults:
+  vocab_size: 400
+  hidden: 32
+  layers: 1
+  heads: 2
+  intermediate: 64
+  train: {{seq_len: 32, batch_size: 8, max_steps: 6, eval_every: 3, eval_sequences: 8, log_every: 3,
+           short_seq_lens: [16], short_seq_fraction: 0.5, num_threads: 1, accelerator: cpu, init_output_bias: true}}
+teachers:
+  de: {{languages: [de], tokenizer: wordpiece}}
+  multi: {{languages: [de, ja], tokenizer: sp-bpe}}
+eval: {{pll_lines: 5, acc_sequences: 8}}
+""")
+    return load_teachers_config(str(cfg_path)), cfg_path
+
+
+def test_teachers_config_reports_every_problem_at_once(tmp_path):
+    from mergedistill.errors import ConfigError
+    from mergedistill.demo.teachers_build import load_teachers_config
+
+    cfg_path = tmp_path / "t.yaml"
+    cfg_path.write_text("""
+corpora: nowhere
+defaults: {hidden: 30, heads: 4, layrs: 2}
+teachers:
+  de: {languages: [de], tokenizer: wordpeice}
+  ru: {languages: [ru], tokenizer: byte-bpe}
+""")
+    with pytest.raises(ConfigError) as e:
+        load_teachers_config(str(cfg_path))
+    msg = e.value.render()
+    assert "defaults.layrs: unknown key; did you mean 'layers'?" in msg
+    assert msg.count("layrs") == 1  # reported once, under defaults, not once per teacher
+    assert "teachers.de.tokenizer" in msg and "did you mean 'wordpiece'" in msg
+    assert "teachers.ru.hidden: 30 must be a multiple of heads (4)" in msg
+    assert "nowhere/ru/train.txt" in msg
+
+
+def test_teachers_build_end_to_end_and_idempotent(tmp_path, caplog):
+    from transformers import AutoModelForMaskedLM
+
+    from mergedistill.demo.teachers_build import build
+
+    cfg, _ = _tiny_teachers_config(tmp_path)
+    out = tmp_path / "teachers"
+    with caplog.at_level(logging.INFO):
+        build(cfg, out)
+    for name, cls in (("de", "BertForMaskedLM"), ("multi", "XLMRobertaForMaskedLM")):
+        model = AutoModelForMaskedLM.from_pretrained(out / name)
+        assert type(model).__name__ == cls
+        assert AutoTokenizer.from_pretrained(out / name).mask_token_id is not None
+    evaluation = json.loads((out / "multi" / "eval.json").read_text())
+    assert set(evaluation["languages"]) == {"de", "ja"}
+    assert evaluation["languages"]["ja"]["unit"] == "char" and evaluation["languages"]["de"]["unit"] == "word"
+    meta = json.loads((out / "multi" / "pretrain.json").read_text())
+    assert sum(v["sampling_prob"] for v in meta["languages"].values()) == pytest.approx(1.0)
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["teacher"], r["language"]) for r in rows] == [("de", "de"), ("multi", "de"), ("multi", "ja")]
+    report = (out / "report.md").read_text()
+    assert "| multi | ja | sp-bpe |" in report and "fixed random subset of 5 lines per language" in report
+
+    stamp = (out / "de" / "model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        build(cfg, out)
+    assert (out / "de" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert sum("complete, skipped" in r.message for r in caplog.records) == 2

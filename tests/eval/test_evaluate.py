@@ -1,0 +1,297 @@
+"""`mergedistill evaluate` end to end on tiny teachers and a tiny export built here.
+
+The student is the routed teacher `wp` itself with its rows re-indexed to student ids (every other
+student row unreachable), so on wp's languages it must match that teacher exactly: same accuracy,
+agreement 1, same PLL, same retrieval. That pins the id mapping and the shared masked positions.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import BertConfig, BertForMaskedLM
+
+from conftest import SENTENCES, in_dir
+from mergedistill.cli import main
+from mergedistill.config import load_config
+from mergedistill.errors import UserError
+from mergedistill.eval.report import set_card_section
+from mergedistill.eval.stage import run_evaluate
+from mergedistill.vocab.stage import load_vocab
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+ROUTING = {"en": ("wp", ["bbpe"]), "de": ("wp", ["bbpe", "multi"]), "ru": ("uni", ["multi"]), "ja": ("spbpe", ["multi"])}
+EVAL = {"max_lines": 40, "pll_lines": 5, "batch_size": 8, "retrieval_pairs": 22, "char_languages": ["ja"], "mask_prob": 0.3}
+NEG = -1e4  # a bias no prediction can overcome
+
+
+def paragraph(lang: str, k: int) -> str:
+    s = SENTENCES[lang]
+    m = len(s)
+    return " ".join(s[(k // m ** i) % m] for i in range(3))  # distinct for k < m**3 (27 or 64)
+
+
+def write_corpora(root: Path) -> dict[str, dict[str, str]]:
+    out = {}
+    for lang in ROUTING:
+        d = root / "corpora" / lang
+        d.mkdir(parents=True)
+        for split, n in (("train", 36), ("test", 24)):
+            rows = [{"text": paragraph(lang, k), "source": "help" if k % 2 else "man", "doc": f"d{k}", "key": f"k{k}"}
+                    for k in range(n)]
+            (d / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        out[lang] = {"train": str(d / "train.jsonl"), "test": str(d / "test.jsonl")}
+    return out
+
+
+def trained_teacher(src: Path, dst: Path) -> None:
+    """The wp teacher after 150 MLM steps on the en/de paragraphs, so that its predictions depend on the
+    context (a random tiny model predicts one token everywhere, whatever it reads), with its special
+    tokens made unpredictable (its top-1 over all tokens is then its top-1 over the tokens the student
+    keeps, so the re-indexed student can agree everywhere)."""
+    from transformers import AutoTokenizer
+
+    from mergedistill.demo.pretrain import MLMCollator, pack_texts
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(str(dst))
+    model = BertForMaskedLM.from_pretrained(str(dst))
+    packed = pack_texts(tok, [paragraph(lang, k) for lang in ("en", "de") for k in range(36)], 32)
+    torch.manual_seed(0)  # dropout
+    collate, g = MLMCollator(packed, tok, 0.15, seed=0), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        loss = model(**collate(torch.randint(len(packed), (16,), generator=g).tolist())).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        model.cls.predictions.bias[tok.all_special_ids] = NEG
+    model.eval().save_pretrained(str(dst))
+
+
+def reindexed(teacher: Path, idmap, size: int) -> BertForMaskedLM:
+    """The teacher as a student: row t of its embeddings and output bias moved to student id idmap[t]."""
+    t = BertForMaskedLM.from_pretrained(str(teacher))
+    cfg = BertConfig(**{**t.config.to_dict(), "vocab_size": size, "pad_token_id": 0})
+    s = BertForMaskedLM(cfg)
+    ids = torch.as_tensor(idmap, dtype=torch.long)
+    with torch.no_grad():
+        sd = t.state_dict()
+        for name, p in s.state_dict().items():
+            if name == "bert.embeddings.word_embeddings.weight":
+                p.zero_()
+                p[ids] = sd[name]
+            elif name in ("cls.predictions.bias", "cls.predictions.decoder.bias"):
+                p.fill_(NEG)
+                p[ids] = sd[name]
+            elif name != "cls.predictions.decoder.weight":
+                p.copy_(sd[name])
+    return s.eval()
+
+
+def write_export(folder: Path, model, cfg, vrec, card: str) -> None:
+    model.save_pretrained(str(folder))
+    for t in sorted({teacher for teacher, _ in ROUTING.values()}):
+        shutil.copytree(cfg.vocab_dir / "tokenizers" / t, folder / "tokenizers" / t)
+    (folder / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, (t, _) in ROUTING.items()}))
+    (folder / "mergedistill.json").write_text(json.dumps({"vocab": vrec["vocab"]}))
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+CARD = "# t\n\nA student.\n\n## Training\n\n- tiny\n\n## Evaluation\n\nold numbers\n\n## License\n\nMIT\n"
+
+
+def write_config(work: Path, teachers: dict[str, Path], corpora, **eval_extra) -> Path:
+    task = {
+        "train": {lang: f"runs/t/eval/tasks/source/{lang}.train.jsonl" for lang in ROUTING},
+        "test": {lang: f"runs/t/eval/tasks/source/{lang}.test.jsonl" for lang in ROUTING},
+        "epochs": 1, "max_train": 16, "max_test": 16, "lr": 0.001, "zero_shot_from": ["en"],
+    }
+    cfg = {
+        "run": "t",
+        "teachers": {n: {"path": str(p)} for n, p in teachers.items()},
+        "languages": {lang: {**corpora[lang], "teacher": t, "candidates": c} for lang, (t, c) in ROUTING.items()},
+        "data": {"seq_len": 32},
+        "eval": {**EVAL, "downstream": {"source": task}, **eval_extra},
+    }
+    path = work / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_teachers):
+    """vocab built, student + baseline exported, evaluate run once; yields (work dir, config path)."""
+    work = tmp_path_factory.mktemp("evaluate")
+    with in_dir(work):
+        teachers = dict(tiny_teachers)
+        trained_teacher(tiny_teachers["wp"], work / "wp-teacher")
+        teachers["wp"] = work / "wp-teacher"
+        cfg_path = write_config(work, teachers, write_corpora(work))
+        assert main(["vocab", "--config", str(cfg_path)]) == 0
+        cfg = load_config(cfg_path)
+        vocab, vrec = load_vocab(cfg)
+        write_export(cfg.run_dir / "train" / "export", reindexed(teachers["wp"], vocab.idmaps["wp"], vocab.size), cfg, vrec, CARD)
+        torch.manual_seed(0)
+        base = BertForMaskedLM(BertConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=64, pad_token_id=0))
+        write_export(cfg.run_dir / "baseline" / "export", base, cfg, vrec, "# baseline\n")
+        assert main(["evaluate", "--config", str(cfg_path)]) == 0
+        yield work, cfg_path
+
+
+def results(work: Path) -> list[dict]:
+    with open(work / "runs" / "t" / "eval" / "results.csv", newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def value(rows, section, lang, model, metric) -> float:
+    hits = [r for r in rows if (r["section"], r["language"], r["model"], r["metric"]) == (section, lang, model, metric)]
+    assert len(hits) == 1, (section, lang, model, metric, len(hits))
+    return float(hits[0]["value"])
+
+
+def test_outputs_exist_with_the_expected_rows(evaluated):
+    work, _ = evaluated
+    out = work / "runs" / "t" / "eval"
+    rows = results(work)
+    assert list(rows[0]) == ["section", "language", "model", "role", "metric", "value", "n"]
+    got = {(r["section"], r["language"], r["model"], r["metric"]) for r in rows}
+    for lang, (routed, cands) in ROUTING.items():
+        pll = "bits_per_char" if lang == "ja" else "pll_per_word"
+        unit = "chars_scored" if lang == "ja" else "words_scored"
+        for model in ("student", "baseline"):
+            for metric in ("mlm_acc", "agreement", pll, "pppl", "tokens_scored", unit):
+                assert ("intrinsic", lang, model, metric) in got, (lang, model, metric)
+        for t in [routed, *cands]:
+            for metric in ("mlm_acc", pll, "pppl", "tokens_scored", unit):
+                assert ("intrinsic", lang, f"teacher:{t}", metric) in got, (lang, t, metric)
+            assert ("intrinsic", lang, f"teacher:{t}", "agreement") not in got
+        assert ("intrinsic", lang, "unigram", "mlm_acc") in got
+    wrong_unit = {(r["language"], r["metric"]) for r in rows if r["metric"] in ("bits_per_char", "pll_per_word")}
+    assert ("ja", "pll_per_word") not in wrong_unit and ("en", "bits_per_char") not in wrong_unit
+    roles = {(r["language"], r["model"]): r["role"] for r in rows if r["section"] == "intrinsic"}
+    assert roles[("de", "teacher:wp")] == "routed teacher" and roles[("de", "teacher:multi")] == "candidate teacher"
+    # every language pair shares 24 keys (>= 20): capped at 22 paragraphs, both directions, per model covering both
+    retr = {(r["language"], r["model"]): int(r["n"]) for r in rows if r["section"] == "retrieval"}
+    assert all(n == 22 for n in retr.values())
+    assert {lang for lang, m in retr if m == "student"} == {f"{a}->{b}" for a in ROUTING for b in ROUTING if a != b}
+    assert {lang for lang, m in retr if m == "teacher:wp"} == {"en->de", "de->en"}
+    multi = ("de", "ru", "ja")
+    assert {lang for lang, m in retr if m == "teacher:multi"} == {f"{a}->{b}" for a in multi for b in multi if a != b}
+    # downstream: in-language for every model knowing the language, zero-shot from en for the models knowing both
+    down = {(r["language"], r["model"], r["metric"]) for r in rows if r["section"] == "downstream"}
+    for lang in ROUTING:
+        assert (lang, "student", "source/acc") in down and (lang, "baseline", "source/acc") in down
+        assert (lang, f"teacher:{ROUTING[lang][0]}", "source/acc") in down
+    for lang in ("de", "ru", "ja"):
+        assert (lang, "student", "source/acc_from_en") in down and (lang, "baseline", "source/acc_from_en") in down
+    assert ("de", "teacher:wp", "source/acc_from_en") in down and ("de", "teacher:bbpe", "source/acc_from_en") in down
+    assert ("ru", "teacher:wp", "source/acc_from_en") not in down
+    assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows if r["section"] != "intrinsic")
+    for p in ("accuracy.png", "pll.png", "retrieval_student.png", "retrieval_baseline.png", "downstream_source.png"):
+        assert (out / "plots" / p).stat().st_size > 1000, p
+    report = (out / "report.md").read_text(encoding="utf-8")
+    for needle in ("## Intrinsic", "### ja", "bits/char", "## Cross-lingual retrieval", "zero-shot from en", "plots/accuracy.png"):
+        assert needle in report, needle
+    # the source task was built from the corpora and kept beside the report
+    task = [json.loads(x) for x in (out / "tasks" / "source" / "de.test.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {t["label"] for t in task} == {"help", "man"} and len(task) == 24
+
+
+def test_the_reindexed_teacher_as_student_matches_its_teacher(evaluated):
+    work, _ = evaluated
+    rows = results(work)
+    for lang in ("en", "de"):
+        assert value(rows, "intrinsic", lang, "teacher:wp", "mlm_acc") > 0.05  # it reads its context: equality means something
+        assert value(rows, "intrinsic", lang, "student", "mlm_acc") == pytest.approx(
+            value(rows, "intrinsic", lang, "teacher:wp", "mlm_acc"))
+        assert value(rows, "intrinsic", lang, "student", "agreement") == 1.0
+        assert value(rows, "intrinsic", lang, "baseline", "agreement") < 0.5
+        for metric in ("pll_per_word", "pppl", "tokens_scored", "words_scored"):
+            assert value(rows, "intrinsic", lang, "student", metric) == pytest.approx(
+                value(rows, "intrinsic", lang, "teacher:wp", metric), rel=1e-4), (lang, metric)
+    for d in ("en->de", "de->en"):
+        assert value(rows, "retrieval", d, "student", "retrieval_acc@1") == value(
+            rows, "retrieval", d, "teacher:wp", "retrieval_acc@1")
+    n = [r for r in rows if (r["language"], r["model"], r["metric"]) == ("en", "student", "mlm_acc")][0]["n"]
+    assert int(n) > 20  # 30% of the tokens of up to 40 lines
+
+
+def test_model_card_gets_the_results_table(evaluated):
+    work, _ = evaluated
+    card = (work / "runs" / "t" / "train" / "export" / "README.md").read_text(encoding="utf-8")
+    assert "old numbers" not in card and card.count("## Evaluation") == 1
+    assert card.index("## Training") < card.index("## Evaluation") < card.index("## License")
+    section = card[card.index("## Evaluation"):card.index("## License")]
+    assert "| en | wp |" in section and "runs/t/eval/report.md" in section and "Cross-lingual retrieval" in section
+    assert "zero-shot from en" in section
+
+
+def test_rerun_skips_and_force_redoes(evaluated, caplog):
+    work, cfg_path = evaluated
+    report = work / "runs" / "t" / "eval" / "report.md"
+    before = report.stat().st_mtime_ns
+    words = value(results(work), "intrinsic", "en", "student", "words_scored")
+    cfg = load_config(cfg_path)
+    with caplog.at_level("INFO"):
+        run_evaluate(cfg, Namespace(config=str(cfg_path), force=False))
+    assert "skipping" in caplog.text and report.stat().st_mtime_ns == before
+    # a changed setting is a new evaluation: only intrinsic, fewer PLL lines, the tasks/ folder survives
+    cfg = load_config(cfg_path, ["--eval.pll_lines=2", "--eval.retrieval=false", "--eval.downstream={}", "--eval.baseline=false"])
+    run_evaluate(cfg, Namespace(config=str(cfg_path), force=False))
+    rows = results(work)
+    assert {r["section"] for r in rows} == {"intrinsic"} and not any(r["model"] == "baseline" for r in rows)
+    assert value(rows, "intrinsic", "en", "student", "words_scored") < words
+    assert (work / "runs" / "t" / "eval" / "tasks" / "source" / "en.train.jsonl").is_file()
+    assert not list((work / "runs" / "t").glob(".eval.*"))  # no temporary folders left behind
+
+
+def test_missing_export_names_the_command(tiny_teachers, workdir, capsys):
+    cfg_path = write_config(workdir, tiny_teachers, write_corpora(workdir))
+    assert main(["evaluate", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"mergedistill train --config {cfg_path}" in err and "runs/t/train/export" in err
+    assert "mergedistill vocab --config" in err  # every problem at once
+    assert not (workdir / "runs" / "t" / "eval").exists()
+
+
+def test_bad_inputs_are_reported_together_before_any_work(evaluated):
+    work, cfg_path = evaluated
+    cfg = load_config(cfg_path, ["--eval.downstream.source.zero_shot_from=[xx]", "--eval.downstream.source.test.fr=nowhere.jsonl",
+                                 "--languages.en.teacher=uni"])
+    with pytest.raises(UserError) as e:
+        run_evaluate(cfg, Namespace(config=str(cfg_path), force=True))
+    text = e.value.render()
+    assert "zero_shot_from: 'xx'" in text and "test.fr: not a language of this run" in text
+    assert "another routing for en (tokenizers/wp, config: tokenizers/uni)" in text
+
+
+def test_card_section_is_appended_or_replaced_in_place():
+    card = "# m\n\n## Use it\n\ntext\n"
+    once = set_card_section(card, "| a |")
+    assert once == "# m\n\n## Use it\n\ntext\n\n## Evaluation\n\n| a |\n"
+    assert set_card_section(once, "| b |") == once.replace("| a |", "| b |")  # the last section, replaced
+    middle = "# m\n\n## Evaluation\n\nold\n\n## Training\n\nx\n"
+    assert set_card_section(middle, "new") == "# m\n\n## Evaluation\n\nnew\n\n## Training\n\nx\n"
+
+
+def test_label_mismatch_explains_misleading_zero_shot_pairs():
+    from mergedistill.eval.stage import label_mismatch
+
+    assert label_mismatch({"help", "man"}, {"man", "help"}) is None
+    msg = label_mismatch({"help", "man", "fortune"}, {"help", "man"})
+    assert "fortune never occur in the target" in msg
+    msg = label_mismatch({"help"}, {"help", "man"})
+    assert "man were never trained on" in msg

@@ -1,0 +1,360 @@
+"""The train stage on tiny shards: sampling, masked-only gradients, learning, resume, DDP, NaN, export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+from conftest import SENTENCES, in_dir, make_config
+from mergedistill.cli import main
+from mergedistill.config import load_config
+from mergedistill.train.batches import SampledBatches, sampling_probs
+
+ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe"}
+DATA = {"seq_len": 32, "shard_lines": 20, "splits": ["train", "valid"], "batch_size": 8}
+STUDENT = {"hidden": 32, "heads": 2, "layers": 2, "intermediate": 64, "max_position": 64}
+TRAIN = {"max_steps": 30, "val_every": 10, "batch_size": 8, "lr": 0.003, "warmup_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-corpora")
+    out = {}
+    for lang in ROUTING:
+        sents = SENTENCES[lang]
+        lines = [f"{s} {' '.join(sents[(i + 1) % len(sents)].split()[: i % 4])}".strip() for i, s in enumerate(sents * 10)]
+        (root / f"{lang}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (root / f"{lang}.valid.txt").write_text("\n".join(lines[:12]) + "\n", encoding="utf-8")
+        out[lang] = root / f"{lang}.txt"
+    return out
+
+
+def write_config(workdir: Path, teachers, corpora, **train) -> Path:
+    path = make_config(workdir / "c.yaml", teachers, corpora, ROUTING, data=DATA, student=STUDENT, train={**TRAIN, **train})
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text())
+    for lang in ROUTING:
+        cfg["languages"][lang]["valid"] = str(corpora[lang]).replace(".txt", ".valid.txt")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_teachers, corpora):
+    """vocab + data done once; each test copies nothing, it trains into its own run folder."""
+    work = tmp_path_factory.mktemp("train-prep")
+    with in_dir(work):
+        cfg = write_config(work, tiny_teachers, corpora)
+        assert main(["vocab", "--config", str(cfg)]) == 0
+        assert main(["data", "--config", str(cfg)]) == 0
+    return work
+
+
+@pytest.fixture
+def run_dir(prepared, tmp_path, monkeypatch):
+    """A fresh folder with the prepared vocab/ and runs/t/data (symlinked), as cwd."""
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    os.symlink(prepared / "vocab", tmp_path / "vocab")
+    os.symlink(prepared / "runs" / "t" / "data", tmp_path / "runs" / "t" / "data")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def metrics(work: Path, which: str = "train") -> list[dict]:
+    from mergedistill.train.stage import read_metrics
+
+    return read_metrics(work / "runs/t" / which)
+
+
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+def test_sampling_probabilities_follow_the_formula():
+    sizes = {"big": 10000, "mid": 1000, "small": 10}
+    for alpha in (0.0, 0.3, 1.0):
+        p = sampling_probs(sizes, alpha)
+        z = sum(v ** alpha for v in sizes.values())
+        for k, v in sizes.items():
+            assert p[k] == pytest.approx(v ** alpha / z)
+
+
+class _Fake:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+def test_sampled_language_frequencies_match_the_probabilities():
+    sizes = {"a": 5000, "b": 500, "c": 50}
+    probs = sampling_probs(sizes, 0.3)
+    ds = SampledBatches({k: _Fake(v) for k, v in sizes.items()}, probs, global_batch=64, rank=0, world=1, seed=0, k=8)
+    counts = np.zeros(3)
+    for b in range(400):
+        lang, row = ds.draw(b)
+        counts += np.bincount(lang, minlength=3)
+        assert (row < ds.sizes[lang]).all()
+    freq = counts / counts.sum()
+    expected = np.array([probs[k] for k in ds.langs])
+    assert np.abs(freq - expected).max() < 0.01  # 25,600 draws: standard error ~0.003
+
+
+def test_ranks_split_the_same_global_batch():
+    sizes = {"a": 300, "b": 30}
+    probs = sampling_probs(sizes, 0.5)
+    one = SampledBatches({k: _Fake(v) for k, v in sizes.items()}, probs, 8, 0, 1, 1, 8)
+    lang, row = one.draw(7)
+    for r in range(2):
+        part = SampledBatches({k: _Fake(v) for k, v in sizes.items()}, probs, 8, r, 2, 1, 8)
+        l2, r2 = part.draw(7)
+        assert (l2 == lang).all() and (r2 == row).all()  # same draw; rank r keeps rows r, r + 2, ...
+
+
+# ---- the step ----------------------------------------------------------------------------------
+def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpora, monkeypatch):
+    from mergedistill import mlm_models
+    from mergedistill.data.stage import load_manifest
+    from mergedistill.train.module import DistillModule
+    from mergedistill.train.student import build_student
+    from mergedistill.train.batches import LanguageShards, collate
+    from mergedistill.vocab.stage import load_vocab
+
+    cfg = load_config(write_config(run_dir, tiny_teachers, corpora))
+    vocab, vrec = load_vocab(cfg)
+    man = load_manifest(cfg, vrec["vocab"])
+    src = LanguageShards([run_dir / "runs/t/data" / p for p in man["languages"]["de"]["splits"]["train"]["shards"]], vrec["vocab"], man["k"])
+    batch = collate([src[0], src[1]], [0, 0], man["k"])
+    cfg.student.embeddings_from_teachers = False
+    student, _ = build_student(cfg, vocab, load_teacher=None)
+    module = DistillModule(cfg, student, ["de"])
+    module.log = lambda *a, **k: None
+    captured = {}
+
+    # The whole encoder's output at every position (the fast path would compute the last layer at the
+    # masked positions only, which test_mlm_models checks is exact): no gradient may reach the rest.
+    monkeypatch.setattr(mlm_models, "_last_layer_splittable", lambda *a: False)
+
+    def keep_hidden(mod, args, out):  # the encoder's output, the input of the MLM head
+        captured["h"] = out.last_hidden_state
+
+    student.base_model.encoder.register_forward_hook(keep_hidden)
+    loss = module._step(batch, "train")
+    h = captured["h"]
+    h.retain_grad()
+    loss.backward()
+    g = h.grad.abs().sum(-1)  # (B, L)
+    assert (g[batch.selected] > 0).all()
+    assert (g[~batch.selected] == 0).all(), "the loss reached the student through unmasked positions' outputs"
+
+
+def test_a_few_steps_lower_the_loss_and_export_works(run_dir, tiny_teachers, corpora):
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=60)
+    assert main(["train", "--config", str(cfg)]) == 0
+    rows = metrics(run_dir)
+    loss = [v for _, v in series(rows, "train/loss")]
+    assert np.mean(loss[-2:]) < np.mean(loss[:2]) - 0.3
+    val = series(rows, "val/loss")
+    assert len(val) >= 2 and val[-1][1] < val[0][1]
+    assert series(rows, "val/de/acc") and series(rows, "lr")
+    export = run_dir / "runs/t/train/export"
+    model = AutoModelForMaskedLM.from_pretrained(str(export))
+    tok = AutoTokenizer.from_pretrained(str(export / "tokenizers" / "wp"))
+    fill = pipeline("fill-mask", model=model, tokenizer=tok, top_k=3)
+    out = fill(f"The quick brown {tok.mask_token} jumps over the lazy dog.")
+    assert len(out) == 3 and all(o["token"] < model.config.vocab_size and o["token_str"] for o in out)
+    readme = (export / "README.md").read_text()
+    assert "| de | wp |" in readme and "fill-mask" in readme
+    # a rerun with the same settings skips
+    assert main(["train", "--config", str(cfg)]) == 0
+
+
+def test_resume_continues_with_the_same_next_batch_and_weights(run_dir, tiny_teachers, corpora, monkeypatch):
+    seen: list[tuple[int, int]] = []
+    real = SampledBatches.batch
+    crash_at = {"b": None}
+
+    def spy(self, b):
+        if b == crash_at["b"]:
+            raise RuntimeError("simulated crash")
+        out = real(self, b)
+        seen.append((b, hash(out.input_ids.numpy().tobytes())))
+        return out
+
+    monkeypatch.setattr(SampledBatches, "batch", spy)
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=20)
+    assert main(["train", "--config", str(cfg)]) == 0
+    full = dict(seen)
+    w_full = AutoModelForMaskedLM.from_pretrained(str(run_dir / "runs/t/train/export")).state_dict()
+    # the same run again, crashing while fetching micro-batch 12 (the checkpoint of step 10 is on disk)
+    crash_at["b"] = 12
+    assert main(["train", "--config", str(cfg), "--force"]) == 1
+    crash_at["b"] = None
+    assert not (run_dir / "runs/t/train/export").exists()
+    assert main(["train", "--config", str(cfg)]) == 2  # refuses to overwrite without --resume
+    seen.clear()
+    assert main(["train", "--config", str(cfg), "--resume"]) == 0
+    resumed = dict(seen)
+    assert min(resumed) == 10, f"resumed at micro-batch {min(resumed)}, expected 10"
+    assert all(resumed[b] == full[b] for b in resumed)
+    w_res = AutoModelForMaskedLM.from_pretrained(str(run_dir / "runs/t/train/export")).state_dict()
+    steps = [s for s, _ in series(metrics(run_dir), "train/loss")]
+    assert steps[0] < 10 and steps[-1] >= 19, "the logs of the first attempt were lost on resume"
+    for k in w_full:  # same batches, same random state (dropout), same optimizer state: same weights
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-4, atol=1e-5)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(run_dir, tiny_teachers, corpora, monkeypatch, capsys):
+    import mergedistill.train.module as module_mod
+
+    real = module_mod.distill_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] >= 25:  # training steps only run here: validation is every 10 steps
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(module_mod, "distill_loss", poisoned)
+    cfg = write_config(run_dir, tiny_teachers, corpora)
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "the loss became nan" in err and "--resume" in err
+    last = run_dir / "runs/t/train/checkpoints/last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert 0 < ckpt["global_step"] < 25
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (run_dir / "runs/t/train/export").exists()
+
+
+def test_mlm_only_baseline_trains_without_teacher_predictions(run_dir, tiny_teachers, corpora):
+    cfg = write_config(run_dir, tiny_teachers, corpora, alpha=0.0, max_steps=10)
+    assert main(["train", "--config", str(cfg)]) == 0
+    rows = metrics(run_dir)
+    assert all(float(v) == 0.0 for _, v in series(rows, "train/kd_loss"))
+
+
+def test_tensorboard_logger_by_config(run_dir, tiny_teachers, corpora):
+    cfg = write_config(run_dir, tiny_teachers, corpora, logger="tensorboard", max_steps=4, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert list((run_dir / "runs/t/train/tensorboard").rglob("events.out.tfevents.*"))
+    assert series(metrics(run_dir), "train/loss")  # the CSV log is kept beside it
+
+
+def test_online_mode_runs_the_teachers_in_the_step(run_dir, tiny_teachers, corpora, monkeypatch):
+    from mergedistill.train import online
+
+    calls = {"n": 0}
+    real = online.OnlineTeachers.predict
+
+    def counted(self, batch):
+        calls["n"] += 1
+        out = real(self, batch)
+        assert out.topk_ids.shape[0] == out.labels.shape[0] == int(out.selected.sum())
+        return out
+
+    monkeypatch.setattr(online.OnlineTeachers, "predict", counted)
+    cfg = write_config(run_dir, tiny_teachers, corpora, mode="online", max_steps=10)
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert calls["n"] == 10
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(run_dir, tiny_teachers, corpora):
+    """2 processes (gloo) x 4 sequences vs 1 process x 8: the same global batches, so the same curve."""
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=20)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    base = [sys.executable, "-m", "mergedistill", "train", "--config", str(cfg), "--train.accelerator=cpu"]
+    one = subprocess.run(base + ["--train.devices=1", "--train.batch_size=8"], cwd=run_dir, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    v1 = series(metrics(run_dir), "val/loss")
+    t1 = series(metrics(run_dir), "train/loss")
+    two = subprocess.run(base + ["--force", "--train.devices=2", "--train.strategy=ddp", "--train.batch_size=4"],
+                         cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    v2 = series(metrics(run_dir), "val/loss")
+    t2 = series(metrics(run_dir), "train/loss")
+    assert [s for s, _ in v1] == [s for s, _ in v2] and len(v1) == 2
+    np.testing.assert_allclose([v for _, v in v2], [v for _, v in v1], rtol=0.02)
+    np.testing.assert_allclose([v for _, v in t2], [v for _, v in t1], rtol=0.05)
+
+
+def test_baseline_takes_nothing_from_the_teachers(run_dir, tiny_teachers, corpora):
+    """--baseline: alpha 0 and random init with no embedding rows copied, even when the config asks for them."""
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2)
+    assert main(["train", "--config", str(cfg), "--baseline"]) == 0
+    card = (run_dir / "runs/t/baseline/export/README.md").read_text()
+    assert "'init': 'random'" in card and "embedding_rows" not in card
+    assert "'output_bias': 'log unigram frequencies of the training shards'" in card
+    state = json.loads((run_dir / "runs/t/baseline/state.json").read_text())
+    assert state["inputs"]["train"]["alpha"] == 0.0 and state["inputs"]["student"]["embeddings_from_teachers"] is False
+    assert series(metrics(run_dir, "baseline"), "train/kd_loss") and all(
+        float(v) == 0.0 for _, v in series(metrics(run_dir, "baseline"), "train/kd_loss"))
+
+
+def test_output_bias_init_is_the_mixed_unigram_distribution(run_dir, tiny_teachers, corpora):
+    from mergedistill.data.stage import load_manifest
+    from mergedistill.train.batches import sampling_probs as probs_of
+    from mergedistill.train.batches import unigram_log_probs
+    from mergedistill.train.stage import ShardDataModule, init_output_bias, make_module
+    from mergedistill.vocab.stage import load_vocab
+
+    cfg = load_config(write_config(run_dir, tiny_teachers, corpora))
+    vocab, vrec = load_vocab(cfg)
+    man = load_manifest(cfg, vrec["vocab"])
+    langs = list(man["languages"])
+    dm = ShardDataModule(cfg, man, vrec["vocab"], langs)
+    module, _ = make_module(cfg, vocab, langs)
+    init_output_bias(module.student, dm, cfg.train.sampling_alpha)
+    bias = module.student.get_output_embeddings().bias.detach().double()
+    sources = dm._sources("train")
+    probs = probs_of(dm.sizes(), cfg.train.sampling_alpha)
+    # by hand: per-language gold-token frequencies, mixed with the sampling probabilities, add-one smoothed
+    mix = np.zeros(len(bias))
+    total = 0
+    for lang, src in sources.items():
+        labels = np.concatenate([np.concatenate(list(s[:]["labels"])) for s in src.sets]).astype(np.int64)
+        c = np.bincount(labels, minlength=len(bias)).astype(float)
+        mix += probs[lang] * c / c.sum()
+        total += len(labels)
+    expected = np.log((mix / mix.sum() * total + 1) / (total + len(bias)))
+    np.testing.assert_allclose(bias.numpy(), expected, rtol=0, atol=1e-5)
+    assert torch.exp(bias).sum().item() == pytest.approx(1.0, abs=1e-4)
+    np.testing.assert_allclose(unigram_log_probs(sources, probs, len(bias)).numpy(), expected, atol=1e-9)
+    # the head predicts from the bias: with zero hidden states the argmax is the most frequent gold token
+    assert int(module.student.get_output_embeddings()(torch.zeros(1, cfg.student.hidden)).argmax()) == int(np.argmax(mix))
+
+
+def test_a_checkpoint_from_other_settings_is_never_continued(run_dir, tiny_teachers, corpora, capsys, caplog):
+    """A finished run, then the settings change: --resume is refused (exit 2); `run`/`ablate`
+    (restart_changed) start over from step 0 instead of exporting the old checkpoint."""
+    import argparse
+    import logging
+
+    from mergedistill.train.stage import run_train
+
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=4, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    assert main(["train", "--config", str(cfg), "--resume", "--train.lr=0.01"]) == 2
+    assert "belongs to a run with other settings" in capsys.readouterr().err
+    state = run_dir / "runs/t/train/state.json"
+    old = json.loads(state.read_text())
+    args = argparse.Namespace(force=False, resume=True, restart_changed=True, baseline=False, verbose=False)
+    with caplog.at_level(logging.INFO, logger="mergedistill"):
+        run_train(load_config(cfg, ["--train.lr=0.01", "--train.max_steps=3"]), args)
+    assert "starting over" in caplog.text
+    new = json.loads(state.read_text())
+    assert new["steps"] == 3 and new["inputs"]["train"]["lr"] == 0.01 and new["inputs"] != old["inputs"]
+    metrics_steps = [s for s, _ in series(metrics(run_dir), "train/loss")]
+    assert metrics_steps and max(metrics_steps) <= 3  # a fresh log, not the old run's

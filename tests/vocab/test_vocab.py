@@ -1,0 +1,308 @@
+"""The vocabulary stage on tiny teachers of all four tokenizer families."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import PROBE_TEXTS, SENTENCES, in_dir, make_config
+from mergedistill.cli import main
+from mergedistill.config import load_config
+from mergedistill.errors import UserError
+from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, JointVocab
+from mergedistill.vocab.stage import load_vocab
+
+ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe", "zh": "spbpe", "ja": "multi"}
+
+
+def build(workdir, tiny_teachers, tiny_corpora, routing=ROUTING, extra=(), **sections):
+    cfg_path = make_config(workdir / "c.yaml", tiny_teachers, tiny_corpora, routing, **sections)
+    assert main(["vocab", "--config", str(cfg_path), *extra]) == 0
+    cfg = load_config(cfg_path)
+    vocab, record = load_vocab(cfg)
+    return cfg, vocab, record
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_teachers, tiny_corpora):
+    """One unpruned build shared by the read-only tests of this module."""
+    work = tmp_path_factory.mktemp("vocab-build")
+    with in_dir(work):
+        cfg, vocab, record = build(work, tiny_teachers, tiny_corpora)
+    return work, cfg, vocab, record
+
+
+def _student_tok(work, name):
+    return AutoTokenizer.from_pretrained(str(work / "vocab" / "t" / "tokenizers" / name))
+
+
+@pytest.mark.parametrize("name", ["wp", "uni", "spbpe", "bbpe", "multi"])
+def test_student_tokenizer_equals_teacher_through_id_map(built, tiny_teachers, name):
+    work, _, vocab, _ = built
+    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    student = _student_tok(work, name)
+    assert len(student) == vocab.size
+    for text in PROBE_TEXTS:
+        for specials in (True, False):
+            t_ids = teacher(text, add_special_tokens=specials)["input_ids"]
+            s_ids = student(text, add_special_tokens=specials)["input_ids"]
+            assert s_ids == vocab.student_ids(name, np.array(t_ids, dtype=np.int64)).tolist(), (name, text)
+    # pairs, batches with padding, and decoding survive too
+    t_pair = teacher("Hallo Welt", "Привет", add_special_tokens=True)["input_ids"]
+    assert student("Hallo Welt", "Привет")["input_ids"] == vocab.student_ids(name, np.array(t_pair)).tolist()
+    batch = student(PROBE_TEXTS[:3], padding=True)["input_ids"]
+    assert all(len(row) == len(batch[0]) for row in batch) and PAD_ID in sum(batch, [])
+    ids = student(PROBE_TEXTS[2])["input_ids"]
+    assert student.decode(ids, skip_special_tokens=True) == teacher.decode(teacher(PROBE_TEXTS[2])["input_ids"], skip_special_tokens=True)
+
+
+def test_every_teacher_token_has_a_student_id_when_not_pruned(built, tiny_teachers):
+    _, _, vocab, _ = built
+    for name in tiny_teachers:
+        m = vocab.idmaps[name]
+        assert m.dtype == np.int32 and (m >= 0).all() and m.max() < vocab.size
+        assert len(np.unique(m)) == len(m), "two tokens of one teacher share a student id"
+
+
+@pytest.mark.parametrize("name", ["wp", "uni", "spbpe", "bbpe", "multi"])
+def test_special_tokens_are_unified(built, tiny_teachers, name):
+    work, _, vocab, _ = built
+    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    m = vocab.idmaps[name]
+    assert m[teacher.pad_token_id] == PAD_ID
+    assert m[teacher.unk_token_id] == UNK_ID
+    assert m[teacher.cls_token_id] == CLS_ID
+    assert m[teacher.sep_token_id] == SEP_ID
+    assert m[teacher.mask_token_id] == MASK_ID
+    student = _student_tok(work, name)
+    assert student.mask_token == teacher.mask_token and student.mask_token_id == MASK_ID
+    assert student.cls_token_id == CLS_ID and student.pad_token_id == PAD_ID
+
+
+def _sid(vocab, tiny_teachers, name, token):
+    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    tid = teacher.convert_tokens_to_ids(token)
+    assert tid is not None and tid != teacher.unk_token_id, f"{name} has no token {token!r}"
+    return int(vocab.idmaps[name][tid])
+
+
+def test_same_meaning_is_one_student_token_across_families(built, tiny_teachers):
+    _, _, vocab, _ = built
+    # 'the' as a whole word: WordPiece `the`, Unigram `▁the`, byte-level `Ġthe`
+    the = {_sid(vocab, tiny_teachers, "wp", "the"), _sid(vocab, tiny_teachers, "uni", "▁the"),
+           _sid(vocab, tiny_teachers, "multi", "▁the"), _sid(vocab, tiny_teachers, "spbpe", "▁the"),
+           _sid(vocab, tiny_teachers, "bbpe", "Ġthe")}
+    assert len(the) == 1
+    # a continuation: WordPiece `##s`, SentencePiece `s`, byte-level `s`
+    assert _sid(vocab, tiny_teachers, "wp", "##s") == _sid(vocab, tiny_teachers, "uni", "s") == _sid(vocab, tiny_teachers, "bbpe", "s")
+    # ...and a word-initial piece is not a continuation
+    assert _sid(vocab, tiny_teachers, "uni", "▁t") != _sid(vocab, tiny_teachers, "uni", "t")
+    assert set(vocab.teachers_of(next(iter(the)))) == {"wp", "uni", "spbpe", "bbpe", "multi"}
+
+
+def test_joint_size_is_the_union(built, tiny_teachers):
+    _, _, vocab, record = built
+    keys = set(vocab.keys)
+    assert len(keys) == vocab.size == record["size"]
+    total = sum(len(m) for m in vocab.idmaps.values())
+    assert vocab.size < total  # sharing happened
+    overlap = vocab.overlap()
+    assert (overlap.diagonal() == [len(vocab.idmaps[t]) for t in vocab.teachers]).all()
+
+
+def test_artifacts_and_report(built):
+    work, _, vocab, record = built
+    out = work / "vocab" / "t"
+    for f in ["vocab.parquet", "vocab.txt", "report.md", "report.json", "overlap.csv", "fertility.csv", "teachers.csv", "config.yaml"]:
+        assert (out / f).is_file(), f
+    lines = (out / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(lines) == vocab.size + 1
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "Pairwise overlap" in report and "tokens/word" in report and "Embedding parameters" in report
+    fert = json.loads((out / "report.json").read_text())["fertility"]
+    de = next(f for f in fert if f["language"] == "de")
+    assert de["teacher"] == "wp" and de["tokens"] >= de["words"] > 0
+    meta = json.loads((out / "tokenizers" / "wp" / "mergedistill.json").read_text())
+    assert meta["vocab"] == record["vocab"] == vocab.fingerprint() and meta["student_vocab_size"] == vocab.size
+
+
+def test_rerun_skips_and_changed_inputs_rebuild(workdir, tiny_teachers, tiny_corpora, caplog):
+    caplog.set_level("INFO")
+    _, v1, r1 = build(workdir, tiny_teachers, tiny_corpora)
+    stamp = (workdir / "vocab/t/fingerprint.json").stat().st_mtime_ns
+    build(workdir, tiny_teachers, tiny_corpora)
+    assert "skipping" in caplog.text
+    assert (workdir / "vocab/t/fingerprint.json").stat().st_mtime_ns == stamp
+    # a different routing with pruning changes the inputs: rebuilt, a different vocabulary
+    _, v2, r2 = build(workdir, tiny_teachers, tiny_corpora, vocab={"prune": True})
+    assert r2["inputs"] != r1["inputs"] and r2["vocab"] != r1["vocab"] and v2.size < v1.size
+
+
+def test_load_refuses_files_that_do_not_match_the_fingerprint(workdir, tiny_teachers, tiny_corpora):
+    cfg, vocab, _ = build(workdir, tiny_teachers, tiny_corpora)
+    m = np.load(workdir / "vocab/t/idmaps/wp.npy")
+    m[10], m[11] = m[11], m[10]
+    np.save(workdir / "vocab/t/idmaps/wp.npy", m)
+    with pytest.raises(UserError, match="do not match its fingerprint"):
+        load_vocab(cfg)
+
+
+# ---- pruning -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, tiny_teachers, tiny_corpora):
+    work = tmp_path_factory.mktemp("vocab-pruned")
+    with in_dir(work):
+        cfg, vocab, record = build(work, tiny_teachers, tiny_corpora, vocab={"prune": True, "keep_single_chars": False})
+    return work, cfg, vocab, record
+
+
+@pytest.mark.parametrize("lang", list(ROUTING))
+def test_pruned_tokenizer_is_exact_on_the_scanned_corpora(pruned, tiny_teachers, lang):
+    work, cfg, vocab, _ = pruned
+    name = ROUTING[lang]
+    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    student = _student_tok(work, name)
+    for line in SENTENCES[lang]:
+        t_ids = teacher(line)["input_ids"]
+        assert (vocab.idmaps[name][t_ids] >= 0).all(), "a token the teacher produced on its corpus was pruned"
+        assert student(line)["input_ids"] == vocab.student_ids(name, np.array(t_ids)).tolist()
+
+
+def test_pruning_keeps_only_produced_tokens_and_specials(pruned, tiny_teachers):
+    _, _, vocab, _ = pruned
+    name = "wp"
+    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    produced = {i for lang in ("en", "de") for line in SENTENCES[lang] for i in teacher(line, add_special_tokens=False)["input_ids"]}
+    kept = set(np.flatnonzero(vocab.idmaps[name] >= 0).tolist())
+    specials = set(teacher.all_special_ids)
+    assert kept == produced | specials
+    # a token of this teacher that its corpora never produce is gone, and maps to [UNK]
+    gone = sorted(set(range(len(teacher))) - kept)[0]
+    assert vocab.idmaps[name][gone] == -1 and vocab.student_ids(name, np.array([gone]))[0] == UNK_ID
+
+
+def test_pruned_bpe_keeps_the_merge_parts(pruned, tiny_teachers):
+    _, _, vocab, _ = pruned
+    tj = json.loads((tiny_teachers["bbpe"] / "tokenizer.json").read_text())
+    kept_tokens = {t for t, i in tj["model"]["vocab"].items() if vocab.idmaps["bbpe"][i] >= 0}
+    for a, b in (m.split(" ") if isinstance(m, str) else m for m in tj["model"]["merges"]):
+        if a + b in kept_tokens:
+            assert a in kept_tokens and b in kept_tokens, (a, b)
+
+
+def test_unseen_text_still_tokenizes_after_pruning(pruned, tiny_teachers):
+    work, *_ = pruned
+    student = _student_tok(work, "bbpe")
+    ids = student("Ελληνικά 😀 unseen words")["input_ids"]
+    assert ids[0] == CLS_ID and ids[-1] == SEP_ID and len(ids) > 3
+
+
+def test_pruning_report_counts_saved_parameters(pruned):
+    work, cfg, vocab, _ = pruned
+    stats = json.loads((work / "vocab/t/report.json").read_text())
+    emb = stats["embedding_params"]
+    assert stats["joint_size"] == vocab.size < stats["joint_size_unpruned"]
+    assert emb["before"] - emb["after"] == (stats["joint_size_unpruned"] - vocab.size) * (cfg.student.hidden + 1)
+    assert "after pruning" in (work / "vocab/t/report.md").read_text()
+
+
+def test_prune_scans_are_cached_for_resumption(workdir, tiny_teachers, tiny_corpora):
+    build(workdir, tiny_teachers, tiny_corpora, vocab={"prune": True})
+    cached = sorted((workdir / "vocab/.cache/t").glob("counts-*.npy"))
+    assert len(cached) == len(ROUTING)
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    # as after a kill: one scan's result is missing; a rerun recomputes only that one
+    cached[0].unlink()
+    _, vocab, _ = build(workdir, tiny_teachers, tiny_corpora, extra=["--force"], vocab={"prune": True})
+    assert cached[0].exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != cached[0])
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, teachers=None, corpora=None, routing=None, **sections):
+    cfg_path = make_config(workdir / "c.yaml", teachers or tiny_teachers, corpora or tiny_corpora, routing or ROUTING, **sections)
+    code = main(["vocab", "--config", str(cfg_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not (workdir / "vocab" / "t").exists(), "a failed run left an output folder"
+    assert not list((workdir / "vocab").glob(".t.*")) if (workdir / "vocab").exists() else True
+    return err
+
+
+def test_missing_teacher_folder(workdir, tiny_teachers, tiny_corpora, capsys):
+    teachers = dict(tiny_teachers, wp=workdir / "nowhere")
+    err = _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, teachers=teachers)
+    assert "teachers.wp.path: no folder" in err and "make teachers" in err
+
+
+def test_folder_without_tokenizer(workdir, tiny_teachers, tiny_corpora, capsys):
+    empty = workdir / "empty_teacher"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    err = _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, teachers=dict(tiny_teachers, uni=empty))
+    assert "teachers.uni: folder" in err and "has no tokenizer" in err
+
+
+def test_tokenizer_without_mask_token(workdir, tiny_teachers, tiny_corpora, capsys):
+    nomask = workdir / "nomask"
+    shutil.copytree(tiny_teachers["wp"], nomask)
+    cfg = json.loads((nomask / "tokenizer_config.json").read_text())
+    cfg.pop("mask_token")
+    (nomask / "tokenizer_config.json").write_text(json.dumps(cfg))
+    err = _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, teachers=dict(tiny_teachers, wp=nomask))
+    assert "teachers.wp" in err and "has no mask token" in err
+
+
+def test_empty_corpus(workdir, tiny_teachers, tiny_corpora, capsys):
+    empty = workdir / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    err = _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, corpora=dict(tiny_corpora, de=empty))
+    assert "languages.de.train" in err and "is empty" in err
+
+
+def test_non_utf8_corpus(workdir, tiny_teachers, tiny_corpora, capsys):
+    latin = workdir / "latin1.txt"
+    latin.write_bytes("Grüße aus Köln\n".encode("latin-1"))
+    err = _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, corpora=dict(tiny_corpora, fr=latin))
+    assert "languages.fr.train" in err and "is not UTF-8" in err and "iconv" in err
+
+
+def test_unknown_config_key(workdir, tiny_teachers, tiny_corpora, capsys):
+    err = _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, vocab={"prun": True})
+    assert "vocab.prun: unknown key; did you mean 'prune'?" in err
+
+
+def test_several_bad_inputs_reported_together(workdir, tiny_teachers, tiny_corpora, capsys):
+    empty = workdir / "empty.txt"
+    empty.write_text("")
+    nomask = workdir / "nomask2"
+    shutil.copytree(tiny_teachers["uni"], nomask)
+    cfg = json.loads((nomask / "tokenizer_config.json").read_text())
+    cfg.pop("mask_token")
+    (nomask / "tokenizer_config.json").write_text(json.dumps(cfg))
+    err = _run_bad(workdir, tiny_teachers, tiny_corpora, capsys, teachers=dict(tiny_teachers, uni=nomask), corpora=dict(tiny_corpora, zh=empty))
+    assert "has no mask token" in err and "languages.zh.train" in err
+
+
+def test_failure_while_writing_leaves_no_output(workdir, tiny_teachers, tiny_corpora, monkeypatch, capsys):
+    import mergedistill.vocab.stage as stage
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(stage, "write_report", boom)
+    cfg_path = make_config(workdir / "c.yaml", tiny_teachers, tiny_corpora, ROUTING)
+    assert main(["vocab", "--config", str(cfg_path)]) == 1
+    assert not (workdir / "vocab" / "t").exists()
+    assert not [p for p in (workdir / "vocab").iterdir() if p.name.startswith(".t.")]
+
+
+def test_joint_vocab_save_load_round_trip(built, tmp_path):
+    _, _, vocab, _ = built
+    vocab.save(tmp_path)
+    again = JointVocab.load(tmp_path, vocab.teachers)
+    assert again.keys == vocab.keys and again.fingerprint() == vocab.fingerprint()
+    assert (again.provenance == vocab.provenance).all()
