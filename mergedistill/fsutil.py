@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -12,10 +13,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def public_mode(fd: int) -> None:
+    """Give a mkstemp file (created 0600) the permissions an ordinary open() would: 0666 minus umask."""
+    os.fchmod(fd, 0o666 & ~_UMASK)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -23,11 +32,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        public_mode(fd)  # mkstemp makes 0600 files; outputs are for everyone to read
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,7 +55,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
     except BaseException:
@@ -72,3 +81,17 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_json_or_none(path: str | os.PathLike, log: logging.Logger | None = None) -> dict | None:
+    """The JSON object in `path`, or None if it is missing or unreadable (then a warning says which:
+    the caller rebuilds what it describes)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        (log or logging.getLogger(__name__)).warning("ignoring unreadable %s (%s); it will be rewritten", path, e)
+        return None
+    return obj if isinstance(obj, dict) else None

@@ -15,7 +15,7 @@ import pytest
 
 from mergedistill.demo.corpora import build_corpora, language
 from mergedistill.demo.corpora.__main__ import main
-from mergedistill.demo.corpora.manifest import sha256_file
+from mergedistill.fsutil import sha256_file
 from mergedistill.demo.corpora.sources import LanguageSpec, PackageError, PackageSpec, TreeSource
 from mergedistill.errors import UserError
 
@@ -222,7 +222,7 @@ def test_failed_download_leaves_no_complete_looking_output(built, tmp_path):
     assert "fortunes-de" in message and "apt-get download fortunes-de=0-test" in message
     assert f"python -m mergedistill.demo.corpora --out {out} --langs de" in message
     assert not (out / "manifest.json").exists() and not (out / "de").exists()
-    assert not list(out.glob(".tmp-*")) and not list((out / ".cache").glob("unpack/*"))
+    assert not list(out.glob(".*.partial")) and not list((out / ".cache").glob("unpack/*"))
     # The retry reuses the finished language (en) and the cached extractions.
     result = build_corpora(out, ["de", "en"], jobs=1, source=TreeSource(built[1]), languages=SPECS)
     assert result.built == ["de"] and result.reused == ["en"] and (out / "manifest.json").exists()
@@ -250,7 +250,7 @@ def test_crash_while_writing_keeps_the_old_folder_and_no_manifest(built, tmp_pat
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_corpora(out, ["de"], jobs=1, source=NoFetchSource(built[1]), languages=SPECS, force=True)
     assert not (out / "manifest.json").exists()  # the corpus no longer claims to be complete
-    assert {p.name: sha256_file(p) for p in (out / "de").iterdir()} == old and not list(out.glob(".tmp-*"))
+    assert {p.name: sha256_file(p) for p in (out / "de").iterdir()} == old and not list(out.glob(".*.partial"))
     monkeypatch.setattr(language, "write_splits", real)
     result = build_corpora(out, ["de", "en"], jobs=1, source=NoFetchSource(built[1]), languages=SPECS)
     assert result.reused == ["de", "en"] and not result.built and (out / "manifest.json").exists()

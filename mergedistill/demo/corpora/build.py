@@ -13,20 +13,18 @@ import logging
 import shutil
 import tempfile
 import time
-import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from mergedistill.errors import UserError
-from mergedistill.fsutil import write_text_atomic
+from mergedistill.fsutil import read_json_or_none, write_json_atomic, write_text_atomic
 
 from . import cache
 from .extract import extract_documents, groff_problem
 from .language import build_language, fingerprint
-from .manifest import (FORMAT, LANG_META, MANIFEST, REPORT, format_markdown, format_table, load_json,
-                       manifest_document, verify_language, write_json_atomic)
+from .manifest import FORMAT, LANG_META, MANIFEST, REPORT, format_markdown, format_table, manifest_document, verify_language
 from .sources import LANGUAGES, AptSource, LanguageSpec, PackageError, PackageSource, PackageSpec
 
 logger = logging.getLogger(__name__)
@@ -83,9 +81,9 @@ def _retry_command(out: Path, langs: Sequence[str]) -> str:
 
 
 def _remove_leftovers(out: Path) -> None:
-    """Scratch of killed runs: `.tmp-*`/`.old-*` language folders, unpack and download dirs, stale
-    extracted text. (One build per output folder at a time.)"""
-    scratch = [*out.glob(".tmp-*"), *out.glob(".old-*"), out / ".cache" / "unpack", *out.glob(".cache/debs/.dl-*")]
+    """Scratch of killed runs: half-written (`.<lang>.*.partial`) and replaced (`.<lang>.old-*`) language
+    folders, unpack and download dirs, stale extracted text. (One build per output folder at a time.)"""
+    scratch = [*out.glob(".*.partial"), *out.glob(".*.old-*"), out / ".cache" / "unpack", *out.glob(".cache/debs/.dl-*")]
     for p in scratch:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -124,7 +122,7 @@ def build_corpora(out: Path | str = "corpora", langs: Sequence[str] | None = Non
     cache_dir = out / ".cache"
     source = source if source is not None else AptSource(cache_dir / "debs")
 
-    old = load_json(out / MANIFEST) or {}
+    old = read_json_or_none(out / MANIFEST) or {}
     old_entries: dict = old.get("languages", {}) if old.get("format") == FORMAT else {}
     if not force and old_entries:
         reasons = {lang: verify_language(out / lang, old_entries.get(lang), fingerprint(languages[lang]))
@@ -147,7 +145,7 @@ def build_corpora(out: Path | str = "corpora", langs: Sequence[str] | None = Non
     reused, todo = [], []
     for lang in langs:
         reason = "--force" if force else "not built yet"
-        for candidate in ([] if force else [old_entries.get(lang), load_json(out / lang / LANG_META)]):
+        for candidate in ([] if force else [old_entries.get(lang), read_json_or_none(out / lang / LANG_META)]):
             if candidate:
                 reason = verify_language(out / lang, candidate, fingerprint(languages[lang]))
                 if reason is None:
@@ -192,7 +190,6 @@ def _build_languages(out: Path, cache_dir: Path, specs: list[LanguageSpec], sour
 
     owner = {p.name: s.code for s in reversed(specs) for p in s.packages}
     by_name = {p.name: p for s in specs for p in s.packages}
-    run_id = uuid.uuid4().hex[:8]
     summaries: dict[str, dict] = {}
     failed: dict[str, str] = {}
     executor = ProcessPoolExecutor(max_workers=jobs) if jobs > 1 else _InlineExecutor()
@@ -218,7 +215,7 @@ def _build_languages(out: Path, cache_dir: Path, specs: list[LanguageSpec], sour
                 if all(p.name in summaries for p in spec.packages):
                     started.add(spec.code)
                     pkgs = [(p, versions[p.name], summaries[p.name]) for p in spec.packages]
-                    pending[executor.submit(build_language, spec, pkgs, cache_dir, out, run_id)] = ("lang", spec.code)
+                    pending[executor.submit(build_language, spec, pkgs, cache_dir, out)] = ("lang", spec.code)
 
         submit_ready()
         while pending:
@@ -242,8 +239,6 @@ def _build_languages(out: Path, cache_dir: Path, specs: list[LanguageSpec], sour
             submit_ready()
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
-        for tmp in out.glob(f".tmp-*-{run_id}"):
-            shutil.rmtree(tmp, ignore_errors=True)
         try:
             (cache_dir / "unpack").rmdir()  # empty once every worker has cleaned up after itself
         except OSError:

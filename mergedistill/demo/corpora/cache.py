@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .extract import EXTRACT_VERSION, Document
-from .manifest import load_json, public_mode, write_json_atomic
+from mergedistill.fsutil import public_mode, read_json_or_none, write_json_atomic
 
 
 def text_paths(cache_dir: Path, name: str, version: str) -> tuple[Path, Path]:
@@ -41,7 +41,7 @@ def prune_stale(cache_dir: Path) -> int:
 def read_summary(cache_dir: Path, name: str, version: str) -> dict | None:
     """The summary of a complete cache entry, or None if the entry is missing or half-written."""
     data, summary = text_paths(cache_dir, name, version)
-    info = load_json(summary)
+    info = read_json_or_none(summary)
     return info if info is not None and data.is_file() else None
 
 

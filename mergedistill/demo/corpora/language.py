@@ -1,6 +1,6 @@
 """One language's corpus from its packages' extracted text: clean, split by document, write atomically.
 
-The folder is written under a temporary name (`.tmp-<lang>-<run>`) with its own manifest entry
+The folder is written under a temporary name (`fsutil.atomic_dir`) with its own manifest entry
 (`meta.json`) and renamed to `<lang>/` only when every file is complete.
 """
 from __future__ import annotations
@@ -8,15 +8,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
+from mergedistill.fsutil import atomic_dir, write_json_atomic
+
 from .cache import read_documents
 from .clean import Deduplicator, EnglishFilter, clean_paragraphs, size
 from .extract import Document
-from .manifest import LANG_META, write_json_atomic
+from .manifest import LANG_META
 from .sources import LanguageSpec, PackageSpec
 from .split import SPLITS, fill_empty_splits, split_of
 
@@ -106,19 +107,8 @@ def write_splits(folder: Path, by_split: dict[str, list[Document]], unit: str, c
     return files
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place; an older one is renamed aside first and then deleted."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_language(spec: LanguageSpec, packages: list[tuple[PackageSpec, str, dict]], cache_dir: Path,
-                   out: Path, run_id: str) -> dict:
+                   out: Path) -> dict:
     """Build `out/<lang>/` from the cached text of `packages` ([(spec, version, extraction summary)]);
     returns its manifest entry (also stored as `out/<lang>/meta.json`)."""
     t0 = time.monotonic()
@@ -126,10 +116,7 @@ def build_language(spec: LanguageSpec, packages: list[tuple[PackageSpec, str, di
     dropped: Counter = Counter()
     by_split = clean_documents(spec, docs, dropped)
     unit = "chars" if spec.cjk else "words"
-    tmp = out / f".tmp-{spec.code}-{run_id}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out / spec.code) as tmp:
         files = write_splits(tmp, by_split, unit, spec.cjk)
         entry = {
             "fingerprint": fingerprint(spec),
@@ -142,8 +129,4 @@ def build_language(spec: LanguageSpec, packages: list[tuple[PackageSpec, str, di
             "build_time_s": round(time.monotonic() - t0, 1),
         }
         write_json_atomic(tmp / LANG_META, entry)
-        replace_dir(tmp, out / spec.code)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return entry

@@ -6,13 +6,10 @@ renamed into place with the folder), so an interrupted run can reuse finished la
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+
+from mergedistill.fsutil import read_json_or_none, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -20,58 +17,6 @@ FORMAT = "mergedistill.demo.corpora/1"
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 LANG_META = "meta.json"
-
-
-def _read_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()  # read once, at import: os.umask can only be read by setting it
-
-
-def public_mode(fd: int) -> None:
-    """Give a mkstemp file (created 0600) the permissions an ordinary open() would: 0666 minus umask."""
-    os.fchmod(fd, 0o666 & ~_UMASK)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, then os.replace: readers see the old
-    file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        public_mode(fd)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None if it is missing or unreadable (a warning says which)."""
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        logger.warning("ignoring unreadable %s (%s); it will be rewritten", path, e)
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def verify_language(lang_dir: Path, entry: dict | None, fingerprint: dict) -> str | None:
