@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from mergedistill.config import load_config  # noqa: E402
 from mergedistill.data.stage import Shard, ShardBuilder  # noqa: E402
 from mergedistill.data.masking import mask_tokens  # noqa: E402
-from mergedistill.data.packing import pack_lines  # noqa: E402
+from mergedistill.data.packing import pack_documents  # noqa: E402
 from mergedistill.progress import Progress  # noqa: E402
 from mergedistill.data.topk import topk_naive  # noqa: E402
 from mergedistill.teachers import load_all_tokenizers  # noqa: E402
@@ -51,16 +51,13 @@ def naive_pass(builder: ShardBuilder, lines: list[str], cfg) -> int:
 
     d = cfg.data
     enc = builder.t.backend.encode_batch(lines, add_special_tokens=False)
-    seqs = pack_lines([e.ids for e in enc], None, d.seq_len, builder.cls, builder.sep)
-    ids = torch.full((len(seqs), d.seq_len), builder.pad, dtype=torch.long)  # padded to max length
-    lengths = torch.tensor([len(s) for s, _ in seqs])
-    for i, (s, _) in enumerate(seqs):
-        ids[i, : len(s)] = torch.from_numpy(s)
-    special = torch.isin(ids, builder.special_ids) | (torch.arange(d.seq_len)[None] >= lengths[:, None])
+    packed = pack_documents([e.ids for e in enc], d.seq_len, builder.layout, builder.pad)
+    ids = packed.input_ids.long()  # (S, seq_len): padded to max length
+    special = torch.isin(ids, builder.special_ids) | ~packed.attention_mask
     gen = torch.Generator().manual_seed(_seed(d.seed, "bench", "train", 0, 0))
     mb = mask_tokens(ids, special, builder.mask, builder.candidates, d.mask_prob, gen)
-    att = (~(torch.arange(d.seq_len)[None] >= lengths[:, None])).long()
-    for b in range(0, len(seqs), d.batch_size):
+    att = packed.attention_mask.long()
+    for b in range(0, len(packed), d.batch_size):
         sl = slice(b, b + d.batch_size)
         t_ids, _ = topk_naive(builder.model, mb.input_ids[sl], att[sl], mb.selected[sl], d.top_k, builder.allowed)
         builder.idmap[t_ids.numpy()]  # the same mapping to student ids

@@ -30,3 +30,9 @@ class Progress:
     @property
     def seconds(self) -> float:
         return time.monotonic() - self.start
+
+
+def format_duration(seconds: float) -> str:
+    """`95` -> `1m35s`; under a minute, `42s`."""
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

@@ -4,7 +4,7 @@ from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedL
 
 from conftest import PATTERN_SENTENCES, tiny_model, tiny_tokenizer
 from mergedistill.mlm_models import build_mlm, masked_logits, usable_positions
-from mergedistill.demo.pretrain import pack_texts
+from mergedistill.data.packing import pack_texts
 
 CLASSES = {"wordpiece": BertForMaskedLM, "unigram": XLMRobertaForMaskedLM, "sp-bpe": XLMRobertaForMaskedLM,
            "byte-bpe": RobertaForMaskedLM}

@@ -1,7 +1,8 @@
 """BERT-style masked-LM corruption as pure tensor functions.
 
-Used by plain MLM pre-training (`pretrain.py`, dynamic masking per batch), by the intrinsic metrics
-(`metrics.py`, a fixed-seed mask) and by the data stage (masked corpora for distillation).
+Used by the data stage (masked corpora for distillation), by the intrinsic metrics (`eval/metrics.py`,
+a fixed-seed mask: `fixed_masked_set`) and by the demo's pre-training (dynamic masking per batch:
+`MLMCollator`).
 
 Selection follows BERT's `create_pretraining_data`: per sequence, a fixed number of positions
 (`round(mask_prob * eligible)`, at least one when anything is eligible) is drawn without replacement
@@ -12,9 +13,14 @@ selected positions 80% become the mask token, 10% a random non-special token, 10
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from mergedistill.data.packing import Packed
 
 IGNORE_INDEX = -100
 """Label value ignored by `torch.nn.functional.cross_entropy` (and by the transformers MLM heads)."""
@@ -149,3 +155,41 @@ def mask_tokens(
     selected = select_positions(special_mask, mask_prob, generator=generator, word_ids=word_ids)
     return corrupt(input_ids, selected, mask_token_id, candidates, generator=generator,
                    replace_prob=replace_prob, random_prob=random_prob)
+
+
+class MLMCollator:
+    """Gathers rows of a Packed set and masks them afresh (dynamic masking): each call draws from one
+    generator, so a run's masks are reproducible given its seed and data order."""
+
+    def __init__(self, packed: Packed, tokenizer: PreTrainedTokenizerBase, mask_prob: float, seed: int = 0,
+                 whole_word_mask: bool = False, replace_prob: float = 0.8, random_prob: float = 0.1,
+                 generator: torch.Generator | None = None):
+        if whole_word_mask and packed.word_ids is None:
+            raise ValueError("whole_word_mask needs word ids: tokenize with with_words=True")
+        self.packed = packed
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.mask_id = tokenizer.mask_token_id
+        self.candidates = random_candidates(len(tokenizer), tokenizer.all_special_ids)
+        self.mask_prob = mask_prob
+        self.whole_word_mask = whole_word_mask
+        self.replace_prob, self.random_prob = replace_prob, random_prob
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        ids = self.packed.input_ids[idx].long()  # (B, L)
+        att = self.packed.attention_mask[idx]  # (B, L)
+        special = special_positions(ids, self.special_ids) | ~att
+        words = self.packed.word_ids[idx].long() if self.whole_word_mask else None  # type: ignore[index]
+        m = mask_tokens(ids, special, self.mask_id, self.candidates, self.mask_prob, self.generator, words,
+                        self.replace_prob, self.random_prob)
+        return {"input_ids": m.input_ids, "attention_mask": att.long(), "labels": m.labels}
+
+
+def fixed_masked_set(packed: Packed, tokenizer: PreTrainedTokenizerBase, mask_prob: float, seed: int,
+                     limit: int | None = None, replace_prob: float = 0.8, random_prob: float = 0.1) -> dict[str, torch.Tensor]:
+    """The first `limit` sequences of `packed`, masked once with `seed`: an evaluation set whose masks
+    do not change between evaluations. Returns input_ids, attention_mask, labels, each (N, L)."""
+    n = len(packed) if limit is None else min(limit, len(packed))
+    collate = MLMCollator(packed, tokenizer, mask_prob, seed, replace_prob=replace_prob, random_prob=random_prob)
+    return collate(list(range(n)))

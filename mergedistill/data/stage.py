@@ -29,13 +29,15 @@ from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json, write_json_atomic
 from mergedistill.progress import Progress
+from mergedistill.data.packing import SpecialLayout, pack_documents
 from mergedistill.data.shards import SHARD_FORMAT, id_dtype, shard_record, write_shard
 from mergedistill.teachers import TeacherTokenizer, load_all_tokenizers, model_fingerprint
 from mergedistill.vocab.joint import UNK_ID, JointVocab
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
-DATA_FORMAT = 1
+DATA_FORMAT = 2
+"""2: sequences packed in the teacher's own pair layout (RoBERTa-style teachers: `</s></s>` between lines)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,17 @@ def file_in_store(shards: list[Shard]) -> None:
             _link(s.path, _stored(s))
 
 
+# ---- one shard ----
+def teacher_layout(t: TeacherTokenizer) -> SpecialLayout:
+    """How the teacher's own tokenizer lays out a pair of texts (its post-processor), which is how its
+    sequences are packed; `[CLS] a [SEP] b [SEP]` for a tokenizer that adds no special tokens itself."""
+    layout = SpecialLayout.of(t.backend)
+    if not layout.prefix and not layout.suffix:
+        sp = t.special_ids()
+        layout = SpecialLayout([sp["cls"]], [sp["sep"]], [sp["sep"]])
+    return layout
+
+
 # ---- one shard -----------------------------------------------------------------------------------
 class ShardBuilder:
     """Builds the shards of one teacher in one process (the teacher model loaded once)."""
@@ -166,6 +179,7 @@ class ShardBuilder:
         self.ids_dtype = id_dtype(vocab.size)
         sp = t.special_ids()
         self.cls, self.sep, self.mask, self.pad = sp["cls"], sp["sep"], sp["mask"], sp["pad"]
+        self.layout = teacher_layout(t)
         specials = {self.cls, self.sep, self.mask, self.pad}
         self.special_ids = torch.tensor(sorted(specials))
         n_model = model.get_output_embeddings().weight.shape[0]
@@ -179,33 +193,27 @@ class ShardBuilder:
         import torch
 
         from mergedistill.data.masking import mask_tokens
-        from mergedistill.data.packing import pack_lines
         from mergedistill.data.topk import topk_at_masked
 
         d = self.cfg.data
         enc = self.t.backend.encode_batch(lines, add_special_tokens=False)
-        seqs = pack_lines([e.ids for e in enc], [e.word_ids for e in enc] if d.whole_word_mask else None, d.seq_len, self.cls, self.sep)
+        words = [[-1 if w is None else w for w in e.word_ids] for e in enc] if d.whole_word_mask else None
+        packed = pack_documents([e.ids for e in enc], d.seq_len, self.layout, self.pad, words)
         copies = d.dupe_factor if shard.split == "train" else 1
         rows: dict[str, list[np.ndarray]] = {c: [] for c in ("input_ids", "positions", "labels", "topk_ids", "topk_logits")}
-        n_tok = sum(len(s) for s, _ in seqs)
-        if seqs:
-            lengths = np.array([len(s) for s, _ in seqs])
-            width = int(lengths.max())
-            ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)  # (S, W)
-            words = torch.full((len(seqs), width), -1, dtype=torch.long)
-            for i, (s, w) in enumerate(seqs):
-                ids[i, : len(s)] = torch.from_numpy(s)
-                words[i, : len(s)] = torch.from_numpy(w)
-            special = torch.isin(ids, self.special_ids)
-            special |= torch.arange(width)[None, :] >= torch.from_numpy(lengths)[:, None]  # padding
+        n_tok = int(packed.attention_mask.sum())
+        if len(packed):
+            lengths = packed.attention_mask.sum(1).numpy()  # (S,)
+            ids = packed.input_ids.long()  # (S, seq_len), padded with the teacher's pad id
+            special = torch.isin(ids, self.special_ids) | ~packed.attention_mask
             order = np.argsort(-lengths, kind="stable")  # batch by length: little padding
             for copy in range(copies):
                 gen = torch.Generator().manual_seed(_seed(d.seed, shard.lang, shard.split, shard.index, copy))
                 mb = mask_tokens(ids, special, self.mask, self.candidates, d.mask_prob, gen,
-                                 word_ids=words if d.whole_word_mask else None)
-                top_ids = [None] * len(seqs)
-                top_val = [None] * len(seqs)
-                for b in range(0, len(seqs), d.batch_size):
+                                 word_ids=packed.word_ids.long() if d.whole_word_mask else None)
+                top_ids = [None] * len(packed)
+                top_val = [None] * len(packed)
+                for b in range(0, len(packed), d.batch_size):
                     idx = order[b: b + d.batch_size]
                     w = int(lengths[idx].max())
                     x = mb.input_ids[idx, :w]  # (B, w)
@@ -218,7 +226,7 @@ class ShardBuilder:
                     for j, c in zip(idx.tolist(), counts):
                         top_ids[j], top_val[j] = t_ids[start: start + c], t_val[start: start + c]
                         start += c
-                for i in range(len(seqs)):
+                for i in range(len(packed)):
                     n = lengths[i]
                     pos = mb.selected[i, :n].nonzero().squeeze(1).numpy()
                     student_in = self.idmap[mb.input_ids[i, :n].numpy()]
@@ -412,6 +420,9 @@ def load_manifest(cfg: RunConfig, vocab_fp: str) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no manifest; run `mergedistill data --config <this config>` first")
     m = read_json(path)
+    if m.get("format") != DATA_FORMAT:
+        raise UserError(f"{path}: shards in data format {m.get('format')}, written by an older mergedistill; this version reads "
+                        f"format {DATA_FORMAT}: rerun `mergedistill data` to rebuild them")
     if m.get("vocab") != vocab_fp:
         raise UserError(f"{path}: shards were built for vocabulary {m.get('vocab')}, but {vocab_fp} is this run's; "
                         "rerun `mergedistill data` to rebuild them")

@@ -24,20 +24,21 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mergedistill.data.masking import IGNORE_INDEX, MLMCollator, fixed_masked_set
+from mergedistill.data.packing import Packed, SpecialLayout, pack_documents, tokenize_documents
 from mergedistill.fsutil import atomic_dir, write_json_atomic
-from mergedistill.data.masking import IGNORE_INDEX, mask_tokens, random_candidates, special_positions
 from mergedistill.mlm_models import masked_logits
+from mergedistill.progress import format_duration
 from mergedistill.train.batches import log_unigram_prior
 from mergedistill.train.batches import sampling_probs as language_sampling_probs
+from mergedistill.train.optim import adamw, with_schedule
+from mergedistill.train.progress import TrainProgress
 
 log = logging.getLogger(__name__)
 
@@ -151,60 +152,6 @@ def available_cores() -> int:
 
 
 @dataclass
-class SpecialLayout:
-    """Special ids the tokenizer's post-processor puts around one text (prefix ... suffix) and between
-    the two texts of a pair (mid). BERT: [CLS] / [SEP] / [SEP]; RoBERTa, XLM-R: <s> / </s></s> / </s>."""
-
-    prefix: list[int]
-    mid: list[int]
-    suffix: list[int]
-
-    @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialLayout":
-        # Encode a pair and read the added tokens off the encoding itself, so any template works.
-        enc = plain_backend(tokenizer).encode("a", "b", add_special_tokens=True)
-        seq = enc.sequence_ids
-        first_a, first_b = seq.index(0), seq.index(1)
-        last_a = max(i for i, s in enumerate(seq) if s == 0)
-        last_b = max(i for i, s in enumerate(seq) if s == 1)
-        ids = enc.ids
-        return cls(prefix=ids[:first_a], mid=ids[last_a + 1:first_b], suffix=ids[last_b + 1:])
-
-
-def plain_backend(tokenizer: PreTrainedTokenizerBase):
-    """The tokenizer's Rust backend with no truncation or padding. transformers leaves the backend
-    truncating after a call with `truncation=True`; a copy keeps the caller's tokenizer as it was."""
-    backend = tokenizer.backend_tokenizer
-    if backend.truncation is None and backend.padding is None:
-        return backend
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_truncation()
-    copy.no_padding()
-    return copy
-
-
-def tokenize_documents(
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    batch_size: int = 1000,
-    with_words: bool = False,
-) -> tuple[list[list[int]], list[list[int]] | None]:
-    """Token ids of each text without specials (batched through the fast tokenizer), and with
-    `with_words` the word index of each token (-1 where the tokenizer gives none)."""
-    # The backend (Rust) tokenizer directly: documents longer than model_max_length are the point
-    # here (packing cuts them), so the wrapper's "sequence too long" warning would be noise.
-    backend = plain_backend(tokenizer)
-    ids: list[list[int]] = []
-    words: list[list[int]] | None = [] if with_words else None
-    for start in range(0, len(texts), batch_size):
-        for enc in backend.encode_batch(list(texts[start:start + batch_size]), add_special_tokens=False):
-            ids.append(enc.ids)
-            if words is not None:
-                words.append([-1 if w is None else w for w in enc.word_ids])
-    return ids, words
-
-
-@dataclass
 class Documents:
     """A tokenized corpus: documents (no specials) in groups, e.g. one group per language."""
 
@@ -239,110 +186,6 @@ def tokenize_corpus(tokenizer: PreTrainedTokenizerBase, texts_by_group: Sequence
     return Documents(ids, groups, words)
 
 
-@dataclass
-class Packed:
-    """Fixed-length sequences ready for masking."""
-
-    input_ids: torch.Tensor
-    """(N, L) int32 ids, padded with the pad id."""
-    attention_mask: torch.Tensor
-    """(N, L) bool, False on padding."""
-    word_ids: torch.Tensor | None = None
-    """(N, L) int32 word index within the sequence (-1: special or padding), for whole-word masking."""
-    groups: torch.Tensor | None = None
-    """(N,) long group (language) of each sequence; None: all one group."""
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
-    @staticmethod
-    def concat(parts: Sequence["Packed"]) -> "Packed":
-        words = torch.cat([p.word_ids for p in parts]) if all(p.word_ids is not None for p in parts) else None  # type: ignore[misc]
-        groups = torch.cat([p.groups if p.groups is not None else torch.zeros(len(p), dtype=torch.long) for p in parts])
-        return Packed(torch.cat([p.input_ids for p in parts]), torch.cat([p.attention_mask for p in parts]), words, groups)
-
-    def head(self, n: int) -> "Packed":
-        return Packed(self.input_ids[:n], self.attention_mask[:n],
-                      None if self.word_ids is None else self.word_ids[:n], None if self.groups is None else self.groups[:n])
-
-
-def pack_documents(
-    docs: Sequence[Sequence[int]],
-    seq_len: int,
-    layout: SpecialLayout,
-    pad_id: int,
-    words: Sequence[Sequence[int]] | None = None,
-) -> Packed:
-    """Greedily pack whole documents, in order, into sequences of `seq_len`:
-    prefix d1 mid d2 mid ... dk suffix, then padding. A document that does not fit in an empty
-    sequence is cut into full-length chunks (each its own sequence); its tail packs on as usual.
-    A document never continues across sequences except by that cut."""
-    room = seq_len - len(layout.prefix) - len(layout.suffix)  # content tokens in an empty sequence
-    if room < 1:
-        raise ValueError(f"seq_len {seq_len} leaves no room beside the special tokens {layout}")
-    rows: list[list[int]] = []
-    word_rows: list[list[int]] = []
-    cur: list[int] = []
-    cur_w: list[int] = []
-    n_words = 0  # words already in `cur`: word ids are renumbered to stay unique within a sequence
-
-    def flush() -> None:
-        nonlocal cur, cur_w, n_words
-        if cur:
-            rows.append(layout.prefix + cur + layout.suffix)
-            word_rows.append([-1] * len(layout.prefix) + cur_w + [-1] * len(layout.suffix))
-        cur, cur_w, n_words = [], [], 0
-
-    def add(piece: Sequence[int], piece_w: Sequence[int]) -> None:
-        nonlocal n_words
-        if cur:
-            cur.extend(layout.mid)
-            cur_w.extend([-1] * len(layout.mid))
-        cur.extend(piece)
-        present = [w for w in piece_w if w >= 0]
-        if present:
-            base = min(present)
-            cur_w.extend(w - base + n_words if w >= 0 else -1 for w in piece_w)
-            n_words += max(present) - base + 1
-        else:
-            cur_w.extend([-1] * len(piece))
-
-    for d, doc in enumerate(docs):
-        if not doc:
-            continue
-        doc_w = words[d] if words is not None else [-1] * len(doc)
-        assert len(doc_w) == len(doc), "one word id per token"
-        while len(doc) > room:  # cut what cannot fit even an empty sequence
-            flush()
-            add(doc[:room], doc_w[:room])
-            flush()
-            doc, doc_w = doc[room:], doc_w[room:]
-        if cur and len(cur) + len(layout.mid) + len(doc) > room:
-            flush()
-        add(doc, doc_w)
-    flush()
-
-    # Fill (N, L) arrays in one go: flat values + the flat positions they go to.
-    n = len(rows)
-    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
-    flat_pos = (np.repeat(np.arange(n) * seq_len, lengths) + np.arange(int(lengths.sum()))
-                - np.repeat(np.cumsum(lengths) - lengths, lengths))
-    ids = np.full(n * seq_len, pad_id, dtype=np.int32)
-    ids[flat_pos] = np.fromiter((t for r in rows for t in r), dtype=np.int32, count=int(lengths.sum()))
-    att = np.zeros(n * seq_len, dtype=bool)
-    att[flat_pos] = True
-    packed = Packed(torch.from_numpy(ids.reshape(n, seq_len)), torch.from_numpy(att.reshape(n, seq_len)))
-    if words is not None:
-        wid = np.full(n * seq_len, -1, dtype=np.int32)
-        wid[flat_pos] = np.fromiter((w for r in word_rows for w in r), dtype=np.int32, count=int(lengths.sum()))
-        packed.word_ids = torch.from_numpy(wid.reshape(n, seq_len))
-    return packed
-
-
 def pack_corpus(docs: Documents, seq_len: int, layout: SpecialLayout, pad_id: int) -> Packed:
     """Pack each group on its own (a sequence never mixes languages) and concatenate, group by group."""
     parts = []
@@ -352,12 +195,6 @@ def pack_corpus(docs: Documents, seq_len: int, layout: SpecialLayout, pad_id: in
         p.groups = torch.full((len(p),), g, dtype=torch.long)
         parts.append(p)
     return Packed.concat(parts)
-
-
-def pack_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int, with_words: bool = False) -> Packed:
-    """`tokenize_documents` then `pack_documents` with the tokenizer's own special layout."""
-    docs, words = tokenize_documents(tokenizer, texts, with_words=with_words)
-    return pack_documents(docs, seq_len, SpecialLayout.of(tokenizer), tokenizer.pad_token_id, words)
 
 
 def sampling_probs(sizes: Sequence[int], alpha: float) -> list[float]:
@@ -391,35 +228,6 @@ def unigram_log_probs(docs: Documents, vocab_size: int, group_probs: Sequence[fl
 
 # ---------------------------------------------------------------------------------------------------
 # Batches
-
-
-class MLMCollator:
-    """Gathers rows of a Packed set and masks them afresh (dynamic masking): each call draws from one
-    generator, so a run's masks are reproducible given its seed and data order."""
-
-    def __init__(self, packed: Packed, tokenizer: PreTrainedTokenizerBase, mask_prob: float, seed: int = 0,
-                 whole_word_mask: bool = False, replace_prob: float = 0.8, random_prob: float = 0.1,
-                 generator: torch.Generator | None = None):
-        if whole_word_mask and packed.word_ids is None:
-            raise ValueError("whole_word_mask needs word ids: tokenize with with_words=True")
-        self.packed = packed
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
-        self.mask_id = tokenizer.mask_token_id
-        self.candidates = random_candidates(len(tokenizer), tokenizer.all_special_ids)
-        self.mask_prob = mask_prob
-        self.whole_word_mask = whole_word_mask
-        self.replace_prob, self.random_prob = replace_prob, random_prob
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-
-    def __call__(self, index: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(index, dtype=torch.long)
-        ids = self.packed.input_ids[idx].long()  # (B, L)
-        att = self.packed.attention_mask[idx]  # (B, L)
-        special = special_positions(ids, self.special_ids) | ~att
-        words = self.packed.word_ids[idx].long() if self.whole_word_mask else None  # type: ignore[index]
-        m = mask_tokens(ids, special, self.mask_id, self.candidates, self.mask_prob, self.generator, words,
-                        self.replace_prob, self.random_prob)
-        return {"input_ids": m.input_ids, "attention_mask": att.long(), "labels": m.labels}
 
 
 class PhasedBatches(IterableDataset):
@@ -458,15 +266,6 @@ class PhasedBatches(IterableDataset):
                 yield collate(idx)
 
 
-def fixed_masked_set(packed: Packed, tokenizer: PreTrainedTokenizerBase, mask_prob: float, seed: int,
-                     limit: int | None = None, replace_prob: float = 0.8, random_prob: float = 0.1) -> dict[str, torch.Tensor]:
-    """The first `limit` sequences of `packed`, masked once with `seed`: an evaluation set whose masks
-    do not change between evaluations. Returns input_ids, attention_mask, labels, each (N, L)."""
-    n = len(packed) if limit is None else min(limit, len(packed))
-    collate = MLMCollator(packed, tokenizer, mask_prob, seed, replace_prob=replace_prob, random_prob=random_prob)
-    return collate(list(range(n)))
-
-
 class _TensorRows(Dataset):
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -480,15 +279,6 @@ class _TensorRows(Dataset):
 
 # ---------------------------------------------------------------------------------------------------
 # The LightningModule
-
-
-def linear_warmup_decay(warmup_steps: int, max_steps: int):
-    """LambdaLR factor: 0 -> 1 over `warmup_steps`, then 1 -> 0 linearly at `max_steps`."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
-    return factor
 
 
 def mlm_loss_and_hits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -515,7 +305,7 @@ class MLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, n = mlm_loss_and_hits(self.model, batch)
-        self.log("train_loss", loss, batch_size=n)
+        self.log("train/loss", loss, batch_size=n)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         self.log("seq_len", float(batch["input_ids"].shape[1]), batch_size=n)
         return loss
@@ -529,66 +319,15 @@ class MLMModule(L.LightningModule):
         if total:
             val_loss = sum(s for s, _, _ in self._val) / total
             val_acc = sum(h for _, h, _ in self._val) / total
-            self.log("val_loss", val_loss)
-            self.log("val_acc", val_acc)
+            self.log("val/loss", val_loss)
+            self.log("val/acc", val_acc)
             self.last_val = {"step": self.global_step, "val_loss": val_loss, "val_acc": val_acc}
             self.history.append(self.last_val)
         self._val.clear()
 
     def configure_optimizers(self):
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.cfg.lr, betas=(0.9, self.cfg.adam_beta2), eps=1e-6,
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup_decay(self.cfg.warmup, self.cfg.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class ProgressLine(Callback):
-    """One log line every `every` steps: step, loss (mean since the last line), tokens/s, ETA."""
-
-    def __init__(self, every: int, name: str = ""):
-        self.every = every
-        self.name = f"{name}: " if name else ""
-        self._losses: list[float] = []
-        self._tokens = 0
-        self.total_tokens = 0
-        self._t0 = self._t_last = 0.0
-        self._step0 = 0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._t0 = self._t_last = time.perf_counter()
-        self._step0 = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs))
-        tokens = int(batch["attention_mask"].sum())
-        self._tokens += tokens
-        self.total_tokens += tokens
-        step = trainer.global_step
-        if step % self.every and step != trainer.max_steps:
-            return
-        now = time.perf_counter()
-        rate = self._tokens / max(now - self._t_last, 1e-9)
-        eta = (now - self._t0) / max(step - self._step0, 1) * (trainer.max_steps - step)
-        log.info(f"{self.name}step {step}/{trainer.max_steps}  seq {batch['input_ids'].shape[1]}  "
-                 f"loss {sum(self._losses) / len(self._losses):.3f}  {rate:,.0f} tok/s  ETA {_duration(eta)}")
-        self._losses.clear()
-        self._tokens = 0
-        self._t_last = now
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not getattr(pl_module, "last_val", None):
-            return
-        v = pl_module.last_val
-        log.info(f"{self.name}step {trainer.global_step}  held-out loss {v['val_loss']:.3f}  masked acc {v['val_acc']:.3f}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+        opt = adamw(self.model.named_parameters(), self.cfg.lr, self.cfg.weight_decay, betas=(0.9, self.cfg.adam_beta2), eps=1e-6)
+        return with_schedule(opt, self.cfg.warmup, self.cfg.max_steps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -673,7 +412,7 @@ def pretrain(
 
     model.train()  # Lightning keeps the mode it finds; a model fresh from evaluation would train without dropout
     module = MLMModule(model, cfg)
-    progress = ProgressLine(cfg.log_every, name)
+    progress = TrainProgress(name or "pretrain", every_steps=cfg.log_every, every_s=None, logger=log)
     with atomic_dir(out_dir) as tmp, warnings.catch_warnings():
         # On a few CPU cores, worker processes cost more than they save: Lightning's advice does not apply.
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -715,7 +454,7 @@ def pretrain(
             "phases": [{"seq_len": p.input_ids.shape[1], "batch_size": b, "steps": s, "sequences": len(p)} for p, b, s in phases],
             **(meta or {}),
         })
-    log.info(f"{name + ': ' if name else ''}saved {out_dir} ({steps} steps, {_duration(wall)})")
+    log.info(f"{name + ': ' if name else ''}saved {out_dir} ({steps} steps, {format_duration(wall)})")
     return result
 
 

@@ -23,9 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
-import csv
 import hashlib
-import io
 import json
 import logging
 import random
@@ -43,6 +41,8 @@ from mergedistill.configlib import apply_override, from_dict, parse_override, to
 from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines, spread_subset
 from mergedistill.errors import ConfigError, UserError
 from mergedistill.fsutil import read_json, write_json_atomic, write_text_atomic
+from mergedistill.progress import format_duration
+from mergedistill.tables import dict_rows, markdown_table, write_csv
 from mergedistill.demo.pretrain import PretrainConfig, available_cores, pretrain, sampling_probs, tokenize_corpus
 
 log = logging.getLogger("mergedistill.demo.teachers_build")
@@ -386,12 +386,9 @@ def build_rows(out: Path, cfg: TeachersConfig, names: list[str]) -> list[dict[st
 
 def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
     rows = build_rows(out, cfg, names)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=REPORT_COLUMNS)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k not in ("train_s", "total_s") else v) for k, v in r.items()})
-    write_text_atomic(out / "report.csv", buf.getvalue())
+    write_csv(out / "report.csv", REPORT_COLUMNS,
+              dict_rows([{k: (f"{v:.4f}" if isinstance(v, float) and k not in ("train_s", "total_s") else v) for k, v in r.items()}
+                         for r in rows], REPORT_COLUMNS))
 
     ev = cfg.eval
     lines = [
@@ -408,36 +405,30 @@ def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
         "teacher; per-word figures are comparable across tokenizers. The unigram baseline uses add-one-smoothed token "
         "frequencies of the training text in the teacher's own tokenizer.",
         "",
-        "| teacher | lang | family | params | steps | train | total | masked acc | unigram acc | PPPL / unit | unigram PPPL | unit |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        markdown_table(
+            ["teacher", "lang", "family", "params", "steps", "train", "total", "masked acc", "unigram acc", "PPPL / unit",
+             "unigram PPPL", "unit"],
+            [[r["teacher"], r["language"], r["family"], f"{r['params'] / 1e6:.1f}M", r["steps"], format_duration(r["train_s"]),
+              format_duration(r["total_s"]), r["acc"], r["acc_unigram"], f"{r['pppl']:.1f}", f"{r['pppl_unigram']:.1f}", r["unit"]]
+             for r in rows], align="lllrrrrrrrrl"),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['teacher']} | {r['language']} | {r['family']} | {r['params'] / 1e6:.1f}M | {r['steps']} | "
-            f"{_dur(r['train_s'])} | {_dur(r['total_s'])} | {r['acc']:.3f} | {r['acc_unigram']:.3f} | "
-            f"{r['pppl']:.1f} | {r['pppl_unigram']:.1f} | {r['unit']} |"
-        )
     # Monolingual vs multilingual on the same language: what teacher selection will exploit.
     by = {(r["teacher"], r["language"]): r for r in rows}
     multi = [n for n in names if len(cfg.teachers[n].languages) > 1]
     pairs = [(n, m, lang) for n in names if len(cfg.teachers[n].languages) == 1
              for lang in cfg.teachers[n].languages for m in multi if (m, lang) in by]
     if pairs:
-        lines += ["", "Monolingual vs multilingual teacher on the same language (PPPL per unit, lower is better):", "",
-                  "| lang | monolingual | PPPL | multilingual | PPPL | better |", "| --- | --- | ---: | --- | ---: | --- |"]
+        body = []
         for n, m, lang in pairs:
             a, b = by[(n, lang)]["pppl"], by[(m, lang)]["pppl"]
-            lines.append(f"| {lang} | {n} | {a:.1f} | {m} | {b:.1f} | {n if a < b else m} |")
+            body.append([lang, n, f"{a:.1f}", m, f"{b:.1f}", n if a < b else m])
+        lines += ["", "Monolingual vs multilingual teacher on the same language (PPPL per unit, lower is better):", "",
+                  markdown_table(["lang", "monolingual", "PPPL", "multilingual", "PPPL", "better"], body, align="llrlrl")]
     train_total = sum(read_json(out / n / "pretrain.json")["result"]["wall_s"] for n in names)
     all_total = sum({r["teacher"]: r["total_s"] for r in rows}.values())
-    lines += ["", f"Training wall time, all teachers: {_dur(train_total)}; with tokenizers, packing and evaluation: "
-              f"{_dur(all_total)} (on {available_cores()} CPU cores at build time).", ""]
+    lines += ["", f"Training wall time, all teachers: {format_duration(train_total)}; with tokenizers, packing and evaluation: "
+              f"{format_duration(all_total)} (on {available_cores()} CPU cores at build time).", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
-
-
-def _dur(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -470,7 +461,7 @@ def build(cfg: TeachersConfig, out: Path, only: list[str] | None = None, force: 
         result = evaluate_teacher(name, folder, cfg, spec.languages, spec.train.seq_len)
         write_json_atomic(eval_path, {"fingerprint": efp, **result})
     write_report(out, cfg, list(cfg.teachers) if all((out / n / "eval.json").is_file() for n in cfg.teachers) else names)
-    log.info(f"teachers done in {_dur(time.perf_counter() - t_all)}; report: {out / 'report.md'}")
+    log.info(f"teachers done in {format_duration(time.perf_counter() - t_all)}; report: {out / 'report.md'}")
     return names
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
 import logging
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ from mergedistill.config import RunConfig
 from mergedistill.corpus import sample_lines
 from mergedistill.errors import UserError
 from mergedistill.fsutil import write_text_atomic
+from mergedistill.tables import dict_rows, markdown_table, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -153,23 +152,18 @@ def _write(out: Path, cfg: RunConfig, variants: dict, rows: list[dict], times: d
     import numpy as np
 
     header = ["variant", "language", "teacher", "ppl", "unit", "lines", "units"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows([[r[h] for h in header] for r in rows])
-    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_csv(out / "results.csv", header, dict_rows(rows, header))
     langs = list(cfg.languages)
     names = list(variants)
     cell = {(r["variant"], r["language"]): r for r in rows}
     md = ["# Teacher-selection ablation", "",
           "Student pseudo-perplexity per word (per character for languages written without spaces) on each language's "
           "test split, through the variant's tokenizer for that language; lower is better. In brackets: the teacher "
-          "the language was distilled from.", "",
-          "| language | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for lang in langs:
-        md.append(f"| {lang} | " + " | ".join(f"{cell[(n, lang)]['ppl']:.2f} ({cell[(n, lang)]['teacher']})" for n in names) + " |")
+          "the language was distilled from.", ""]
     geo = {n: float(np.exp(np.mean([np.log(cell[(n, lang)]["ppl"]) for lang in langs]))) for n in names}
-    md.append("| geometric mean | " + " | ".join(f"**{geo[n]:.2f}**" for n in names) + " |")
+    body = [[lang] + [f"{cell[(n, lang)]['ppl']:.2f} ({cell[(n, lang)]['teacher']})" for n in names] for lang in langs]
+    body.append(["geometric mean"] + [f"**{geo[n]:.2f}**" for n in names])
+    md.append(markdown_table(["language"] + names, body))
     md += ["", "Wall time per variant (data, training, scoring; reused artifacts cost nothing): "
            + ", ".join(f"{n} {times[n]:.0f} s" for n in names), "", "![ablation](ablate.png)", ""]
     write_text_atomic(out / "report.md", "\n".join(md))

@@ -37,6 +37,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mergedistill.config import DATASETS_PREFIX, DownstreamTask, RunConfig
 from mergedistill.corpus import iter_json_lines
 from mergedistill.errors import UserError
+from mergedistill.train.optim import adamw, linear_schedule
 from mergedistill.eval.scoring import mean_pool
 from mergedistill.fsutil import atomic_dir, read_json, sha256_file
 from mergedistill.eval.retrieval import jsonl_twin
@@ -268,12 +269,8 @@ def fine_tune(mlm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: S
         model = TaskModel(mlm, len(labels), kind).to(device)
         gen = torch.Generator().manual_seed(seed)
         steps = max(1, epochs * math.ceil(len(train) / batch_size))
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
-        n_warm = max(1, int(warmup * steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (steps - s) / max(1, steps - n_warm)))
+        opt = adamw(model.named_parameters(), lr, weight_decay)
+        sched = linear_schedule(opt, max(1, int(warmup * steps)), steps)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         model.train()
         for _ in range(epochs):

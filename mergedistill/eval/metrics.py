@@ -24,7 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mergedistill.data.masking import IGNORE_INDEX
 from mergedistill.mlm_models import masked_logits, usable_positions
-from mergedistill.demo.pretrain import SpecialLayout, fixed_masked_set, pack_texts, tokenize_documents
+from mergedistill.data.masking import fixed_masked_set
+from mergedistill.data.packing import SpecialLayout, pack_texts, tokenize_documents
 
 Unit = Literal["word", "char"]
 

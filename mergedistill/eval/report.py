@@ -2,12 +2,13 @@
 '## Evaluation' section. Pure functions of the rows (no models), so they are cheap to test."""
 from __future__ import annotations
 
-import csv
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
+
+from mergedistill.tables import markdown_table, write_csv
 
 ROLE_ORDER = ("student", "baseline", "routed teacher", "candidate teacher", "teacher", "unigram")
 
@@ -31,14 +32,11 @@ class Row:
 CSV_FIELDS = [f.name for f in fields(Row)]
 
 
-def write_csv(rows: Iterable[Row], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            d = asdict(r)
-            d["value"] = "" if _nan(r.value) else f"{r.value:.6g}"
-            w.writerow(d)
+def write_results_csv(rows: Iterable[Row], path: Path) -> None:
+    def value(r: Row, f: str):
+        return ("" if _nan(r.value) else f"{r.value:.6g}") if f == "value" else getattr(r, f)
+
+    write_csv(path, CSV_FIELDS, [[value(r, f) for f in CSV_FIELDS] for r in rows])
 
 
 def _nan(v: float | None) -> bool:
@@ -93,12 +91,6 @@ def _role_rank(role: str) -> int:
     return ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER)
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines)
-
-
 # ---- markdown --------------------------------------------------------------------------------------
 def unit_of(t: Table, lang: str) -> str:
     return "char" if any(r.metric == "bits_per_char" for r in t.rows if r.language == lang) else "word"
@@ -121,7 +113,7 @@ def intrinsic_md(t: Table) -> str:
                          fmt(toks / units if toks is not None and units else None, "num")])
         header = ["model", "role", "masked acc", "masked", "agreement", "bits/char" if unit == "char" else "PLL/word (nats)",
                   f"pseudo-ppl/{unit}", "tokens", f"{unit}s", f"tokens/{unit}"]
-        parts.append(f"### {lang}\n\n" + _md_table(header, body))
+        parts.append(f"### {lang}\n\n" + markdown_table(header, body))
     return "\n\n".join(parts)
 
 
@@ -141,7 +133,7 @@ def retrieval_md(t: Table) -> str:
             body.append([f"**{m}**", "**mean**", f"**{fmt(sum(r.value for r in pairs) / len(pairs))}**", "", ""])
     if not body:
         return "_no language pairs with aligned paragraphs_"
-    return _md_table(["model", "pair (a - b)", "a -> b", "b -> a", "paragraphs"], body)
+    return markdown_table(["model", "pair (a - b)", "a -> b", "b -> a", "paragraphs"], body)
 
 
 def downstream_md(t: Table) -> str:
@@ -160,7 +152,7 @@ def downstream_md(t: Table) -> str:
                 body.append([lang, m] + [fmt(v.value if v else None) for v in vals] + [fmt(n, "int")])
         header = (["language", "model"] + [("in-language" if c == "acc" else f"zero-shot from {c[len('acc_from_'):]}") for c in cols]
                   + ["test size"])
-        parts.append(f"### {task}\n\n" + _md_table(header, body))
+        parts.append(f"### {task}\n\n" + markdown_table(header, body))
     return "\n\n".join(parts) if parts else "_no downstream tasks configured (eval.downstream)_"
 
 
@@ -181,7 +173,7 @@ def card_md(t: Table, report_path: str) -> str:
     out = [f"Held-out test splits; cells are student / MLM-only baseline / routed teacher (`-`: not available). "
            f"Full report: `{report_path}`.",
            "",
-           _md_table(["language", "teacher", "masked-token accuracy", "agreement with the teacher (student / baseline)",
+           markdown_table(["language", "teacher", "masked-token accuracy", "agreement with the teacher (student / baseline)",
                       "PLL per word (nats) or bits per char"], body)]
     retr = [r for r in t.rows if r.section == "retrieval"]
     if retr:
@@ -201,7 +193,7 @@ def card_md(t: Table, report_path: str) -> str:
             setting = "fine-tuned on it" if col == "acc" else f"zero-shot from {col[len('acc_from_'):]}"
             lines.setdefault((task, r.model, setting), {})[r.language] = r.value
         out += ["", "Downstream accuracy per test language:", "",
-                _md_table(["task", "model", "training"] + langs,
+                markdown_table(["task", "model", "training"] + langs,
                           [[task, m, setting] + [fmt(v.get(lang)) for lang in langs] for (task, m, setting), v in lines.items()])]
     return "\n".join(out)
 

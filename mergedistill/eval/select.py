@@ -9,8 +9,6 @@ ranking.md, ranking.csv}; pass the routing to later stages with `--routing=runs/
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from mergedistill.config import RunConfig
 from mergedistill.corpus import sample_lines, split_problems
 from mergedistill.errors import UserError
 from mergedistill.fsutil import write_text_atomic
+from mergedistill.tables import dict_rows, markdown_table, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +61,13 @@ def run_select(cfg: RunConfig, args) -> Path:
     out = cfg.run_dir / "select"
     out.mkdir(parents=True, exist_ok=True)
     header = ["language", "teacher", "rank", "ppl", "unit", "lines", "tokens", "units", "pll"]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows([[r[h] for h in header] for r in rows])
-    write_text_atomic(out / "ranking.csv", buf.getvalue())
+    write_csv(out / "ranking.csv", header, dict_rows(rows, header))
+    ordered = sorted(rows, key=lambda r: (list(cfg.languages).index(r["language"]), r["rank"]))
     md = ["# Teacher selection", "", "Pseudo-perplexity per word (per character for languages written without spaces) "
           "on each language's valid split; lower is better. The routing file sends each language to its best teacher.", "",
-          "| language | teacher | rank | pseudo-perplexity | per | lines | tokens | configured |", "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (list(cfg.languages).index(r["language"]), r["rank"])):
-        md.append(f"| {r['language']} | {r['teacher']} | {r['rank']} | {r['ppl']:.2f} | {r['unit']} | {r['lines']} | {r['tokens']:,} | "
-                  f"{'yes' if cfg.teacher_of(r['language']) == r['teacher'] else ''} |")
+          markdown_table(["language", "teacher", "rank", "pseudo-perplexity", "per", "lines", "tokens", "configured"],
+                         [[r["language"], r["teacher"], r["rank"], f"{r['ppl']:.2f}", r["unit"], r["lines"], r["tokens"],
+                           cfg.teacher_of(r["language"]) == r["teacher"]] for r in ordered])]
     changed = {lang: t for lang, t in best.items() if t != cfg.teacher_of(lang)}
     md += ["", f"Routing changes against the config: {', '.join(f'{k} -> {v}' for k, v in changed.items()) or 'none'}.", ""]
     write_text_atomic(out / "ranking.md", "\n".join(md))

@@ -35,12 +35,12 @@ from mergedistill.corpus import corpus_fingerprint, iter_lines, sample_lines, sp
 from mergedistill.eval.downstream import build_source_task, fine_tune, read_examples, source_task_dir, task_accuracy
 from mergedistill.errors import UserError
 from mergedistill.eval.scoring import bits_per_char, hit_rate, masked_top1, pll_per_unit, to_student_ids
-from mergedistill.eval.report import Row, Table, card_md, report_md, set_card_section, write_csv, write_plots
+from mergedistill.eval.report import Row, Table, card_md, report_md, set_card_section, write_plots, write_results_csv
 from mergedistill.fsutil import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from mergedistill.data.masking import IGNORE_INDEX
 from mergedistill.eval.metrics import UnigramBaseline, count_units, masked_eval_set, pseudo_log_likelihoods, pseudo_perplexity
 from mergedistill.mlm_models import usable_positions
-from mergedistill.demo.pretrain import tokenize_documents
+from mergedistill.data.packing import tokenize_documents
 from mergedistill.eval.retrieval import MIN_SHARED, aligned_pairs, embed_texts, read_keyed, retrieval_accuracy
 from mergedistill.teachers import load_teacher_model, model_fingerprint
 from mergedistill.vocab.stage import load_vocab
@@ -565,7 +565,7 @@ def run_evaluate(cfg: RunConfig, args) -> Path:
     with atomic_dir(out) as tmp:
         if (out / "tasks").is_dir():
             shutil.copytree(out / "tasks", tmp / "tasks")
-        write_csv(rows, tmp / "results.csv")
+        write_results_csv(rows, tmp / "results.csv")
         plots = write_plots(table, tmp / "plots")
         (tmp / "report.md").write_text(report_md(table, _header(cfg, plan, seconds), DEFINITIONS, plots), encoding="utf-8")
         write_json_atomic(tmp / "state.json", {"inputs": inputs, "rows": len(rows), "seconds": round(seconds, 1),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from mergedistill.config import RunConfig
+from mergedistill.tables import markdown_table
 
 
 def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str], metrics: dict, init_info: dict,
@@ -11,11 +12,10 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
     tok_dir = f"tokenizers/{cfg.teacher_of(first)}"
     rows = []
     for lang in languages:
-        sp = manifest["languages"][lang]["splits"]
-        tr = sp.get("train", {})
-        rows.append(f"| {lang} | {cfg.teacher_of(lang)} | `tokenizers/{cfg.teacher_of(lang)}` | {tr.get('lines', 0):,} | "
-                    f"{tr.get('corpus_tokens', 0):,} | {_m(metrics, f'val/{lang}/acc')} | {_m(metrics, f'val/{lang}/agree')} |")
-    teachers = "\n".join(f"| {n} | `{cfg.teachers[n].path}` | {', '.join(cfg.languages_of(n)) or '-'} |" for n in cfg.teachers)
+        tr = manifest["languages"][lang]["splits"].get("train", {})
+        rows.append([lang, cfg.teacher_of(lang), f"`tokenizers/{cfg.teacher_of(lang)}`", tr.get("lines", 0), tr.get("corpus_tokens", 0),
+                     _m(metrics, f"val/{lang}/acc"), _m(metrics, f"val/{lang}/agree")])
+    teachers = [[n, f"`{cfg.teachers[n].path}`", ", ".join(cfg.languages_of(n)) or "-"] for n in cfg.teachers]
     lines = [
         f"# {cfg.run}: a multilingual student distilled with mergedistill",
         "",
@@ -39,13 +39,10 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
         "",
         "## Teachers and routing",
         "",
-        "| teacher | source | languages |",
-        "|---|---|---|",
-        teachers,
+        markdown_table(["teacher", "source", "languages"], teachers),
         "",
-        "| language | teacher | tokenizer | train lines | train tokens | valid accuracy | valid agreement with teacher |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
+        markdown_table(["language", "teacher", "tokenizer", "train lines", "train tokens", "valid accuracy",
+                        "valid agreement with teacher"], rows),
         "",
         "## Training",
         "",

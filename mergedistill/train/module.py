@@ -9,19 +9,13 @@ import torch
 
 from mergedistill.config import RunConfig
 from mergedistill.train.losses import distill_loss
+from mergedistill.train.optim import adamw, with_schedule
 from mergedistill.mlm_models import masked_logits
 from mergedistill.train.batches import Batch
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf: training stops; the last checkpoint written before stays good."""
-
-
-def warmup_linear(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 class DistillModule(L.LightningModule):
@@ -94,9 +88,4 @@ class DistillModule(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
         t = self.cfg.train
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_linear(s, t.warmup_steps, t.max_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return with_schedule(adamw(self.student.named_parameters(), t.lr, t.weight_decay), t.warmup_steps, t.max_steps)

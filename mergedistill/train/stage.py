@@ -23,6 +23,7 @@ from mergedistill.data.stage import data_dir, load_manifest
 from mergedistill.errors import UserError
 from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic
 from mergedistill.train.module import DistillModule, NonFiniteLoss
+from mergedistill.train.progress import TrainProgress
 from mergedistill.train.student import build_student
 from mergedistill.teachers import load_all_tokenizers, load_teacher_model
 from mergedistill.train.batches import Batch, LanguageShards, SampledBatches, ValidationBatches, sampling_probs
@@ -73,35 +74,6 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataloader(self):
         ds = ValidationBatches(self.val_sources, self.languages, self.cfg.train.batch_size, self.val_sequences, self.manifest["k"])
         return torch.utils.data.DataLoader(ds, batch_size=None) if len(ds) else []
-
-
-class _Progress(L.Callback):
-    """One line per interval (progress bars do not show in logs or CI)."""
-
-    def __init__(self, every_s: float = 20.0):
-        self.every_s, self.last, self.start = every_s, 0.0, 0.0
-
-    def on_train_start(self, trainer, pl_module):
-        self.start = self.last = time.monotonic()
-        self.step0 = trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        now = time.monotonic()
-        if now - self.last < self.every_s or trainer.global_rank != 0:
-            return
-        self.last = now
-        m = trainer.callback_metrics
-        done = trainer.global_step - self.step0
-        rate = done / max(now - self.start, 1e-9)
-        eta = (trainer.max_steps - trainer.global_step) / max(rate, 1e-9)
-        log.info("train: step %d/%d, loss %.3f, %s tokens/s, %.1f steps/s, ETA %.0f s", trainer.global_step, trainer.max_steps,
-                 float(m.get("train/loss", float("nan"))), f"{float(m.get('train/tokens_per_s', 0)):,.0f}", rate, eta)
-
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.global_rank == 0 and not trainer.sanity_checking:
-            m = trainer.callback_metrics
-            log.info("train: step %d validation: loss %.3f, accuracy %.3f, agreement with teachers %.3f", trainer.global_step,
-                     float(m.get("val/loss", float("nan"))), float(m.get("val/acc", float("nan"))), float(m.get("val/agree", float("nan"))))
 
 
 def _precision(cfg: RunConfig) -> str:
@@ -245,7 +217,7 @@ def run_train(cfg: RunConfig, args) -> Path:
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=_precision(cfg),
         max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum, gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every * t.grad_accum if has_val else None, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=_loggers(cfg, out), callbacks=[ckpt, _Progress()],
+        num_sanity_val_steps=0, logger=_loggers(cfg, out), callbacks=[ckpt, TrainProgress("train", every_s=20, logger=log)],
         default_root_dir=str(out), enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
         log_every_n_steps=min(10, t.val_every), use_distributed_sampler=False, limit_val_batches=None if has_val else 0,
     )

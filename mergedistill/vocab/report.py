@@ -1,32 +1,10 @@
 """The vocabulary stage's report: markdown for people, CSV and JSON for tools."""
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 from mergedistill.fsutil import write_json_atomic, write_text_atomic
-
-
-def _md_table(header: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.3f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _csv(header: list[str], rows: list[list]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
+from mergedistill.tables import csv_text, markdown_table
 
 
 def fertility_rows(stats: dict) -> tuple[list[str], list[list]]:
@@ -67,7 +45,7 @@ def write_report(stats: dict, folder: Path) -> None:
         "",
         "## Teachers",
         "",
-        _md_table(t_header, t_rows),
+        markdown_table(t_header, t_rows),
         "",
         "## Joint vocabulary",
         "",
@@ -81,7 +59,7 @@ def write_report(stats: dict, folder: Path) -> None:
         "Tokens two teachers share (same meaning: word-initial or continuation, same text), before pruning; "
         "in brackets, as a share of the smaller vocabulary.",
         "",
-        _md_table(o_header, o_rows),
+        markdown_table(o_header, o_rows),
         "",
         "## Fertility on the routed corpora",
         "",
@@ -89,14 +67,14 @@ def write_report(stats: dict, folder: Path) -> None:
         if stats["report_lines"] else "Each language tokenized by its teacher (all of its train split",
     ]
     lines[-1] += "). Words are whitespace-separated; for languages written without spaces, tokens/char is the comparable figure."
-    lines += ["", _md_table(f_header, f_rows) if f_rows else "(no languages routed)", ""]
+    lines += ["", markdown_table(f_header, f_rows) if f_rows else "(no languages routed)", ""]
     lines += [
         "## Embedding parameters",
         "",
         f"Student hidden size {emb['hidden']}: input embeddings (tied with the output layer) plus the output bias, "
         f"(hidden + 1) x vocabulary.",
         "",
-        _md_table(["", "vocabulary", "parameters"], [
+        markdown_table(["", "vocabulary", "parameters"], [
             ["before pruning", stats["joint_size_unpruned"], emb["before"]],
             ["after pruning" if pruned else "without pruning", stats["joint_size"], emb["after"]],
             ["saved", stats["joint_size_unpruned"] - stats["joint_size"], emb["before"] - emb["after"]],
@@ -112,7 +90,7 @@ def write_report(stats: dict, folder: Path) -> None:
             "",
         ]
     write_text_atomic(folder / "report.md", "\n".join(lines))
-    write_text_atomic(folder / "teachers.csv", _csv(t_header, t_rows))
-    write_text_atomic(folder / "overlap.csv", _csv(["teacher"] + names, [[a] + list(matrix[i]) for i, a in enumerate(names)]))
-    write_text_atomic(folder / "fertility.csv", _csv(f_header, f_rows))
+    write_text_atomic(folder / "teachers.csv", csv_text(t_header, t_rows))
+    write_text_atomic(folder / "overlap.csv", csv_text(["teacher"] + names, [[a] + list(matrix[i]) for i, a in enumerate(names)]))
+    write_text_atomic(folder / "fertility.csv", csv_text(f_header, f_rows))
     write_json_atomic(folder / "report.json", stats)

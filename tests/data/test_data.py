@@ -19,6 +19,7 @@ from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.data.stage import ShardBuilder, load_manifest
 from mergedistill.errors import UserError
+from mergedistill.data.packing import SpecialLayout
 from mergedistill.data.shards import open_shard
 from mergedistill.data.topk import topk_at_masked, topk_naive
 from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID
@@ -112,21 +113,37 @@ def test_shards_hold_the_full_forward_top_k_in_student_ids(here, tiny_teachers, 
 
 @pytest.mark.parametrize("lang", ["de", "ru", "fr", "zh"])
 def test_unmasked_inputs_are_the_student_tokenizer_ids_of_the_packed_lines(here, corpora, lang):
+    """Rows are [CLS] line [SEP] line ... [SEP] in the teacher's own pair layout: one [SEP] between lines for
+    BERT-style teachers, two for RoBERTa-style ones (<s> a </s></s> b </s>), mapped to student ids."""
     work, cfg = here
     student = AutoTokenizer.from_pretrained(str(work / "vocab/t/tokenizers" / ROUTING[lang]))
+    layout = SpecialLayout.of(student)  # the teacher's pair layout, in student ids
+    assert layout.prefix == [CLS_ID] and layout.suffix == [SEP_ID] and set(layout.mid) == {SEP_ID}
+    mid = len(layout.mid)
     lines = [x.strip() for x in corpora[lang].read_text(encoding="utf-8").splitlines() if x.strip()]  # as the stage reads them
-    room = cfg.data.seq_len - 2  # a line longer than a sequence is split; every piece ends in [SEP]
+    room = cfg.data.seq_len - 2  # a line longer than a sequence is split into pieces that fill one each
     expected = []
     for line in lines:
         ids = student(line, add_special_tokens=False)["input_ids"]
-        for i in range(0, len(ids), room):
-            expected += ids[i:i + room] + [SEP_ID]
+        expected += [ids[i:i + room] for i in range(0, len(ids), room)]
     got = []
     for row in read_all(work)[lang]:
         ids = row["input_ids"].astype(np.int64).copy()
         ids[row["positions"]] = row["labels"]
         assert ids[0] == CLS_ID and ids[-1] == SEP_ID
-        got += ids[1:].tolist()
+        body = ids[1:-1].tolist()
+        piece: list[int] = []
+        i = 0
+        while i < len(body):
+            if body[i] == SEP_ID:
+                assert body[i:i + mid] == [SEP_ID] * mid and (i + mid >= len(body) or body[i + mid] != SEP_ID), body
+                got.append(piece)
+                piece = []
+                i += mid
+            else:
+                piece.append(body[i])
+                i += 1
+        got.append(piece)
     assert got == expected
 
 

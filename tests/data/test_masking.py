@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from mergedistill.data.masking import IGNORE_INDEX, mask_tokens, random_candidates, select_positions, special_positions
+from conftest import patterned_texts, tiny_tokenizer
+from mergedistill.data.masking import IGNORE_INDEX, MLMCollator, mask_tokens, random_candidates, select_positions, special_positions
+from mergedistill.data.packing import pack_texts
 
 V, MASK, SPECIALS = 1000, 4, [0, 1, 2, 3, 4]  # pad, unk, cls, sep, mask
 
@@ -109,3 +111,15 @@ def test_bad_probabilities_raise():
         masked(ids, mask_prob=0.0)
     with pytest.raises(ValueError):
         masked(ids, replace_prob=0.9, random_prob=0.2)
+
+
+def test_collator_masks_dynamically_but_reproducibly():
+    tok = tiny_tokenizer("wordpiece")
+    p = pack_texts(tok, patterned_texts(64), seq_len=32)
+    a = MLMCollator(p, tok, 0.15, seed=0)
+    b = MLMCollator(p, tok, 0.15, seed=0)
+    first, second = a(list(range(8))), a(list(range(8)))
+    assert not torch.equal(first["labels"], second["labels"])  # a new mask each time
+    assert torch.equal(first["labels"], b(list(range(8)))["labels"])  # the same sequence of masks per seed
+    specials = torch.tensor(tok.all_special_ids)
+    assert not torch.isin(p.input_ids[:8].long(), specials)[first["labels"] != -100].any()

@@ -10,71 +10,17 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 from conftest import patterned_texts, tiny_model, tiny_tokenizer
 from mergedistill.demo.pretrain import (
     Documents,
-    MLMCollator,
     PhasedBatches,
     PretrainConfig,
-    SpecialLayout,
     group_sample_weights,
-    linear_warmup_decay,
     pack_corpus,
-    pack_documents,
-    pack_texts,
     pretrain,
     sampling_probs,
     tokenize_corpus,
-    tokenize_documents,
     unigram_log_probs,
 )
-
-
-def test_special_layout_follows_the_post_processor():
-    bert = tiny_tokenizer("wordpiece")
-    cls, sep = bert.cls_token_id, bert.sep_token_id
-    assert SpecialLayout.of(bert) == SpecialLayout([cls], [sep], [sep])
-    for kind in ("byte-bpe", "unigram"):
-        tok = tiny_tokenizer(kind)
-        s, e = tok.bos_token_id, tok.eos_token_id
-        assert SpecialLayout.of(tok) == SpecialLayout([s], [e, e], [e])
-
-
-def test_pack_documents_exact_layout():
-    layout = SpecialLayout(prefix=[1], mid=[2, 2], suffix=[2])
-    docs = [[10, 11], [12], [20, 21, 22, 23, 24, 25, 26, 27, 28], [30, 31]]
-    words = [[0, 1], [0], [0, 0, 1, 2, 3, 3, 4, 5, 6], [0, 0]]
-    p = pack_documents(docs, seq_len=8, layout=layout, pad_id=0, words=words)
-    # room = 6 content tokens; doc 3 (9 tokens) is cut into 6 + 3; "30 31" does not fit beside the tail
-    assert p.input_ids.tolist() == [
-        [1, 10, 11, 2, 2, 12, 2, 0],
-        [1, 20, 21, 22, 23, 24, 25, 2],
-        [1, 26, 27, 28, 2, 0, 0, 0],
-        [1, 30, 31, 2, 0, 0, 0, 0],
-    ]
-    assert p.attention_mask.sum(1).tolist() == [7, 8, 5, 4]
-    # word ids: unique per sequence, shared by the pieces of a word, -1 on specials and padding
-    assert p.word_ids.tolist()[0] == [-1, 0, 1, -1, -1, 2, -1, -1]
-    assert p.word_ids.tolist()[1] == [-1, 0, 0, 1, 2, 3, 3, -1]
-    assert p.word_ids.tolist()[2][:5] == [-1, 0, 1, 2, -1]
-
-
-def test_pack_texts_with_a_real_tokenizer_round_trips():
-    tok = tiny_tokenizer("wordpiece")
-    texts = ["the cat sat on the mat", "the dog sat on the log"]
-    p = pack_texts(tok, texts, seq_len=32)
-    assert len(p) == 1
-    row = p.input_ids[0][p.attention_mask[0]].tolist()
-    assert row == tok(texts[0], texts[1])["input_ids"]  # the same as the tokenizer's own pair layout
-
-
-def test_collator_masks_dynamically_but_reproducibly():
-    tok = tiny_tokenizer("wordpiece")
-    p = pack_texts(tok, patterned_texts(64), seq_len=32)
-    a = MLMCollator(p, tok, 0.15, seed=0)
-    b = MLMCollator(p, tok, 0.15, seed=0)
-    first, second = a(list(range(8))), a(list(range(8)))
-    assert not torch.equal(first["labels"], second["labels"])  # a new mask each time
-    assert torch.equal(first["labels"], b(list(range(8)))["labels"])  # the same sequence of masks per seed
-    specials = torch.tensor(tok.all_special_ids)
-    assert not torch.isin(p.input_ids[:8].long(), specials)[first["labels"] != -100].any()
+from mergedistill.data.masking import MLMCollator
+from mergedistill.data.packing import SpecialLayout, pack_texts
 
 
 def test_sampling_probs_and_weights():
@@ -111,23 +57,6 @@ def test_phased_batches_follow_the_curriculum_and_group_probabilities():
     assert abs((p64.groups[drawn] == 1).float().mean().item() - 0.5) < 0.03  # with them: half and half
 
 
-def test_tokenize_documents_matches_the_tokenizer_and_ignores_its_truncation_state():
-    tok = tiny_tokenizer("byte-bpe")
-    texts = ["the cat sat, on the mat", "birds fly"]
-    ids, words = tokenize_documents(tok, texts, with_words=True)
-    enc = tok(texts, add_special_tokens=False)
-    assert ids == enc["input_ids"]
-    assert words == [[-1 if w is None else w for w in enc.word_ids(i)] for i in range(2)]
-    layout = SpecialLayout.of(tok)
-    try:
-        tok.backend_tokenizer.enable_truncation(max_length=2)  # what a call with truncation=True leaves behind
-        assert tokenize_documents(tok, texts)[0] == ids
-        assert SpecialLayout.of(tok) == layout
-        assert tok.backend_tokenizer.truncation is not None  # the caller's tokenizer is left as it was
-    finally:
-        tok.backend_tokenizer.no_truncation()
-
-
 def test_unigram_log_probs_and_output_bias_init(tmp_path):
     docs = Documents(ids=[[5, 5, 6], [7]], groups=[0, 1])
     lp = unigram_log_probs(docs, vocab_size=10)
@@ -142,12 +71,6 @@ def test_unigram_log_probs_and_output_bias_init(tmp_path):
     pretrain(model, tok, train, None, cfg, tmp_path / "m")
     expected = unigram_log_probs(train, len(tok))
     torch.testing.assert_close(model.get_output_embeddings().bias.detach().double(), expected, atol=1e-4, rtol=0)
-
-
-def test_linear_warmup_decay():
-    f = linear_warmup_decay(warmup_steps=4, max_steps=14)
-    assert f(0) == pytest.approx(0.2) and f(3) == pytest.approx(0.8)
-    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == 0.0
 
 
 def test_pretrain_lowers_loss_and_saves_a_loadable_folder(tmp_path, caplog):
@@ -166,7 +89,7 @@ def test_pretrain_lowers_loss_and_saves_a_loadable_folder(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="mergedistill.demo.pretrain"):
         result = pretrain(model, tok, train, valid, cfg, out, name="tiny", meta={"note": "test"})
     assert result.steps == 60
-    assert any("step 20/60" in r.message and "tok/s" in r.message and "ETA" in r.message for r in caplog.records)
+    assert any("step 20/60" in r.message and "tokens/s" in r.message and "ETA" in r.message for r in caplog.records)
 
     meta = json.loads((out / "pretrain.json").read_text())
     history = meta["history"]
@@ -174,7 +97,7 @@ def test_pretrain_lowers_loss_and_saves_a_loadable_folder(tmp_path, caplog):
     assert [(p["seq_len"], p["steps"]) for p in meta["phases"]] == [(16, 15), (32, 45)]
     with open(out / "logs" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) >= 2 and losses[-1] < losses[0] - 0.5  # it learned
     assert history[-1]["val_loss"] < initial - 1.0
     assert not list(tmp_path.glob(".mlm*"))  # the temp folder was renamed into place

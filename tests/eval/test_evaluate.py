@@ -60,7 +60,8 @@ def trained_teacher(src: Path, dst: Path) -> None:
     keeps, so the re-indexed student can agree everywhere)."""
     from transformers import AutoTokenizer
 
-    from mergedistill.demo.pretrain import MLMCollator, pack_texts
+    from mergedistill.data.masking import MLMCollator
+    from mergedistill.data.packing import pack_texts
 
     shutil.copytree(src, dst)
     tok = AutoTokenizer.from_pretrained(str(dst))

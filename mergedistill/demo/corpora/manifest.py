@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mergedistill.fsutil import read_json_or_none, sha256_file
+from mergedistill.fsutil import sha256_file
+from mergedistill.tables import markdown_table
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +77,8 @@ def format_markdown(manifest: dict) -> str:
     lines = ["# Corpora", "",
              f"Built {manifest['created']} in {manifest['wall_time_s']:.0f} s with {manifest['jobs']} jobs. Split by source "
              "document (no document in two splits); sizes in words, or characters for languages written without spaces. "
-             "Checksums: manifest.json.", "",
-             "| lang | packages (version) | documents train / valid / test | lines train / valid / test | train size | "
-             "dropped: tiny / English / duplicate |",
-             "|---|---|---|---|---|---|"]
+             "Checksums: manifest.json.", ""]
+    body = []
     for lang in sorted(langs):
         entry = langs[lang]
         files, unit = entry["files"], entry.get("unit", "words")
@@ -87,6 +86,8 @@ def format_markdown(manifest: dict) -> str:
         docs = " / ".join(f"{files[f'{s}.txt']['documents']:,}" for s in ("train", "valid", "test"))
         lines_ = " / ".join(f"{files[f'{s}.txt']['lines']:,}" for s in ("train", "valid", "test"))
         d = entry.get("dropped", {})
-        lines.append(f"| {lang} | {packages} | {docs} | {lines_} | {files['train.txt'][unit]:,} {unit} | "
-                     f"{d.get('tiny', 0):,} / {d.get('english', 0):,} / {d.get('duplicate', 0):,} |")
+        body.append([lang, packages, docs, lines_, f"{files['train.txt'][unit]:,} {unit}",
+                     f"{d.get('tiny', 0):,} / {d.get('english', 0):,} / {d.get('duplicate', 0):,}"])
+    lines.append(markdown_table(["lang", "packages (version)", "documents train / valid / test", "lines train / valid / test",
+                                 "train size", "dropped: tiny / English / duplicate"], body))
     return "\n".join(lines) + "\n"
