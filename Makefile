@@ -50,6 +50,7 @@ ablate: select
 
 # every stage of the demo run; each skips when its outputs are complete, so a rerun resumes
 demo: teachers
+	$(PY) -m mergedistill.demo.source_task --config configs/demo.yaml > /dev/null
 	time $(MD) run --config configs/demo.yaml
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
 

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mergedistill.config import load_config  # noqa: E402
-from mergedistill.data.stage import Shard, ShardBuilder  # noqa: E402
 from mergedistill.data.masking import mask_tokens  # noqa: E402
 from mergedistill.data.packing import pack_documents  # noqa: E402
-from mergedistill.progress import Progress  # noqa: E402
+from mergedistill.data.stage import Shard, ShardBuilder  # noqa: E402
 from mergedistill.data.topk import topk_naive  # noqa: E402
+from mergedistill.progress import Progress  # noqa: E402
 from mergedistill.teachers import load_all_tokenizers  # noqa: E402
 from mergedistill.vocab.stage import load_vocab  # noqa: E402
 

@@ -12,22 +12,38 @@ import textwrap
 import warnings
 from typing import Callable
 
-from mergedistill.configlib import describe
 from mergedistill.config import RunConfig, load_config
-from mergedistill.errors import StageNotAvailable, UserError
+from mergedistill.configlib import describe
+from mergedistill.errors import UserError
 
 log = logging.getLogger("mergedistill")
 
-# stage name -> (one-line summary, "module:function" taking (cfg, args) or None while not built yet)
-STAGES: dict[str, tuple[str, str | None]] = {
-    "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab.stage:run_vocab"),
-    "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data.stage:run_data"),
-    "train": ("Lightning training of the student; --resume continues", "mergedistill.train.stage:run_train"),
-    "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.eval.stage:run_evaluate"),
-    "select": ("rank candidate teachers per language, write a routing", "mergedistill.eval.select:run_select"),
-    "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate"),
-    "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all"),
+# stage name -> (one-line summary, "module:function", flags). The function takes the config and the flags as
+# keyword-only booleans, which become the subcommand's --flags (FLAGS says what each does). Stage modules
+# load only when their stage runs: training imports Lightning, which takes seconds.
+STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab.stage:run_vocab",
+              ("force",)),
+    "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data.stage:run_data", ("force",)),
+    "train": ("Lightning training of the student; --resume continues", "mergedistill.train.stage:run_train",
+              ("resume", "baseline", "force", "restart_if_changed")),
+    "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.eval.stage:run_evaluate", ("force",)),
+    "select": ("rank candidate teachers per language, write a routing", "mergedistill.eval.select:run_select", ()),
+    "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate", ()),
+    "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all", ("force",)),
 }
+
+FLAGS = {
+    "force": "redo the stage even if its outputs are complete",
+    "resume": "continue from the last checkpoint (refused if it was trained with other settings)",
+    "baseline": "train the MLM-only baseline instead (nothing from any teacher; same size, data and steps) into runs/<run>/baseline",
+    "restart_if_changed": "continue the last checkpoint if it was trained with these settings, else start over (what `run` does)",
+}
+
+
+def stage_function(name: str) -> Callable:
+    module, func = STAGES[name][1].split(":")
+    return getattr(importlib.import_module(module), func)
 
 
 def _fields_help() -> str:
@@ -45,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge several pretrained masked LMs into one multilingual student by task-agnostic distillation.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE")
-    for name, (summary, _) in STAGES.items():
+    for name, (summary, _, flags) in STAGES.items():
         p = sub.add_parser(
             name,
             help=summary,
@@ -55,18 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--config", "-c", metavar="FILE", help="the run's YAML config (e.g. configs/demo.yaml)")
         p.add_argument("-v", "--verbose", action="store_true", help="log details")
-        p.add_argument("--force", action="store_true", help="redo the stage even if its outputs are complete")
-        if name in ("train", "run"):
-            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-        if name == "train":
-            p.add_argument("--baseline", action="store_true",
-                           help="train the MLM-only baseline instead (alpha 0, same size, data and steps) into runs/<run>/baseline")
+        for flag in flags:
+            p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", help=FLAGS[flag])
     return parser
-
-
-def _resolve(target: str) -> Callable:
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,13 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise UserError(f"unrecognised arguments {' '.join(bad)}: overrides take the form --section.key=value")
         cfg = load_config(args.config, rest)
-        summary, target = STAGES[args.stage]
-        if target is None:
-            raise StageNotAvailable(
-                f"`mergedistill {args.stage}` ({summary}) is not implemented in this version yet; "
-                "available: " + ", ".join(n for n, (_, t) in STAGES.items() if t)
-            )
-        _resolve(target)(cfg, args)
+        stage_function(args.stage)(cfg, **{flag: getattr(args, flag) for flag in STAGES[args.stage][2]})
     except UserError as e:
         print(f"mergedistill {args.stage}: error: {e.render()}", file=sys.stderr)
         return 2

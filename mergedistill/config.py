@@ -15,7 +15,7 @@ from typing import Literal
 
 import yaml
 
-from mergedistill.configlib import apply_override, from_dict, parse_override
+from mergedistill.configlib import apply_overrides, from_dict, read_yaml_mapping
 from mergedistill.errors import ConfigError
 
 
@@ -203,6 +203,9 @@ class EvalConfig:
     """Seed of the evaluation masks."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Model dtype during evaluation (bfloat16 is ~2.4x faster on CPUs with AVX512-BF16)."""
+    device: str = "auto"
+    """Where evaluation (and `select`, `ablate` scoring) runs: `auto` (a GPU when there is one, else the
+    CPU), `cpu`, `cuda`, `cuda:1`, ..."""
     char_languages: list[str] = field(default_factory=lambda: ["ja", "zh", "th", "ko"])
     """Languages written without spaces: scored per character instead of per word."""
     retrieval: bool = True
@@ -253,10 +256,16 @@ class RunConfig:
     """The evaluate stage."""
     ablate: AblateConfig = field(default_factory=AblateConfig)
     """The ablate stage: teacher-selection variants."""
+    config_path: str | None = field(default=None, metadata={"internal": True})
+    """The YAML file this config was read from (set by `load_config`; messages name it)."""
 
     # ---- derived ----------------------------------------------------------------------------
     def teacher_of(self, lang: str) -> str:
         return self.languages[lang].teacher or self.default_teacher  # type: ignore[return-value]
+
+    def teachers_of(self, lang: str) -> list[str]:
+        """The teachers that know `lang`: the routed one, then its candidates."""
+        return list(dict.fromkeys([self.teacher_of(lang)] + list(self.languages[lang].candidates)))
 
     def languages_of(self, teacher: str) -> list[str]:
         """Languages routed to `teacher`, in config order."""
@@ -269,6 +278,10 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path("runs") / self.run
+
+    def command(self, stage: str) -> str:
+        """The command line that runs `stage` on this config, for messages that say what to run."""
+        return f"mergedistill {stage} --config {self.config_path or '<config>'}"
 
 
 DATASETS_PREFIX = "datasets:"
@@ -376,24 +389,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     Raises ConfigError listing every problem."""
     problems: list[str] = []
     if data is None:
-        if path is None:
-            raise ConfigError("no config given: pass --config FILE (the demo's is configs/demo.yaml)")
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no file {str(path)!r}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (run, teachers, languages, ...)")
-    for arg in overrides or []:
-        try:
-            keys, value = parse_override(arg)
-        except (ValueError, yaml.YAMLError) as e:
-            problems.append(str(e))
-            continue
-        apply_override(data, keys, value)
+        data = read_yaml_mapping(path, "sections run, teachers, languages, ...; the demo's is configs/demo.yaml")
+    apply_overrides(data, overrides, problems)
     _apply_routing(data, problems)
     cfg = from_dict(RunConfig, data, "", problems)
     if cfg is not None:
@@ -401,4 +398,5 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     if problems:
         where = f"config {path}" if path else "config"
         raise ConfigError(problems, header=f"{where}: {len(problems)} problem(s); nothing was run:")
+    cfg.config_path = str(path) if path is not None else None
     return cfg

@@ -10,15 +10,25 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
 import textwrap
 import types
 import typing
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
+from mergedistill.errors import ConfigError
+
 MISSING = dataclasses.MISSING
+
+
+def is_internal(f: dataclasses.Field) -> bool:
+    """A field the program sets (e.g. where the config was read from), not a config key: never read from
+    YAML, listed by --help or written into artifacts."""
+    return bool(f.metadata.get("internal"))
 
 
 def _type_name(tp: Any) -> str:
@@ -115,7 +125,7 @@ def from_dict(cls: type, data: dict, where: str, problems: list[str]):
     """Build dataclass `cls` from `data`, appending every problem found (with its dotted path) to
     `problems`. Missing required fields and unknown keys are problems too."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not is_internal(f)}
     kwargs: dict[str, Any] = {}
     prefix = f"{where}." if where else ""
     for key, value in data.items():
@@ -151,6 +161,65 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     key, raw = body.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else ""
     return key.split("."), value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a mapping with the same key twice (YAML itself keeps the last
+    one silently: a second `de:` under `languages:` would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: let the base class report it
+                break
+            if first is not None:
+                raise ConfigError(f"{key_node.start_mark.name}: duplicate key {key!r} (lines {first + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one of them")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: str | os.PathLike | None, example: str) -> dict:
+    """The top-level mapping of a YAML config file. Raises ConfigError for a missing file, invalid
+    YAML, duplicate keys or a top level that is not a mapping (`example` says what it should hold)."""
+    if path is None:
+        raise ConfigError(f"no config given: pass --config FILE ({example})")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no file {str(path)!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_loader_for(str(path))) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping ({example})")
+    return data
+
+
+def _loader_for(name: str):
+    class Loader(_UniqueKeyLoader):
+        def __init__(self, stream):
+            super().__init__(stream)
+            self.name = name
+    return Loader
+
+
+def apply_overrides(data: dict, overrides: list[str] | None, problems: list[str]) -> None:
+    """Apply `--a.b.c=value` overrides to `data` in place; malformed ones become problems."""
+    for arg in overrides or []:
+        try:
+            keys, value = parse_override(arg)
+        except (ValueError, yaml.YAMLError) as e:
+            problems.append(str(e))
+            continue
+        apply_override(data, keys, value)
 
 
 def apply_override(data: dict, keys: list[str], value: Any) -> None:
@@ -197,6 +266,8 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     lines: list[str] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if is_internal(f):
+            continue
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
         doc = field_doc(cls, f.name)
@@ -222,7 +293,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 def to_dict(obj: Any) -> Any:
     """A dataclass tree as plain dicts/lists (for YAML/JSON artifacts)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not is_internal(f)}
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,15 +16,44 @@ from mergedistill.errors import UserError
 from mergedistill.fsutil import sha256_file
 
 
-def _parse_datasets_spec(spec: str, where: str) -> tuple[str, str | None, str, str]:
+@dataclass(frozen=True)
+class DatasetsSpec:
+    """`datasets:<id or local dir>[:<config>]:<split>[:<column>]`, parsed."""
+
+    name: str
+    config: str | None
+    split: str
+    column: str | None
+
+
+def parse_datasets_spec(spec: str, where: str) -> DatasetsSpec:
     parts = spec[len(DATASETS_PREFIX):].split(":")
     if len(parts) == 2:
-        return parts[0], None, parts[1], "text"
-    if len(parts) == 3:
-        return parts[0], parts[1] or None, parts[2], "text"
-    if len(parts) == 4:
-        return parts[0], parts[1] or None, parts[2], parts[3]
+        return DatasetsSpec(parts[0], None, parts[1], None)
+    if len(parts) in (3, 4):
+        return DatasetsSpec(parts[0], parts[1] or None, parts[2], (parts[3] or None) if len(parts) == 4 else None)
     raise UserError(f"{where}: {spec!r} is not a datasets spec `datasets:<id or dir>[:<config>]:<split>[:<column>]`")
+
+
+def load_datasets_split(spec: str, where: str, columns: list[str]):
+    """The split a datasets spec names (a folder saved with `save_to_disk`, or a hub dataset), checked
+    to hold `columns`; errors name `where` and the spec."""
+    import datasets
+
+    s = parse_datasets_spec(spec, where)
+    try:
+        if Path(s.name).is_dir() and ((Path(s.name) / "dataset_dict.json").exists() or (Path(s.name) / "state.json").exists()):
+            ds = datasets.load_from_disk(s.name)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[s.split]
+        else:
+            ds = datasets.load_dataset(s.name, s.config, split=s.split)
+    except Exception as e:
+        raise UserError(f"{where}: cannot load {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    for col in columns:
+        if col not in ds.column_names:
+            raise UserError(f"{where}: {spec!r} has no column {col!r} (columns: {', '.join(ds.column_names)})")
+    return ds
 
 
 def iter_lines(spec: str, where: str, max_lines: int | None = None) -> Iterator[str]:
@@ -104,21 +134,8 @@ def _iter_raw(spec: str, where: str) -> Iterator[str]:
 
 
 def _iter_datasets(spec: str, where: str) -> Iterator[str]:
-    import datasets
-
-    name, config, split, column = _parse_datasets_spec(spec, where)
-    try:
-        if (Path(name) / "dataset_dict.json").exists() or (Path(name) / "state.json").exists():
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:
-        raise UserError(f"{where}: cannot load {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    if column not in ds.column_names:
-        raise UserError(f"{where}: {spec!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
-    for row in ds:
+    column = parse_datasets_spec(spec, where).column or "text"
+    for row in load_datasets_split(spec, where, [column]):
         yield row[column]
 
 

@@ -24,6 +24,3 @@ class UserError(Exception):
 class ConfigError(UserError):
     """Problems in a run config (YAML or command-line overrides)."""
 
-
-class StageNotAvailable(UserError):
-    """A stage of the pipeline that this version does not implement yet."""

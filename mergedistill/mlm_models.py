@@ -21,6 +21,7 @@ from transformers import (
     XLMRobertaConfig,
     XLMRobertaForMaskedLM,
 )
+from transformers.masking_utils import create_bidirectional_mask
 
 FAMILIES: dict[str, tuple[type, type]] = {
     "wordpiece": (BertConfig, BertForMaskedLM),
@@ -116,14 +117,24 @@ def masked_logits(
     if not _last_layer_splittable(model, layers) or selected.all():
         hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
         return head(hidden[selected])  # (N, H) -> (N, V)
-    base.encoder.layer = layers[:-1]  # the model's own forward (embeddings, masks) over all but the last layer
-    try:
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    finally:
-        base.encoder.layer = layers
+    hidden = encoder_prefix(base, input_ids, attention_mask, len(layers) - 1)  # (B, L, H), input of the last layer
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     return head(layer_at_positions(layers[-1], hidden, attention_mask, selected))
+
+
+def encoder_prefix(base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_layers: int,
+                   **layer_kwargs) -> torch.Tensor:
+    """The hidden states after the embeddings and the first `n_layers` encoder layers of a BERT-style base
+    model (B, L, H): what the model's own forward computes there (the same embeddings, the same attention
+    mask for the model's attention implementation), without touching the model. `layer_kwargs` go to
+    every layer (e.g. X-Mod's `lang_ids`)."""
+    hidden = base.embeddings(input_ids=input_ids)
+    mask = create_bidirectional_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    for layer in base.encoder.layer[:n_layers]:
+        out = layer(hidden, mask, **layer_kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 def _last_layer_splittable(model: PreTrainedModel, layers) -> bool:

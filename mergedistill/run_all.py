@@ -2,8 +2,6 @@
 each one skips when its outputs are complete for the same inputs, so a rerun resumes where it stopped."""
 from __future__ import annotations
 
-import argparse
-import importlib
 import logging
 import time
 
@@ -12,27 +10,26 @@ from mergedistill.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-def run_all(cfg: RunConfig, args) -> None:
-    from mergedistill.cli import STAGES
+def run_all(cfg: RunConfig, *, force: bool = False) -> None:
+    """Run the pipeline on `cfg` (which no stage changes). Training continues an interrupted run with the
+    same settings and starts over when they changed; `force` redoes every stage."""
+    from mergedistill.data.stage import run_data
+    from mergedistill.eval.stage import run_evaluate
+    from mergedistill.train.stage import run_train
+    from mergedistill.vocab.stage import run_vocab
 
-    # train: continue an interrupted run with the same settings; start over when they changed
-    steps = [("vocab", {}), ("data", {}), ("train", {"resume": True, "restart_changed": True})]
+    steps = [
+        ("vocab", lambda: run_vocab(cfg, force=force)),
+        ("data", lambda: run_data(cfg, force=force)),
+        ("train", lambda: run_train(cfg, restart_if_changed=True, force=force)),
+    ]
     if cfg.eval.baseline:
-        steps.append(("train", {"resume": True, "restart_changed": True, "baseline": True}))
-    steps.append(("evaluate", {}))
+        steps.append(("train --baseline", lambda: run_train(cfg, baseline=True, restart_if_changed=True, force=force)))
+    steps.append(("evaluate", lambda: run_evaluate(cfg, force=force)))
     times = []
-    for stage, extra in steps:
-        target = STAGES[stage][1]
-        label = stage + (" --baseline" if extra.get("baseline") else "")
-        if target is None:
-            log.info("run: `%s` is not available in this version; stopping before it", label)
-            break
-        module, func = target.split(":")
-        stage_args = argparse.Namespace(force=False, verbose=getattr(args, "verbose", False), resume=False, baseline=False, **{})
-        for k, v in extra.items():
-            setattr(stage_args, k, v)
+    for label, stage in steps:
         start = time.monotonic()
         log.info("run: %s", label)
-        getattr(importlib.import_module(module), func)(cfg, stage_args)
+        stage()
         times.append((label, time.monotonic() - start))
     log.info("run: done; %s", ", ".join(f"{s} {t:.0f} s" for s, t in times))

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Iterable, Literal
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 Kind = Literal["wordpiece", "unigram", "sp-bpe", "byte-bpe"]

@@ -9,7 +9,7 @@ import yaml
 
 from mergedistill.cli import main
 from mergedistill.config import RunConfig, load_config
-from mergedistill.configlib import field_docs
+from mergedistill.configlib import field_docs, is_internal, to_dict
 from mergedistill.errors import ConfigError
 
 
@@ -73,6 +73,8 @@ def test_literal_fields_suggest_the_closest_value(base):
 
 def _all_fields(cls, prefix=""):
     for f in dataclasses.fields(cls):
+        if is_internal(f):
+            continue
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _all_fields(tp, f"{prefix}{f.name}.")
@@ -98,6 +100,17 @@ def test_every_field_has_a_docstring_and_appears_in_help(capsys):
     out = capsys.readouterr().out
     for key in _all_fields(RunConfig):
         assert key in out, key
+    assert "config_path" not in out  # set by the program, not a config key
+
+
+def test_internal_fields_are_not_config_keys(base, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base))
+    cfg = load_config(path)
+    assert cfg.config_path == str(path) and "config_path" not in to_dict(cfg)
+    assert cfg.command("train") == f"mergedistill train --config {path}"
+    with pytest.raises(ConfigError, match="config_path: unknown key"):
+        load_config(None, data={**base, "config_path": "x.yaml"})
 
 
 def test_cli_exit_2_and_message_for_bad_config(tmp_path, base, capsys):
@@ -109,14 +122,22 @@ def test_cli_exit_2_and_message_for_bad_config(tmp_path, base, capsys):
     assert "vocab.prune: expected true or false" in err and "student.hiden: unknown key; did you mean 'hidden'?" in err
 
 
-def test_stages_not_built_yet_say_so_with_exit_2(tmp_path, base, capsys, monkeypatch):
-    import mergedistill.cli as cli
+def test_every_stage_is_a_function_of_the_config_and_its_cli_flags():
+    """The CLI's flags of each stage are exactly the keyword-only parameters of its function (no hidden
+    flags the CLI cannot set), each documented."""
+    import inspect
 
-    monkeypatch.setitem(cli.STAGES, "ablate", ("teacher-selection variants", None))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump(base))
-    assert main(["ablate", "--config", str(cfg)]) == 2
-    assert "not implemented in this version yet" in capsys.readouterr().err
+    from mergedistill.cli import FLAGS, STAGES, build_parser, stage_function
+
+    parser = build_parser()
+    for name, (_, _, flags) in STAGES.items():
+        params = inspect.signature(stage_function(name)).parameters
+        assert list(params)[0] == "cfg", name
+        kw = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert [p.name for p in kw] == list(flags) and all(p.default is False for p in kw), name
+        assert all(FLAGS[f] for f in flags)
+        args = parser.parse_args([name, *[f"--{f.replace('_', '-')}" for f in flags]])
+        assert all(getattr(args, f) is True for f in flags)
 
 
 def test_console_script_exit_code(tmp_path):

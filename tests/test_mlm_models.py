@@ -1,10 +1,16 @@
 import pytest
 import torch
-from transformers import BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaForMaskedLM, XLMRobertaForMaskedLM
-
 from conftest import PATTERN_SENTENCES, tiny_model, tiny_tokenizer
-from mergedistill.mlm_models import build_mlm, masked_logits, usable_positions
+from transformers import (
+    BertForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    RobertaForMaskedLM,
+    XLMRobertaForMaskedLM,
+)
+
 from mergedistill.data.packing import pack_texts
+from mergedistill.mlm_models import build_mlm, masked_logits, usable_positions
 
 CLASSES = {"wordpiece": BertForMaskedLM, "unigram": XLMRobertaForMaskedLM, "sp-bpe": XLMRobertaForMaskedLM,
            "byte-bpe": RobertaForMaskedLM}
@@ -81,6 +87,12 @@ def test_last_layer_at_selected_positions_only_matches_the_full_forward(kind, mo
     g_fast = torch.autograd.grad((fast * target).sum(), model.base_model.embeddings.word_embeddings.weight)[0]
     torch.testing.assert_close(g_fast, g_full, rtol=1e-4, atol=1e-5)
     assert len(model.base_model.encoder.layer) == 2  # the model is left whole
+    # ... also while it runs: the first layers are called, never swapped in for the model's layer list
+    seen: list[int] = []
+    hook = model.base_model.encoder.layer[0].register_forward_pre_hook(lambda m, a: seen.append(len(model.base_model.encoder.layer)))
+    masked_logits(model, ids, att, selected)
+    hook.remove()
+    assert seen == [2]
 
 
 def test_masked_logits_falls_back_for_other_models():

@@ -1,5 +1,11 @@
 """Canonical token keys: what a piece means across tokenizer families."""
-from mergedistill.tokens import Family, byte_level_decoder, display, key_payload_len, piece_key
+from mergedistill.tokens import (
+    Family,
+    byte_level_decoder,
+    display,
+    key_payload_len,
+    piece_key,
+)
 
 WP = Family("WordPiece", "wordpiece", prefix="##")
 SP = Family("Unigram", "metaspace")

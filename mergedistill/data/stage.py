@@ -26,12 +26,16 @@ from mergedistill import __version__
 from mergedistill.config import RunConfig
 from mergedistill.configlib import to_dict
 from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines
+from mergedistill.data.packing import SpecialLayout, pack_documents
+from mergedistill.data.shards import SHARD_FORMAT, id_dtype, shard_record, write_shard
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json, write_json_atomic
 from mergedistill.progress import Progress
-from mergedistill.data.packing import SpecialLayout, pack_documents
-from mergedistill.data.shards import SHARD_FORMAT, id_dtype, shard_record, write_shard
-from mergedistill.teachers import TeacherTokenizer, load_all_tokenizers, model_fingerprint
+from mergedistill.teachers import (
+    TeacherTokenizer,
+    load_all_tokenizers,
+    model_fingerprint,
+)
 from mergedistill.vocab.joint import UNK_ID, JointVocab
 from mergedistill.vocab.stage import load_vocab
 
@@ -363,7 +367,7 @@ def write_manifest(cfg: RunConfig, shards: list[Shard], vrec: dict, info: dict) 
     return manifest
 
 
-def run_data(cfg: RunConfig, args) -> Path | None:
+def run_data(cfg: RunConfig, *, force: bool = False) -> Path | None:
     start = time.monotonic()
     vocab, vrec = load_vocab(cfg)
     teachers = load_all_tokenizers(cfg)
@@ -374,7 +378,7 @@ def run_data(cfg: RunConfig, args) -> Path | None:
     _preflight(cfg)
     shards, info = plan(cfg, vrec, teachers)
     out = data_dir(cfg)
-    if getattr(args, "force", False):
+    if force:
         for s in shards:
             s.path.with_suffix(".json").unlink(missing_ok=True)
     else:

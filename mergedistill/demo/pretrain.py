@@ -31,7 +31,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mergedistill.data.masking import IGNORE_INDEX, MLMCollator, fixed_masked_set
-from mergedistill.data.packing import Packed, SpecialLayout, pack_documents, tokenize_documents
+from mergedistill.data.packing import (
+    Packed,
+    SpecialLayout,
+    pack_documents,
+    tokenize_documents,
+)
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.mlm_models import masked_logits
 from mergedistill.progress import format_duration

@@ -35,15 +35,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 
-from mergedistill.configlib import apply_override, from_dict, parse_override, to_dict
-from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines, spread_subset
+from mergedistill.configlib import (
+    apply_overrides,
+    from_dict,
+    read_yaml_mapping,
+    to_dict,
+)
+from mergedistill.corpus import (
+    check_corpus,
+    corpus_fingerprint,
+    iter_lines,
+    spread_subset,
+)
+from mergedistill.demo.pretrain import (
+    PretrainConfig,
+    available_cores,
+    pretrain,
+    sampling_probs,
+    tokenize_corpus,
+)
 from mergedistill.errors import ConfigError, UserError
 from mergedistill.fsutil import read_json, write_json_atomic, write_text_atomic
 from mergedistill.progress import format_duration
 from mergedistill.tables import dict_rows, markdown_table, write_csv
-from mergedistill.demo.pretrain import PretrainConfig, available_cores, pretrain, sampling_probs, tokenize_corpus
 
 log = logging.getLogger("mergedistill.demo.teachers_build")
 
@@ -133,24 +148,8 @@ def load_teachers_config(path: str | None, overrides: list[str] | None = None) -
     everything, raising one ConfigError that lists every problem."""
     problems: list[str] = []
     where = path or "(no config)"
-    data: dict = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"--config: no file {path!r}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    for arg in overrides or []:
-        try:
-            keys, value = parse_override(arg)
-        except ValueError as e:
-            problems.append(str(e))
-            continue
-        apply_override(data, keys, value)
+    data = read_yaml_mapping(path, "sections corpora, teachers, defaults, eval; the demo's is configs/teachers.yaml")
+    apply_overrides(data, overrides, problems)
     defaults = data.get("defaults") or {}
     teachers = data.get("teachers") or {}
     if not isinstance(defaults, dict) or not isinstance(teachers, dict):
@@ -318,8 +317,14 @@ def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, languages: li
     """Per language: masked-token accuracy and pseudo-perplexity per word (or char), model vs unigram."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mergedistill.eval.metrics import (UnigramBaseline, count_units, masked_eval_set, masked_token_accuracy,
-                          pseudo_log_likelihoods, pseudo_perplexity)
+    from mergedistill.eval.metrics import (
+        UnigramBaseline,
+        count_units,
+        masked_eval_set,
+        masked_token_accuracy,
+        pseudo_log_likelihoods,
+        pseudo_perplexity,
+    )
 
     t0 = time.perf_counter()
     ev = cfg.eval

@@ -12,10 +12,10 @@ routings, unlike per-token accuracy. Output: runs/<run>/ablate/{report.md, resul
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -86,26 +86,26 @@ def variant_config(cfg: RunConfig, name: str, routing: dict[str, str]) -> RunCon
 
 def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
     """Pseudo-perplexity per word/char of an exported student on each language's test split."""
-    import json
-
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
     from mergedistill.eval.metrics import score_pll
+    from mergedistill.eval.models import Export, autocast, eval_device
 
-    model = AutoModelForMaskedLM.from_pretrained(str(export)).eval()
-    tok_of = json.loads((export / "languages.json").read_text())
+    problems: list[str] = []
+    student = Export.open("student", export, problems, cfg.command("train"), eval_device(cfg))
+    if student is None:
+        raise UserError(problems)
     out = {}
     for lang, lc in cfg.languages.items():
         spec = lc.test or lc.valid
         texts = sample_lines(spec, f"languages.{lang}.test", cfg.eval.pll_lines, cfg.eval.seed)
         unit = "char" if lang in cfg.eval.char_languages else "word"
-        tok = AutoTokenizer.from_pretrained(str(export / tok_of[lang]))
-        score = score_pll(model, tok, texts, unit)
+        with autocast(cfg):
+            score = score_pll(student.model(), student.tokenizer(lang), texts, unit)
         out[lang] = {"ppl": score["ppl"], "unit": unit, "lines": score["lines"], "units": score["units"]}
     return out
 
 
-def run_ablate(cfg: RunConfig, args) -> Path:
+def run_ablate(cfg: RunConfig) -> Path:
+    """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed."""
     from mergedistill.data.stage import run_data
     from mergedistill.train.stage import run_train
     from mergedistill.vocab.stage import run_vocab
@@ -115,10 +115,8 @@ def run_ablate(cfg: RunConfig, args) -> Path:
     _check(cfg, variants)
     if cfg.vocab.prune and not cfg.vocab.prune_candidates:
         log.info("ablate: pruning with the candidates too (vocab.prune_candidates), so one vocabulary serves every variant")
-        cfg.vocab.prune_candidates = True
-    stage_args = argparse.Namespace(force=False, resume=True, restart_changed=True, baseline=False,
-                                    verbose=getattr(args, "verbose", False))
-    run_vocab(cfg, stage_args)
+        cfg = replace(cfg, vocab=replace(cfg.vocab, prune_candidates=True))
+    run_vocab(cfg)
     rows, times = [], {}
     done: dict[tuple, str] = {}  # routing -> the variant that already ran it
     for name, routing in variants.items():
@@ -132,8 +130,8 @@ def run_ablate(cfg: RunConfig, args) -> Path:
         v = variant_config(cfg, name, routing)
         t0 = time.monotonic()
         log.info("ablate: variant %s (%s) in runs/%s", name, ", ".join(f"{k}: {t}" for k, t in routing.items()), v.run)
-        run_data(v, stage_args)
-        export = run_train(v, stage_args)
+        run_data(v)
+        export = run_train(v, restart_if_changed=True)
         for lang, r in student_ppl(v, export).items():
             rows.append({"variant": name, "language": lang, "teacher": routing[lang], **r})
         times[name] = time.monotonic() - t0

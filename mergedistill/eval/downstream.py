@@ -10,21 +10,13 @@ CoNLL file (CoNLL-U: FORM and UPOS columns; otherwise the first column is the wo
 tag; blank lines end sentences, `#` lines are comments), or a datasets spec
 `datasets:<id or dir>[:<config>]:<split>` (class-label ids become their names).
 
-For the offline demo `build_source_task` makes a real task from the corpora: which source (help, man,
-fortune) a paragraph comes from, written as JSON lines under runs/<run>/eval/tasks/source/:
-`python -m mergedistill.eval.downstream --config configs/demo.yaml` (evaluate also builds it when a
-configured task file is missing there).
+The demo builds a real task of this kind from its corpora: `mergedistill.demo.source_task`.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import hashlib
-import heapq
-import json
 import logging
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,13 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mergedistill.config import DATASETS_PREFIX, DownstreamTask, RunConfig
-from mergedistill.corpus import iter_json_lines
+from mergedistill.config import DATASETS_PREFIX, DownstreamTask
+from mergedistill.corpus import (
+    iter_json_lines,
+    load_datasets_split,
+    parse_datasets_spec,
+)
 from mergedistill.errors import UserError
-from mergedistill.train.optim import adamw, linear_schedule
 from mergedistill.eval.scoring import mean_pool
-from mergedistill.fsutil import atomic_dir, read_json, sha256_file
-from mergedistill.eval.retrieval import jsonl_twin
+from mergedistill.train.optim import adamw, linear_schedule
 
 log = logging.getLogger(__name__)
 
@@ -133,23 +127,10 @@ def read_examples(spec: str, task: DownstreamTask, where: str, limit: int | None
 
 
 def _read_datasets(spec: str, task: DownstreamTask, where: str, limit: int | None) -> list[Example]:
-    import datasets
-
-    parts = spec[len(DATASETS_PREFIX):].split(":")
-    if len(parts) not in (2, 3):
-        raise UserError(f"{where}: {spec!r} is not a datasets spec `datasets:<id or dir>[:<config>]:<split>`")
-    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else (parts[0], parts[1] or None, parts[2])
-    try:
-        if Path(name).is_dir():
-            ds = datasets.load_from_disk(name)
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:
-        raise UserError(f"{where}: cannot load {spec!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-    for col in (task.text_field, task.label_field):
-        if col not in ds.column_names:
-            raise UserError(f"{where}: {spec!r} has no column {col!r} (columns: {', '.join(ds.column_names)})")
+    if parse_datasets_spec(spec, where).column is not None:
+        raise UserError(f"{where}: {spec!r} names a column; a task reads `text_field` and `label_field` instead "
+                        "(write `datasets:<id or dir>[:<config>]:<split>`)")
+    ds = load_datasets_split(spec, where, [task.text_field, task.label_field])
     feat = ds.features[task.label_field]
     names = getattr(feat, "names", None) or getattr(getattr(feat, "feature", None), "names", None)
 
@@ -305,111 +286,3 @@ def task_accuracy(model: TaskModel, tokenizer: PreTrainedTokenizerBase, test: Se
         pred = model(x, att, keep).argmax(-1)
         hits += int(((pred == y) & (y != IGNORE)).sum())
     return (hits / enc.words if enc.words else float("nan")), enc.words
-
-
-# ---- the demo's task: which source a paragraph comes from ----------------------------------------------
-SOURCE_TASK = "source"
-SOURCE_TASK_FORMAT = 1
-
-
-def source_task_dir(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "eval" / "tasks" / SOURCE_TASK
-
-
-def _pick(path: Path, per_class: int, seed: int) -> dict[str, list[str]]:
-    """Up to `per_class` paragraphs per `source`: those with the smallest seeded hashes, so the choice
-    is spread over the whole file and the same on every run."""
-    heaps: dict[str, list[tuple[int, str]]] = {}  # per source: a min-heap of -hash, its top the largest hash kept
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            text, source = (obj.get("text") or "").strip(), obj.get("source")
-            if not text or not isinstance(source, str):
-                continue
-            item = (-_hash(seed, text), text)
-            heap = heaps.setdefault(source, [])
-            if len(heap) < per_class:
-                heapq.heappush(heap, item)
-            elif item > heap[0]:
-                heapq.heapreplace(heap, item)
-    return {s: [t for _, t in sorted(heap, reverse=True)] for s, heap in heaps.items()}
-
-
-def _hash(seed: int, text: str) -> int:
-    return int.from_bytes(hashlib.sha1(f"{seed}\x00{text}".encode()).digest()[:8], "big")
-
-
-def build_source_task(cfg: RunConfig, train_per_class: int = 300, test_per_class: int = 100, min_per_class: int = 10,
-                      seed: int = 0, force: bool = False) -> dict[str, dict[str, str]]:
-    """Write runs/<run>/eval/tasks/source/<lang>.{train,test}.jsonl ({"text", "label"}): for each language
-    whose train and test corpora have JSON-lines twins with a `source` field, up to `train_per_class` /
-    `test_per_class` paragraphs per source, keeping the sources with at least `min_per_class` in both
-    splits; languages left with fewer than two sources are skipped. Returns {"train": {lang: path},
-    "test": {lang: path}}, ready for eval.downstream. Idempotent: skips when built from the same inputs."""
-    out = source_task_dir(cfg)
-    inputs: dict = {"format": SOURCE_TASK_FORMAT, "caps": [train_per_class, test_per_class, min_per_class], "seed": seed,
-                    "corpora": {}}
-    sources: dict[str, tuple[Path, Path]] = {}
-    for lang, lc in cfg.languages.items():
-        tr, te = jsonl_twin(lc.train), jsonl_twin(lc.test)
-        if tr is not None and te is not None:
-            sources[lang] = (tr, te)
-            inputs["corpora"][lang] = [sha256_file(tr), sha256_file(te)]
-    meta_path = out / "task.json"
-    if not force and meta_path.is_file() and read_json(meta_path).get("inputs") == inputs:
-        meta = read_json(meta_path)
-        log.info("source task: %s is complete for these corpora; skipping", out)
-        return {"train": meta["train"], "test": meta["test"]}
-    train_files: dict[str, str] = {}
-    test_files: dict[str, str] = {}
-    counts: dict[str, dict] = {}
-    with atomic_dir(out) as tmp:
-        for lang, (tr, te) in sources.items():
-            a, b = _pick(tr, train_per_class, seed), _pick(te, test_per_class, seed)
-            classes = sorted(s for s in a if len(a[s]) >= min_per_class and len(b.get(s, [])) >= min_per_class)
-            if len(classes) < 2:
-                log.info("source task: %s skipped (sources with >= %d paragraphs in train and test: %s)",
-                         lang, min_per_class, ", ".join(classes) or "none")
-                continue
-            for split, picked, files in (("train", a, train_files), ("test", b, test_files)):
-                rows = [(_hash(seed + 1, t), t, s) for s in classes for t in picked[s]]
-                rows.sort()  # mixed order, the same every run
-                name = f"{lang}.{split}.jsonl"
-                (tmp / name).write_text("".join(json.dumps({"text": t, "label": s}, ensure_ascii=False) + "\n" for _, t, s in rows),
-                                        encoding="utf-8")
-                files[lang] = str(out / name)
-            counts[lang] = {s: [len(a[s]), len(b[s])] for s in classes}
-            log.info("source task: %s: %s (train, test)", lang, ", ".join(f"{s} {n[0]}/{n[1]}" for s, n in counts[lang].items()))
-        (tmp / "task.json").write_text(json.dumps({"inputs": inputs, "counts": counts, "train": train_files, "test": test_files},
-                                                  indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return {"train": train_files, "test": test_files}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mergedistill.eval.downstream --config C`: build the source task and print its config block."""
-    import yaml
-
-    from mergedistill.config import load_config
-
-    p = argparse.ArgumentParser(prog="python -m mergedistill.eval.downstream", description=build_source_task.__doc__)
-    p.add_argument("--config", "-c", required=True)
-    p.add_argument("--train-per-class", type=int, default=300)
-    p.add_argument("--test-per-class", type=int, default=100)
-    p.add_argument("--force", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config)
-        files = build_source_task(cfg, args.train_per_class, args.test_per_class, force=args.force)
-    except UserError as e:
-        print(f"error: {e.render()}", file=sys.stderr)
-        return 2
-    block = {"eval": {"downstream": {SOURCE_TASK: {**files, "zero_shot_from": list(files["train"])[:1]}}}}
-    print(yaml.safe_dump(block, sort_keys=False, allow_unicode=True), end="")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

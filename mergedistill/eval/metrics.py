@@ -22,10 +22,9 @@ from typing import Literal, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mergedistill.data.masking import IGNORE_INDEX
-from mergedistill.mlm_models import masked_logits, usable_positions
-from mergedistill.data.masking import fixed_masked_set
+from mergedistill.data.masking import IGNORE_INDEX, fixed_masked_set
 from mergedistill.data.packing import SpecialLayout, pack_texts, tokenize_documents
+from mergedistill.mlm_models import masked_logits, usable_positions
 
 Unit = Literal["word", "char"]
 

@@ -24,31 +24,23 @@ from mergedistill.tables import dict_rows, markdown_table, write_csv
 log = logging.getLogger(__name__)
 
 
-def candidates_of(cfg: RunConfig, lang: str) -> list[str]:
-    return list(dict.fromkeys([cfg.teacher_of(lang)] + cfg.languages[lang].candidates))
-
-
-def run_select(cfg: RunConfig, args) -> Path:
-    from transformers import AutoTokenizer
-
+def run_select(cfg: RunConfig) -> Path:
     from mergedistill.eval.metrics import score_pll
-    from mergedistill.teachers import load_teacher_model
+    from mergedistill.eval.models import Models, autocast
 
     start = time.monotonic()
     problems = split_problems(cfg.languages, "valid", "select scores teachers on the valid split; add one")
     if problems:
         raise UserError(problems, header=f"select: {len(problems)} problem(s); nothing was written:")
-    models: dict = {}
+    models = Models(cfg, None, None)
     rows = []
     for lang, lc in cfg.languages.items():
         texts = sample_lines(lc.valid, f"languages.{lang}.valid", cfg.eval.pll_lines, cfg.eval.seed)
         unit = "char" if lang in cfg.eval.char_languages else "word"
-        for name in candidates_of(cfg, lang):
-            if name not in models:
-                tc = cfg.teachers[name]
-                models[name] = (load_teacher_model(name, tc), AutoTokenizer.from_pretrained(tc.path, revision=tc.revision))
+        for name in cfg.teachers_of(lang):
             t0 = time.monotonic()
-            score = score_pll(*models[name], texts, unit)
+            with autocast(cfg):
+                score = score_pll(*models.teacher(name), texts, unit)
             rows.append({"language": lang, "teacher": name, "unit": unit, **score})
             log.info("select: %s by %s: pseudo-perplexity %.2f per %s (%d lines, %d tokens, %.0f s)",
                      lang, name, score["ppl"], unit, score["lines"], score["tokens"], time.monotonic() - t0)

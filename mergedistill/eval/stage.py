@@ -15,13 +15,10 @@ README.md ('## Evaluation'). A rerun with the same inputs skips; --force redoes 
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,18 +28,55 @@ import torch
 from mergedistill import __version__
 from mergedistill.config import RunConfig
 from mergedistill.configlib import to_dict
-from mergedistill.corpus import corpus_fingerprint, iter_lines, sample_lines, split_problems, spread_subset
-from mergedistill.eval.downstream import build_source_task, fine_tune, read_examples, source_task_dir, task_accuracy
-from mergedistill.errors import UserError
-from mergedistill.eval.scoring import bits_per_char, hit_rate, masked_top1, pll_per_unit, to_student_ids
-from mergedistill.eval.report import Row, Table, card_md, report_md, set_card_section, write_plots, write_results_csv
-from mergedistill.fsutil import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
+from mergedistill.corpus import (
+    corpus_fingerprint,
+    iter_lines,
+    sample_lines,
+    split_problems,
+    spread_subset,
+)
 from mergedistill.data.masking import IGNORE_INDEX
-from mergedistill.eval.metrics import UnigramBaseline, count_units, masked_eval_set, pseudo_log_likelihoods, pseudo_perplexity
-from mergedistill.mlm_models import usable_positions
 from mergedistill.data.packing import tokenize_documents
-from mergedistill.eval.retrieval import MIN_SHARED, aligned_pairs, embed_texts, read_keyed, retrieval_accuracy
-from mergedistill.teachers import load_teacher_model, model_fingerprint
+from mergedistill.errors import UserError
+from mergedistill.eval.downstream import fine_tune, read_examples, task_accuracy
+from mergedistill.eval.metrics import (
+    UnigramBaseline,
+    count_units,
+    masked_eval_set,
+    pseudo_log_likelihoods,
+    pseudo_perplexity,
+)
+from mergedistill.eval.models import Export, Models, autocast, eval_device
+from mergedistill.eval.report import (
+    Row,
+    Table,
+    card_md,
+    report_md,
+    set_card_section,
+    write_plots,
+    write_results_csv,
+)
+from mergedistill.eval.retrieval import (
+    MIN_SHARED,
+    aligned_pairs,
+    embed_texts,
+    read_keyed,
+    retrieval_accuracy,
+)
+from mergedistill.eval.scoring import (
+    bits_per_char,
+    hit_rate,
+    masked_top1,
+    pll_per_unit,
+    to_student_ids,
+)
+from mergedistill.fsutil import (
+    atomic_dir,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
+from mergedistill.teachers import model_fingerprint
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
@@ -89,114 +123,6 @@ def baseline_export_dir(cfg: RunConfig) -> Path:
     return cfg.run_dir / "baseline" / "export"
 
 
-def teachers_of(cfg: RunConfig, lang: str) -> list[str]:
-    """The teachers that know `lang`: the routed one, then the candidates."""
-    return list(dict.fromkeys([cfg.teacher_of(lang)] + list(cfg.languages[lang].candidates)))
-
-
-# ---- the models compared -----------------------------------------------------------------------------
-@dataclass
-class Export:
-    """A student exported by the train stage: a HF masked LM with per-language tokenizers."""
-
-    key: str
-    folder: Path
-    languages: dict[str, str]
-    """Language -> its tokenizer folder, relative to `folder`."""
-    meta: dict
-    _model: object = None
-    _toks: dict = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, key: str, folder: Path, problems: list[str], command: str) -> "Export | None":
-        if not (folder / "config.json").is_file():
-            problems.append(f"{folder}: no exported {key} (config.json); run `{command}` first")
-            return None
-        try:
-            langs = read_json(folder / "languages.json")
-            meta = read_json(folder / "mergedistill.json") if (folder / "mergedistill.json").is_file() else {}
-        except (OSError, json.JSONDecodeError) as e:
-            problems.append(f"{folder}: cannot read languages.json ({e}); rerun `{command}`")
-            return None
-        return cls(key, folder, langs, meta)
-
-    def model(self):
-        if self._model is None:
-            from transformers import AutoModelForMaskedLM
-
-            self._model = AutoModelForMaskedLM.from_pretrained(str(self.folder)).eval()
-        return self._model
-
-    def tokenizer(self, lang: str):
-        sub = self.languages[lang]
-        if sub not in self._toks:
-            from transformers import AutoTokenizer
-
-            self._toks[sub] = AutoTokenizer.from_pretrained(str(self.folder / sub))
-        return self._toks[sub]
-
-    def fingerprint(self) -> str:
-        """Hash of what the evaluation reads (weights, config, tokenizers), not of the README it edits."""
-        h = hashlib.sha256()
-        files = [p for p in sorted(self.folder.rglob("*")) if p.is_file() and p.name != "README.md"]
-        for p in files:
-            h.update(f"{p.relative_to(self.folder)}:{sha256_file(p)}".encode())
-        return h.hexdigest()[:16]
-
-
-class Models:
-    """Every model the evaluation compares, loaded on first use and kept: `student`, `baseline` and
-    `teacher:<name>`."""
-
-    def __init__(self, cfg: RunConfig, student: Export, baseline: Export | None):
-        self.cfg, self.student, self.baseline = cfg, student, baseline
-        self._teachers: dict[str, tuple] = {}
-
-    def teacher(self, name: str):
-        if name not in self._teachers:
-            from transformers import AutoTokenizer
-
-            tc = self.cfg.teachers[name]
-            tok = AutoTokenizer.from_pretrained(tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code)
-            self._teachers[name] = (load_teacher_model(name, tc), tok)
-        return self._teachers[name]
-
-    def model(self, key: str):
-        if key.startswith("teacher:"):
-            return self.teacher(key[len("teacher:"):])[0]
-        return self._export(key).model()
-
-    def tokenizer(self, key: str, lang: str):
-        if key.startswith("teacher:"):
-            return self.teacher(key[len("teacher:"):])[1]
-        return self._export(key).tokenizer(lang)
-
-    def _export(self, key: str) -> Export:
-        exp = self.student if key == "student" else self.baseline
-        assert exp is not None, f"no {key} to evaluate"
-        return exp
-
-    def teachers_of(self, lang: str) -> list[str]:
-        return teachers_of(self.cfg, lang)
-
-    def for_language(self, lang: str) -> list[str]:
-        out = ["student"] + (["baseline"] if self.baseline is not None else [])
-        return out + [f"teacher:{t}" for t in self.teachers_of(lang)]
-
-    def knows(self, key: str, lang: str) -> bool:
-        if key.startswith("teacher:"):
-            return key[len("teacher:"):] in self.teachers_of(lang)
-        return lang in self._export(key).languages
-
-    def role(self, key: str, lang: str) -> str:
-        if not key.startswith("teacher:"):
-            return key
-        return "routed teacher" if key[len("teacher:"):] == self.cfg.teacher_of(lang) else "candidate teacher"
-
-    def max_len(self, key: str) -> int:
-        return min(self.cfg.data.seq_len, usable_positions(self.model(key)))
-
-
 # ---- preflight -----------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -207,15 +133,12 @@ class Plan:
     languages: list[str]
 
 
-def _command(args, stage: str) -> str:
-    cfg_path = getattr(args, "config", None) or "<config>"
-    return f"mergedistill {stage} --config {cfg_path}"
-
-
-def preflight(cfg: RunConfig, args) -> Plan:
+def preflight(cfg: RunConfig) -> Plan:
     """Check every input (exports, vocabulary, test corpora, task files); raise all problems at once."""
     problems: list[str] = []
-    student = Export.open("student", student_export_dir(cfg), problems, _command(args, "train"))
+    device = eval_device(cfg)
+    train_cmd = cfg.command("train")
+    student = Export.open("student", student_export_dir(cfg), problems, train_cmd, device)
     vocab = vrec = None
     try:
         vocab, vrec = load_vocab(cfg)
@@ -225,17 +148,17 @@ def preflight(cfg: RunConfig, args) -> Plan:
     if cfg.eval.baseline:
         folder = baseline_export_dir(cfg)
         if (folder / "config.json").is_file():
-            baseline = Export.open("baseline", folder, problems, _command(args, "train") + " --baseline")
+            baseline = Export.open("baseline", folder, problems, train_cmd + " --baseline", device)
         else:
             log.warning("evaluate: no MLM-only baseline at %s (train it with `%s --baseline`, or set eval.baseline: false); "
-                        "comparing without it", folder, _command(args, "train"))
+                        "comparing without it", folder, train_cmd)
     for exp in (student, baseline):
         if exp is None:
             continue
         fp = exp.meta.get("vocab")
         if vrec is not None and fp is not None and fp != vrec["vocab"]:
             problems.append(f"{exp.folder}: trained on vocabulary {fp}, but {cfg.vocab_dir} is {vrec['vocab']}; "
-                            f"retrain it (`{_command(args, 'train')} --force`)")
+                            f"retrain it (`{train_cmd} --force`)")
         missing = [lang for lang in cfg.languages if lang not in exp.languages]
         if missing:
             problems.append(f"{exp.folder}: no tokenizer for {', '.join(missing)} in languages.json; retrain with this config")
@@ -243,26 +166,16 @@ def preflight(cfg: RunConfig, args) -> Plan:
                  if lang in exp.languages and exp.languages[lang] != f"tokenizers/{cfg.teacher_of(lang)}"]
         if moved:
             problems.append(f"{exp.folder}: trained with another routing for {', '.join(moved)}; "
-                            f"retrain (`{_command(args, 'train')} --force`) or restore the routing")
+                            f"retrain (`{train_cmd} --force`) or restore the routing")
     problems += split_problems(cfg.languages, "test", "evaluate needs a held-out test corpus; add `test: <file>`")
-    to_build = _auto_task_files(cfg)
-    problems += _check_downstream(cfg, to_build)
+    problems += _check_downstream(cfg)
     if problems:
         raise UserError(problems, header=f"evaluate: {len(problems)} problem(s); nothing was run:")
-    if to_build:
-        _build_missing_tasks(cfg, to_build)
     return Plan(student, baseline, vocab, vrec, list(cfg.languages))  # type: ignore[arg-type]
 
 
-def _auto_task_files(cfg: RunConfig) -> list[Path]:
-    """Configured task files that `build_source_task` writes and that do not exist yet."""
-    auto = source_task_dir(cfg).resolve()
-    specs = [s for t in cfg.eval.downstream.values() for s in (*t.train.values(), *t.test.values())]
-    return [Path(s) for s in specs if not s.startswith("datasets:") and not Path(s).is_file() and Path(s).resolve().parent == auto]
-
-
-def _check_downstream(cfg: RunConfig, to_build: list[Path]) -> list[str]:
-    """Problems with eval.downstream; files in `to_build` are not missing (the source task makes them)."""
+def _check_downstream(cfg: RunConfig) -> list[str]:
+    """Problems with eval.downstream (languages, files, settings)."""
     problems: list[str] = []
     for name, t in cfg.eval.downstream.items():
         where = f"eval.downstream.{name}"
@@ -271,7 +184,7 @@ def _check_downstream(cfg: RunConfig, to_build: list[Path]) -> list[str]:
                 if lang not in cfg.languages:
                     problems.append(f"{where}.{split}.{lang}: not a language of this run (no tokenizer for it); "
                                     f"use one of {', '.join(cfg.languages)}")
-                elif not spec.startswith("datasets:") and not Path(spec).is_file() and Path(spec) not in to_build:
+                elif not spec.startswith("datasets:") and not Path(spec).is_file():
                     problems.append(f"{where}.{split}.{lang}: no file {spec!r}")
         for lang in t.zero_shot_from:
             if lang not in t.train:
@@ -283,19 +196,9 @@ def _check_downstream(cfg: RunConfig, to_build: list[Path]) -> list[str]:
     return problems
 
 
-def _build_missing_tasks(cfg: RunConfig, to_build: list[Path]) -> None:
-    """Build the demo's source task when configured files of it are missing; fail on those it cannot make."""
-    log.info("evaluate: building the source task under %s (configured task files are missing)", source_task_dir(cfg))
-    build_source_task(cfg)
-    still = [p for p in to_build if not p.is_file()]
-    if still:
-        raise UserError([f"eval.downstream: no file {str(p)!r}: the source task skips languages without JSON-lines train and "
-                         "test corpora holding two or more sources (see the log above)" for p in still])
-
-
 def inputs_fingerprint(cfg: RunConfig, plan: Plan) -> dict:
     """Everything the outputs depend on."""
-    teachers = sorted({t for lang in plan.languages for t in teachers_of(cfg, lang)})
+    teachers = sorted({t for lang in plan.languages for t in cfg.teachers_of(lang)})
     files = {}
     for name, t in cfg.eval.downstream.items():
         for split in ("train", "test"):
@@ -306,7 +209,7 @@ def inputs_fingerprint(cfg: RunConfig, plan: Plan) -> dict:
         "student": plan.student.fingerprint(),
         "baseline": plan.baseline.fingerprint() if plan.baseline else None,
         "teachers": {n: model_fingerprint(n, cfg.teachers[n]) for n in teachers},
-        "routing": {lang: teachers_of(cfg, lang) for lang in plan.languages},
+        "routing": {lang: cfg.teachers_of(lang) for lang in plan.languages},
         "test": {lang: corpus_fingerprint(cfg.languages[lang].test) for lang in plan.languages},  # type: ignore[arg-type]
         "train": {lang: corpus_fingerprint(cfg.languages[lang].train) for lang in plan.languages},
         "eval": to_dict(cfg.eval),
@@ -522,24 +425,15 @@ def label_mismatch(source: set[str], target: set[str]) -> str | None:
 
 
 # ---- the stage -------------------------------------------------------------------------------------
-def autocast(cfg: RunConfig):
-    """Forward passes in bfloat16 when the config asks for it (`eval.dtype: bfloat16`, read only if the
-    config defines that field): measured 2.4x faster for a 256 x 4 model on this project's CPUs
-    (AVX512-BF16), with metrics that move in the third digit. float32 otherwise."""
-    dtype = getattr(cfg.eval, "dtype", "float32")
-    if dtype in ("bfloat16", "bf16"):
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def run_evaluate(cfg: RunConfig, args) -> Path:
-    """Evaluate, write runs/<run>/eval/ and the model card's Evaluation section; returns the eval folder."""
+def run_evaluate(cfg: RunConfig, *, force: bool = False) -> Path:
+    """Evaluate, write runs/<run>/eval/ and the model card's Evaluation section; returns the eval folder.
+    A rerun with the same inputs skips; `force` redoes it."""
     start = time.monotonic()
-    plan = preflight(cfg, args)
+    plan = preflight(cfg)
     out = eval_dir(cfg)
     inputs = inputs_fingerprint(cfg, plan)
     state = out / "state.json"
-    if state.is_file() and (out / "report.md").is_file() and not getattr(args, "force", False):
+    if state.is_file() and (out / "report.md").is_file() and not force:
         try:
             same = read_json(state).get("inputs") == inputs
         except (OSError, json.JSONDecodeError):
@@ -563,8 +457,6 @@ def run_evaluate(cfg: RunConfig, args) -> Path:
     table = Table(rows)
     seconds = time.monotonic() - start
     with atomic_dir(out) as tmp:
-        if (out / "tasks").is_dir():
-            shutil.copytree(out / "tasks", tmp / "tasks")
         write_results_csv(rows, tmp / "results.csv")
         plots = write_plots(table, tmp / "plots")
         (tmp / "report.md").write_text(report_md(table, _header(cfg, plan, seconds), DEFINITIONS, plots), encoding="utf-8")
@@ -586,7 +478,7 @@ def _header(cfg: RunConfig, plan: Plan, seconds: float) -> str:
         "",
         f"- student: `{plan.student.folder}`; MLM-only baseline: {base}",
         f"- vocabulary `{plan.vrec['vocab']}`; languages and teachers: "
-        + "; ".join(f"{lang} -> {', '.join(teachers_of(cfg, lang))}" for lang in plan.languages),
+        + "; ".join(f"{lang} -> {', '.join(cfg.teachers_of(lang))}" for lang in plan.languages),
         f"- test lines per language (a seeded random sample spread over the split): {e.max_lines if e.max_lines is not None else 'all'} for masked accuracy "
         f"(mask rate {e.mask_prob}, seed {e.seed}), {e.pll_lines} for PLL; "
         f"per-char languages: {', '.join(e.char_languages) or 'none'}",

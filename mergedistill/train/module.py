@@ -8,10 +8,10 @@ import lightning as L
 import torch
 
 from mergedistill.config import RunConfig
-from mergedistill.train.losses import distill_loss
-from mergedistill.train.optim import adamw, with_schedule
 from mergedistill.mlm_models import masked_logits
 from mergedistill.train.batches import Batch
+from mergedistill.train.losses import distill_loss
+from mergedistill.train.optim import adamw, with_schedule
 
 
 class NonFiniteLoss(RuntimeError):

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -22,11 +23,17 @@ from mergedistill.configlib import to_dict
 from mergedistill.data.stage import data_dir, load_manifest
 from mergedistill.errors import UserError
 from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic
+from mergedistill.teachers import load_all_tokenizers, load_teacher_model
+from mergedistill.train.batches import (
+    Batch,
+    LanguageShards,
+    SampledBatches,
+    ValidationBatches,
+    sampling_probs,
+)
 from mergedistill.train.module import DistillModule, NonFiniteLoss
 from mergedistill.train.progress import TrainProgress
 from mergedistill.train.student import build_student
-from mergedistill.teachers import load_all_tokenizers, load_teacher_model
-from mergedistill.train.batches import Batch, LanguageShards, SampledBatches, ValidationBatches, sampling_probs
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
@@ -156,15 +163,26 @@ def _is_launcher() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
-def run_train(cfg: RunConfig, args) -> Path:
-    """Train the student (or, with --baseline, the MLM-only baseline: same size, data and steps, but
-    nothing from any teacher: alpha 0, random initialisation, no embedding rows copied) and export it."""
+def baseline_config(cfg: RunConfig) -> RunConfig:
+    """The MLM-only baseline's settings: the run's, with nothing from any teacher (alpha 0, offline,
+    random initialisation, no embedding rows copied) and the output bias started at the data's token
+    frequencies. A copy: `cfg` is left as it was."""
+    return replace(cfg, train=replace(cfg.train, alpha=0.0, mode="offline"),
+                   student=replace(cfg.student, init="random", embeddings_from_teachers=False, init_output_bias=True))
+
+
+def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, force: bool = False,
+              restart_if_changed: bool = False) -> Path:
+    """Train the student (or, with `baseline`, the MLM-only baseline: same size, data and steps, but
+    nothing from any teacher) and export it.
+
+    resume: continue checkpoints/last.ckpt (refused when it was trained with other settings);
+    force: start over, deleting an earlier student; restart_if_changed: continue the last checkpoint
+    when it was trained with these settings, start over when they changed (what `run` and `ablate` do)."""
     start = time.monotonic()
-    baseline = bool(getattr(args, "baseline", False))
+    resume = resume or restart_if_changed
     if baseline:
-        cfg.train.alpha, cfg.train.mode = 0.0, "offline"
-        cfg.student.init, cfg.student.embeddings_from_teachers = "random", False
-        cfg.student.init_output_bias = True  # token frequencies come from the data, not from a teacher
+        cfg = baseline_config(cfg)
     vocab, vrec = load_vocab(cfg)
     manifest = load_manifest(cfg, vrec["vocab"])
     languages = [lang for lang in cfg.languages if lang in manifest["languages"]]
@@ -179,7 +197,6 @@ def run_train(cfg: RunConfig, args) -> Path:
     inputs = {"vocab": vrec["vocab"], "data": {lang: manifest["languages"][lang]["inputs"] for lang in languages},
               "student": to_dict(cfg.student), "train": {k: v for k, v in to_dict(cfg.train).items()
                                                          if k not in ("devices", "accelerator", "strategy", "num_nodes", "logger")}}
-    force, resume = getattr(args, "force", False), getattr(args, "resume", False)
     if _is_launcher():
         if state_path.is_file() and (export / "config.json").is_file() and not force:
             if read_json(state_path).get("inputs") == inputs:
@@ -192,7 +209,7 @@ def run_train(cfg: RunConfig, args) -> Path:
             if prev is not None and prev != inputs:
                 # Never continue a checkpoint trained with other settings (it would be exported as if
                 # trained with these). `run` and `ablate` start over; an explicit --resume is refused.
-                if getattr(args, "restart_changed", False):
+                if restart_if_changed:
                     log.info("train: the settings changed since %s was written; starting over", last)
                     shutil.rmtree(out)
                 else:

@@ -22,13 +22,27 @@ from mergedistill.config import RunConfig
 from mergedistill.configlib import to_dict
 from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines
 from mergedistill.errors import UserError
-from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic, write_text_atomic
+from mergedistill.fsutil import (
+    atomic_dir,
+    read_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 from mergedistill.parallel import run_tasks
 from mergedistill.progress import Progress
-from mergedistill.vocab.tokenizers import bpe_merges, check_spaces_unreachable, save_student_tokenizer
 from mergedistill.teachers import TeacherTokenizer, load_all_tokenizers
-from mergedistill.vocab.joint import VOCAB_FORMAT, JointVocab, build_joint_vocab, kept_tokens
+from mergedistill.vocab.joint import (
+    VOCAB_FORMAT,
+    JointVocab,
+    build_joint_vocab,
+    kept_tokens,
+)
 from mergedistill.vocab.report import write_report
+from mergedistill.vocab.tokenizers import (
+    bpe_merges,
+    check_spaces_unreachable,
+    save_student_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 BATCH_LINES = 2000
@@ -168,14 +182,14 @@ def _fertility_task(cfg: RunConfig, teachers: dict[str, TeacherTokenizer], lang:
 
 
 # ---- the stage ---------------------------------------------------------------------------------
-def run_vocab(cfg: RunConfig, args) -> Path:
+def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
     """Build vocab/<run>/, or skip if it is complete for the same inputs. Returns the folder."""
     start = time.monotonic()
     out = cfg.vocab_dir
     teachers = preflight(cfg)
     inputs = inputs_fingerprint(cfg, teachers)
     fp_path = out / "fingerprint.json"
-    if fp_path.is_file() and not getattr(args, "force", False):
+    if fp_path.is_file() and not force:
         try:
             done = read_json(fp_path)
         except (OSError, json.JSONDecodeError):

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SENTENCES, in_dir, make_config
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
-from mergedistill.data.stage import ShardBuilder, load_manifest
-from mergedistill.errors import UserError
 from mergedistill.data.packing import SpecialLayout
 from mergedistill.data.shards import open_shard
+from mergedistill.data.stage import ShardBuilder, load_manifest
 from mergedistill.data.topk import topk_at_masked, topk_naive
+from mergedistill.errors import UserError
 from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 from mergedistill.vocab.stage import load_vocab
 

@@ -1,8 +1,15 @@
 import pytest
 import torch
-
 from conftest import patterned_texts, tiny_tokenizer
-from mergedistill.data.masking import IGNORE_INDEX, MLMCollator, mask_tokens, random_candidates, select_positions, special_positions
+
+from mergedistill.data.masking import (
+    IGNORE_INDEX,
+    MLMCollator,
+    mask_tokens,
+    random_candidates,
+    select_positions,
+    special_positions,
+)
 from mergedistill.data.packing import pack_texts
 
 V, MASK, SPECIALS = 1000, 4, [0, 1, 2, 3, 4]  # pad, unk, cls, sep, mask

@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 from conftest import tiny_tokenizer
-from mergedistill.data.packing import SpecialLayout, pack_documents, pack_texts, tokenize_documents
+
+from mergedistill.data.packing import (
+    SpecialLayout,
+    pack_documents,
+    pack_texts,
+    tokenize_documents,
+)
 
 
 def test_special_layout_follows_the_post_processor():

@@ -12,12 +12,31 @@ from pathlib import Path
 
 import pytest
 
-from mergedistill.demo.corpora.clean import Deduplicator, EnglishFilter, normalize, size, too_short
-from mergedistill.demo.corpora.extract import (Document, drop_tables, extract_fortunes, extract_help, extract_man,
-                                          fortune_paragraphs, help_paragraphs, is_so_link, man_paragraphs,
-                                          render_man)
+from mergedistill.demo.corpora.clean import (
+    Deduplicator,
+    EnglishFilter,
+    normalize,
+    size,
+    too_short,
+)
+from mergedistill.demo.corpora.extract import (
+    Document,
+    drop_tables,
+    extract_fortunes,
+    extract_help,
+    extract_man,
+    fortune_paragraphs,
+    help_paragraphs,
+    is_so_link,
+    man_paragraphs,
+    render_man,
+)
 from mergedistill.demo.corpora.language import clean_documents
-from mergedistill.demo.corpora.sources import LanguageSpec, PackageSpec, parse_apt_policy
+from mergedistill.demo.corpora.sources import (
+    LanguageSpec,
+    PackageSpec,
+    parse_apt_policy,
+)
 from mergedistill.demo.corpora.split import doc_position, fill_empty_splits, split_of
 from mergedistill.errors import UserError
 

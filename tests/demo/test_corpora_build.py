@@ -15,9 +15,14 @@ import pytest
 
 from mergedistill.demo.corpora import build_corpora, language
 from mergedistill.demo.corpora.__main__ import main
-from mergedistill.fsutil import sha256_file
-from mergedistill.demo.corpora.sources import LanguageSpec, PackageError, PackageSpec, TreeSource
+from mergedistill.demo.corpora.sources import (
+    LanguageSpec,
+    PackageError,
+    PackageSpec,
+    TreeSource,
+)
 from mergedistill.errors import UserError
+from mergedistill.fsutil import sha256_file
 
 FIX = Path(__file__).parent / "fixtures" / "corpora"
 HAVE_GROFF = shutil.which("groff") is not None

@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import patterned_texts, tiny_model, tiny_tokenizer
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import patterned_texts, tiny_model, tiny_tokenizer
+from mergedistill.data.masking import MLMCollator
+from mergedistill.data.packing import SpecialLayout, pack_texts
 from mergedistill.demo.pretrain import (
     Documents,
     PhasedBatches,
@@ -19,8 +21,6 @@ from mergedistill.demo.pretrain import (
     tokenize_corpus,
     unigram_log_probs,
 )
-from mergedistill.data.masking import MLMCollator
-from mergedistill.data.packing import SpecialLayout, pack_texts
 
 
 def test_sampling_probs_and_weights():
@@ -161,8 +161,8 @@ eval: {{pll_lines: 5, acc_sequences: 8}}
 
 
 def test_teachers_config_reports_every_problem_at_once(tmp_path):
-    from mergedistill.errors import ConfigError
     from mergedistill.demo.teachers_build import load_teachers_config
+    from mergedistill.errors import ConfigError
 
     cfg_path = tmp_path / "t.yaml"
     cfg_path.write_text("""

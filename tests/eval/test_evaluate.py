@@ -9,22 +9,21 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import SENTENCES, in_dir
 from transformers import BertConfig, BertForMaskedLM
 
-from conftest import SENTENCES, in_dir
 from mergedistill.cli import main
 from mergedistill.config import load_config
+from mergedistill.demo.source_task import build_source_task
 from mergedistill.errors import UserError
 from mergedistill.eval.report import set_card_section
 from mergedistill.eval.stage import run_evaluate
 from mergedistill.vocab.stage import load_vocab
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,8 +114,8 @@ CARD = "# t\n\nA student.\n\n## Training\n\n- tiny\n\n## Evaluation\n\nold numbe
 
 def write_config(work: Path, teachers: dict[str, Path], corpora, **eval_extra) -> Path:
     task = {
-        "train": {lang: f"runs/t/eval/tasks/source/{lang}.train.jsonl" for lang in ROUTING},
-        "test": {lang: f"runs/t/eval/tasks/source/{lang}.test.jsonl" for lang in ROUTING},
+        "train": {lang: f"runs/t/tasks/source/{lang}.train.jsonl" for lang in ROUTING},
+        "test": {lang: f"runs/t/tasks/source/{lang}.test.jsonl" for lang in ROUTING},
         "epochs": 1, "max_train": 16, "max_test": 16, "lr": 0.001, "zero_shot_from": ["en"],
     }
     cfg = {
@@ -148,6 +147,7 @@ def evaluated(tmp_path_factory, tiny_teachers):
         base = BertForMaskedLM(BertConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                           intermediate_size=64, max_position_embeddings=64, pad_token_id=0))
         write_export(cfg.run_dir / "baseline" / "export", base, cfg, vrec, "# baseline\n")
+        build_source_task(cfg, train_per_class=100, test_per_class=12, min_per_class=5)  # the demo's task, as `make demo` builds it
         assert main(["evaluate", "--config", str(cfg_path)]) == 0
         yield work, cfg_path
 
@@ -206,9 +206,10 @@ def test_outputs_exist_with_the_expected_rows(evaluated):
     report = (out / "report.md").read_text(encoding="utf-8")
     for needle in ("## Intrinsic", "### ja", "bits/char", "## Cross-lingual retrieval", "zero-shot from en", "plots/accuracy.png"):
         assert needle in report, needle
-    # the source task was built from the corpora and kept beside the report
-    task = [json.loads(x) for x in (out / "tasks" / "source" / "de.test.jsonl").read_text(encoding="utf-8").splitlines()]
+    # the task files the demo built are what the downstream rows were scored on
+    task = [json.loads(x) for x in (work / "runs" / "t" / "tasks" / "source" / "de.test.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {t["label"] for t in task} == {"help", "man"} and len(task) == 24
+    assert {int(r["n"]) for r in rows if r["section"] == "downstream"} == {16}  # max_test of the 24
 
 
 def test_the_reindexed_teacher_as_student_matches_its_teacher(evaluated):
@@ -247,15 +248,14 @@ def test_rerun_skips_and_force_redoes(evaluated, caplog):
     words = value(results(work), "intrinsic", "en", "student", "words_scored")
     cfg = load_config(cfg_path)
     with caplog.at_level("INFO"):
-        run_evaluate(cfg, Namespace(config=str(cfg_path), force=False))
+        run_evaluate(cfg)
     assert "skipping" in caplog.text and report.stat().st_mtime_ns == before
-    # a changed setting is a new evaluation: only intrinsic, fewer PLL lines, the tasks/ folder survives
+    # a changed setting is a new evaluation: only intrinsic, fewer PLL lines
     cfg = load_config(cfg_path, ["--eval.pll_lines=2", "--eval.retrieval=false", "--eval.downstream={}", "--eval.baseline=false"])
-    run_evaluate(cfg, Namespace(config=str(cfg_path), force=False))
+    run_evaluate(cfg)
     rows = results(work)
     assert {r["section"] for r in rows} == {"intrinsic"} and not any(r["model"] == "baseline" for r in rows)
     assert value(rows, "intrinsic", "en", "student", "words_scored") < words
-    assert (work / "runs" / "t" / "eval" / "tasks" / "source" / "en.train.jsonl").is_file()
     assert not list((work / "runs" / "t").glob(".eval.*"))  # no temporary folders left behind
 
 
@@ -273,7 +273,7 @@ def test_bad_inputs_are_reported_together_before_any_work(evaluated):
     cfg = load_config(cfg_path, ["--eval.downstream.source.zero_shot_from=[xx]", "--eval.downstream.source.test.fr=nowhere.jsonl",
                                  "--languages.en.teacher=uni"])
     with pytest.raises(UserError) as e:
-        run_evaluate(cfg, Namespace(config=str(cfg_path), force=True))
+        run_evaluate(cfg, force=True)
     text = e.value.render()
     assert "zero_shot_from: 'xx'" in text and "test.fr: not a language of this run" in text
     assert "another routing for en (tokenizers/wp, config: tokenizers/uni)" in text

@@ -1,7 +1,12 @@
 """The distillation losses against slow references."""
 import torch
 
-from mergedistill.train.losses import dense_kd_reference, distill_loss, mlm_loss, sparse_kd_loss
+from mergedistill.train.losses import (
+    dense_kd_reference,
+    distill_loss,
+    mlm_loss,
+    sparse_kd_loss,
+)
 
 
 def _entropy(logits, t):

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SENTENCES, in_dir, make_config
 from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-from conftest import SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.train.batches import SampledBatches, sampling_probs
@@ -125,9 +125,9 @@ def test_ranks_split_the_same_global_batch():
 def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpora, monkeypatch):
     from mergedistill import mlm_models
     from mergedistill.data.stage import load_manifest
+    from mergedistill.train.batches import LanguageShards, collate
     from mergedistill.train.module import DistillModule
     from mergedistill.train.student import build_student
-    from mergedistill.train.batches import LanguageShards, collate
     from mergedistill.vocab.stage import load_vocab
 
     cfg = load_config(write_config(run_dir, tiny_teachers, corpora))
@@ -291,9 +291,16 @@ def test_ddp_on_two_cpu_processes_matches_one_process(run_dir, tiny_teachers, co
 
 
 def test_baseline_takes_nothing_from_the_teachers(run_dir, tiny_teachers, corpora):
-    """--baseline: alpha 0 and random init with no embedding rows copied, even when the config asks for them."""
-    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2)
-    assert main(["train", "--config", str(cfg), "--baseline"]) == 0
+    """--baseline: alpha 0 and random init with no embedding rows copied, even when the config asks for them;
+    on a copy of the config: the one given (what `run` hands to evaluate next) is left as it was."""
+    import copy
+
+    from mergedistill.train.stage import run_train
+
+    cfg = load_config(write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2))
+    before = copy.deepcopy(cfg)
+    run_train(cfg, baseline=True)
+    assert cfg == before and cfg.train.alpha == 0.5
     card = (run_dir / "runs/t/baseline/export/README.md").read_text()
     assert "'init': 'random'" in card and "embedding_rows" not in card
     assert "'output_bias': 'log unigram frequencies of the training shards'" in card
@@ -338,8 +345,7 @@ def test_output_bias_init_is_the_mixed_unigram_distribution(run_dir, tiny_teache
 
 def test_a_checkpoint_from_other_settings_is_never_continued(run_dir, tiny_teachers, corpora, capsys, caplog):
     """A finished run, then the settings change: --resume is refused (exit 2); `run`/`ablate`
-    (restart_changed) start over from step 0 instead of exporting the old checkpoint."""
-    import argparse
+    (restart_if_changed) start over from step 0 instead of exporting the old checkpoint."""
     import logging
 
     from mergedistill.train.stage import run_train
@@ -350,9 +356,8 @@ def test_a_checkpoint_from_other_settings_is_never_continued(run_dir, tiny_teach
     assert "belongs to a run with other settings" in capsys.readouterr().err
     state = run_dir / "runs/t/train/state.json"
     old = json.loads(state.read_text())
-    args = argparse.Namespace(force=False, resume=True, restart_changed=True, baseline=False, verbose=False)
     with caplog.at_level(logging.INFO, logger="mergedistill"):
-        run_train(load_config(cfg, ["--train.lr=0.01", "--train.max_steps=3"]), args)
+        run_train(load_config(cfg, ["--train.lr=0.01", "--train.max_steps=3"]), restart_if_changed=True)
     assert "starting over" in caplog.text
     new = json.loads(state.read_text())
     assert new["steps"] == 3 and new["inputs"]["train"]["lr"] == 0.01 and new["inputs"] != old["inputs"]

@@ -11,7 +11,14 @@ paragraphs), `cache` (extracted text per package version), `clean`, `split`, `la
 language's folder), `manifest` (checksums, atomic JSON), `build` (the cached parallel pipeline).
 """
 from .build import BuildResult, build_corpora
-from .sources import DEFAULT_LANGS, LANGUAGES, AptSource, LanguageSpec, PackageSpec, TreeSource
+from .sources import (
+           DEFAULT_LANGS,
+           LANGUAGES,
+           AptSource,
+           LanguageSpec,
+           PackageSpec,
+           TreeSource,
+)
 
 __all__ = ["BuildResult", "build_corpora", "DEFAULT_LANGS", "LANGUAGES", "AptSource", "LanguageSpec",
            "PackageSpec", "TreeSource"]

@@ -24,8 +24,24 @@ from mergedistill.fsutil import read_json_or_none, write_json_atomic, write_text
 from . import cache
 from .extract import extract_documents, groff_problem
 from .language import build_language, fingerprint
-from .manifest import FORMAT, LANG_META, MANIFEST, REPORT, format_markdown, format_table, manifest_document, verify_language
-from .sources import LANGUAGES, AptSource, LanguageSpec, PackageError, PackageSource, PackageSpec
+from .manifest import (
+    FORMAT,
+    LANG_META,
+    MANIFEST,
+    REPORT,
+    format_markdown,
+    format_table,
+    manifest_document,
+    verify_language,
+)
+from .sources import (
+    LANGUAGES,
+    AptSource,
+    LanguageSpec,
+    PackageError,
+    PackageSource,
+    PackageSpec,
+)
 
 logger = logging.getLogger(__name__)
 

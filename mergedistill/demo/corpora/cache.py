@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .extract import EXTRACT_VERSION, Document
 from mergedistill.fsutil import public_mode, read_json_or_none, write_json_atomic
+
+from .extract import EXTRACT_VERSION, Document
 
 
 def text_paths(cache_dir: Path, name: str, version: str) -> tuple[Path, Path]:
