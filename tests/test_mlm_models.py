@@ -1,6 +1,5 @@
 import pytest
 import torch
-from conftest import PATTERN_SENTENCES, tiny_model, tiny_tokenizer
 from transformers import (
     BertForMaskedLM,
     DistilBertConfig,
@@ -9,6 +8,7 @@ from transformers import (
     XLMRobertaForMaskedLM,
 )
 
+from conftest import PATTERN_SENTENCES, tiny_model, tiny_tokenizer
 from mergedistill.data.packing import pack_texts
 from mergedistill.mlm_models import build_mlm, masked_logits, usable_positions
 

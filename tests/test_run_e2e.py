@@ -5,8 +5,8 @@ import json
 
 import pytest
 import yaml
-from conftest import SENTENCES, make_config
 
+from conftest import SENTENCES, make_config
 from mergedistill.cli import main
 
 

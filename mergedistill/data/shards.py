@@ -13,14 +13,13 @@ Ids are uint16 when the student vocabulary fits (<= 65,536 tokens), else int32.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from mergedistill.errors import UserError
-from mergedistill.fsutil import write_json_atomic
+from mergedistill.fsutil import atomic_path, write_json_atomic
 
 SHARD_FORMAT = 1
 COLUMNS = ("input_ids", "positions", "labels", "topk_ids", "topk_logits")
@@ -44,12 +43,10 @@ def write_shard(path: Path, rows: dict[str, list[np.ndarray]], ids: np.dtype, re
     """Write `path` (.arrow) and its record (.json) atomically, the record last. Returns bytes written."""
     dtypes = {"input_ids": ids, "positions": np.int16, "labels": ids, "topk_ids": ids, "topk_logits": np.float16}
     table = pa.table({c: _list_column(rows[c], dtypes[c]) for c in COLUMNS})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
-        w.write_table(table)
-    size = tmp.stat().st_size
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+            w.write_table(table)
+        size = tmp.stat().st_size
     write_json_atomic(path.with_suffix(".json"), {**record, "bytes": size, "format": SHARD_FORMAT})
     return size
 

@@ -33,7 +33,7 @@ from mergedistill.corpus import (
     parse_datasets_spec,
 )
 from mergedistill.errors import UserError
-from mergedistill.eval.scoring import mean_pool
+from mergedistill.eval.metrics import mean_pool
 from mergedistill.train.optim import adamw, linear_schedule
 
 log = logging.getLogger(__name__)

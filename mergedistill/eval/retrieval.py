@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mergedistill.config import DATASETS_PREFIX
 from mergedistill.corpus import iter_json_lines
-from mergedistill.eval.scoring import mean_pool
+from mergedistill.eval.metrics import mean_pool
 
 MIN_SHARED = 20
 """Aligned paragraphs two languages need in common to form a retrieval pair."""

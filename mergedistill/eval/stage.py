@@ -41,10 +41,15 @@ from mergedistill.errors import UserError
 from mergedistill.eval.downstream import fine_tune, read_examples, task_accuracy
 from mergedistill.eval.metrics import (
     UnigramBaseline,
+    bits_per_char,
     count_units,
+    hit_rate,
     masked_eval_set,
+    masked_top1,
+    pll_per_unit,
     pseudo_log_likelihoods,
     pseudo_perplexity,
+    to_student_ids,
 )
 from mergedistill.eval.models import Export, Models, autocast, eval_device
 from mergedistill.eval.report import (
@@ -62,13 +67,6 @@ from mergedistill.eval.retrieval import (
     embed_texts,
     read_keyed,
     retrieval_accuracy,
-)
-from mergedistill.eval.scoring import (
-    bits_per_char,
-    hit_rate,
-    masked_top1,
-    pll_per_unit,
-    to_student_ids,
 )
 from mergedistill.fsutil import (
     atomic_dir,

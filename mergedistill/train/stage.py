@@ -5,7 +5,6 @@ with the data position restored (batch b is a pure function of the seed and b, s
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,12 +16,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from mergedistill import __version__
 from mergedistill.config import RunConfig
 from mergedistill.configlib import to_dict
 from mergedistill.data.stage import data_dir, load_manifest
 from mergedistill.errors import UserError
-from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic
+from mergedistill.fsutil import read_json, write_json_atomic
 from mergedistill.teachers import load_all_tokenizers, load_teacher_model
 from mergedistill.train.batches import (
     Batch,
@@ -31,6 +29,7 @@ from mergedistill.train.batches import (
     ValidationBatches,
     sampling_probs,
 )
+from mergedistill.train.export import export_student
 from mergedistill.train.module import DistillModule, NonFiniteLoss
 from mergedistill.train.progress import TrainProgress
 from mergedistill.train.student import build_student
@@ -255,21 +254,3 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
                                    "seconds": time.monotonic() - start})
     log.info("train: %d steps in %.0f s; exported to %s", trainer.global_step, time.monotonic() - start, export)
     return export
-
-
-def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
-                   init_info: dict, best: str | None, out: Path) -> Path:
-    """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
-    tokenizers, languages.json (language -> tokenizer folder) and a README model card."""
-    from mergedistill.train.model_card import model_card
-
-    routing = {lang: cfg.teacher_of(lang) for lang in languages}
-    with atomic_dir(out) as tmp:
-        student.save_pretrained(str(tmp), safe_serialization=True)
-        for name in sorted(set(routing.values())):
-            shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
-        (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info), encoding="utf-8")
-        write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,
-                                                      "best_checkpoint": best or None})
-    return out

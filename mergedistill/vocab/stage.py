@@ -24,6 +24,7 @@ from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines
 from mergedistill.errors import UserError
 from mergedistill.fsutil import (
     atomic_dir,
+    atomic_path,
     read_json,
     write_json_atomic,
     write_text_atomic,
@@ -158,9 +159,8 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
                 log.info("%s: cached", label)
                 return None
             counts, _ = _scan(t, spec, label, cfg.vocab.max_lines)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, counts)
-            tmp.replace(path)
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                np.save(f, counts)
             return None
         return run
 

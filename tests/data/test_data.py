@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, in_dir, make_config
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from conftest import SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.data.packing import SpecialLayout
@@ -250,7 +250,7 @@ def test_resume_after_a_crash_gives_identical_shards(built, tmp_path, tiny_teach
     assert main(["data", "--config", str(cfg_path)]) == 130
     assert not (crash / "runs/t/data/manifest.json").exists()
     assert 0 < len(_shard_bytes(crash)) < len(_shard_bytes(ref))
-    (crash / "runs/t/data/de/train/.shard-00009.arrow.123.tmp").write_bytes(b"half a shard")  # debris of a kill
+    (crash / "runs/t/data/de/train/.shard-00009.arrow.a1b2c3.tmp").write_bytes(b"half a shard")  # debris of a kill
     monkeypatch.setattr(ShardBuilder, "build", real)
     assert main(["data", "--config", str(cfg_path)]) == 0
     assert _shard_bytes(crash) == _shard_bytes(ref)

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import patterned_texts, tiny_tokenizer
 
+from conftest import patterned_texts, tiny_tokenizer
 from mergedistill.data.masking import (
     IGNORE_INDEX,
     MLMCollator,

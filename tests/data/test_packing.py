@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from conftest import tiny_tokenizer
-
 from mergedistill.data.packing import (
     SpecialLayout,
     pack_documents,

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import patterned_texts, tiny_model, tiny_tokenizer
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from conftest import patterned_texts, tiny_model, tiny_tokenizer
 from mergedistill.data.masking import MLMCollator
 from mergedistill.data.packing import SpecialLayout, pack_texts
 from mergedistill.demo.pretrain import (

@@ -6,8 +6,8 @@ import json
 import os
 
 import yaml
-from conftest import SENTENCES, make_config
 
+from conftest import SENTENCES, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.eval.ablate import run_ablate

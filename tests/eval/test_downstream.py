@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SingleModelPool, patterned_texts, tiny_model, tiny_tokenizer
 
+from conftest import SingleModelPool, patterned_texts, tiny_model, tiny_tokenizer
 from mergedistill.config import DownstreamTask, load_config
 from mergedistill.errors import UserError
 from mergedistill.eval.downstream import (

@@ -8,21 +8,21 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import SingleModelPool, tiny_model, tiny_tokenizer
 
-from mergedistill.eval.retrieval import (
-    aligned_pairs,
-    embed_texts,
-    read_keyed,
-    retrieval_accuracy,
-)
-from mergedistill.eval.scoring import (
+from conftest import SingleModelPool, tiny_model, tiny_tokenizer
+from mergedistill.eval.metrics import (
     bits_per_char,
     hit_rate,
     masked_top1,
     mean_pool,
     pll_per_unit,
     to_student_ids,
+)
+from mergedistill.eval.retrieval import (
+    aligned_pairs,
+    embed_texts,
+    read_keyed,
+    retrieval_accuracy,
 )
 from mergedistill.eval.stage import _pll_rows
 from mergedistill.vocab.joint import UNK_ID

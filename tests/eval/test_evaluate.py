@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import SENTENCES, in_dir
 from transformers import BertConfig, BertForMaskedLM
 
+from conftest import SENTENCES, in_dir
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.demo.source_task import build_source_task

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-from conftest import patterned_texts, tiny_model, tiny_tokenizer
 
+from conftest import patterned_texts, tiny_model, tiny_tokenizer
 from mergedistill.eval.metrics import (
     UnigramBaseline,
     count_units,

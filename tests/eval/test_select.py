@@ -5,9 +5,9 @@ import shutil
 
 import torch
 import yaml
-from conftest import SENTENCES, make_config
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+from conftest import SENTENCES, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_config
 from transformers import AutoModelForMaskedLM
 
+from conftest import make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SENTENCES, in_dir, make_config
 from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
+from conftest import SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.train.batches import SampledBatches, sampling_probs

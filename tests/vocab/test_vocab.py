@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import PROBE_TEXTS, SENTENCES, in_dir, make_config
 from transformers import AutoTokenizer
 
+from conftest import PROBE_TEXTS, SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError

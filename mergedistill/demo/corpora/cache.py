@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from mergedistill.fsutil import public_mode, read_json_or_none, write_json_atomic
+from mergedistill.fsutil import atomic_path, read_json_or_none, write_json_atomic
 
 from .extract import EXTRACT_VERSION, Document
 
@@ -51,19 +49,12 @@ def write_documents(cache_dir: Path, name: str, version: str, docs: Iterable[Doc
     data, summary_path = text_paths(cache_dir, name, version)
     data.parent.mkdir(parents=True, exist_ok=True)
     n_docs = n_paras = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{data.name}.", suffix=".tmp", dir=data.parent)
-    try:
-        public_mode(fd)
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as gz:
-            for d in docs:
-                line = json.dumps({"source": d.source, "doc": d.doc, "paras": d.paras}, ensure_ascii=False)
-                gz.write(line.encode("utf-8") + b"\n")
-                n_docs += 1
-                n_paras += len(d.paras)
-        os.replace(tmp, data)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(data) as tmp, open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=4, mtime=0) as gz:
+        for d in docs:
+            line = json.dumps({"source": d.source, "doc": d.doc, "paras": d.paras}, ensure_ascii=False)
+            gz.write(line.encode("utf-8") + b"\n")
+            n_docs += 1
+            n_paras += len(d.paras)
     summary = dict(summary, documents=n_docs, paragraphs=n_paras)
     write_json_atomic(summary_path, summary)
     return summary

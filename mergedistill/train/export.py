@@ -1,8 +1,32 @@
-"""The exported student's README: what it was distilled from, on what, how, and how well."""
+"""The exported student: a standard Hugging Face folder (`AutoModelForMaskedLM.from_pretrained`), its
+per-teacher tokenizers, languages.json (language -> tokenizer folder) and a README model card: what it
+was distilled from, on what, how, and how well."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+from mergedistill import __version__
 from mergedistill.config import RunConfig
+from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.tables import markdown_table
+
+
+def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
+                   init_info: dict, best: str | None, out: Path) -> Path:
+    """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
+    tokenizers, languages.json (language -> tokenizer folder) and a README model card."""
+    routing = {lang: cfg.teacher_of(lang) for lang in languages}
+    with atomic_dir(out) as tmp:
+        student.save_pretrained(str(tmp), safe_serialization=True)
+        for name in sorted(set(routing.values())):
+            shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
+        (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info), encoding="utf-8")
+        write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,
+                                                      "best_checkpoint": best or None})
+    return out
 
 
 def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str], metrics: dict, init_info: dict,
