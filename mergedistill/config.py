@@ -92,7 +92,8 @@ class DataConfig:
     device: str = "auto"
     """Where teachers run: `auto` (this rank's GPU if any, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Teacher weights' dtype for inference: `auto` is bfloat16 on GPU, float32 on CPU."""
+    """Teacher weights' dtype for inference: `auto` is bfloat16 where it is fast (GPUs, CPUs with
+    AVX512-BF16 or AMX), else float32."""
 
 
 @dataclass
@@ -150,7 +151,8 @@ class TrainConfig:
     num_nodes: int = 1
     """Machines."""
     precision: str = "auto"
-    """`auto` (bf16-mixed on GPU, 32 on CPU) or any Lightning precision string."""
+    """`auto` (bf16-mixed where bfloat16 is fast: GPUs, CPUs with AVX512-BF16 or AMX; else 32-true) or
+    any Lightning precision string."""
     val_every: int = 200
     """Validate every this many steps."""
     seed: int = 0
@@ -201,8 +203,9 @@ class EvalConfig:
     """Masking rate for masked-token accuracy (fixed seed, [MASK] only)."""
     seed: int = 0
     """Seed of the evaluation masks."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Model dtype during evaluation (bfloat16 is ~2.4x faster on CPUs with AVX512-BF16)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Model dtype during evaluation: `auto` is bfloat16 where it is fast (GPUs, CPUs with AVX512-BF16
+    or AMX: ~2.4x faster than float32 there), else float32 (emulated bfloat16 is several times slower)."""
     device: str = "auto"
     """Where evaluation (and `select`, `ablate` scoring) runs: `auto` (a GPU when there is one, else the
     CPU), `cpu`, `cuda`, `cuda:1`, ..."""

@@ -30,6 +30,7 @@ from mergedistill.data.packing import SpecialLayout, pack_documents
 from mergedistill.data.shards import SHARD_FORMAT, id_dtype, shard_record, write_shard
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json, write_json_atomic
+from mergedistill.precision import torch_dtype
 from mergedistill.progress import Progress
 from mergedistill.teachers import (
     TeacherTokenizer,
@@ -271,10 +272,7 @@ def _device(cfg: RunConfig) -> str:
 def _dtype(cfg: RunConfig, device: str):
     import torch
 
-    name = cfg.data.teacher_dtype
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
+    return torch_dtype(cfg.data.teacher_dtype, torch.device(device).type)
 
 
 def process_shards(cfg: RunConfig, mine: list[Shard], threads: int | None = None) -> list[dict]:

@@ -39,6 +39,7 @@ from mergedistill.data.packing import (
 )
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.mlm_models import masked_logits
+from mergedistill.precision import lightning_precision
 from mergedistill.progress import format_duration
 from mergedistill.train.batches import log_unigram_prior
 from mergedistill.train.batches import sampling_probs as language_sampling_probs
@@ -101,8 +102,9 @@ class PretrainConfig:
     """Lightning accelerator: auto, cpu, gpu, ..."""
     devices: int | str = 1
     """Lightning devices (a count or 'auto')."""
-    precision: str = "32-true"
-    """Lightning precision, e.g. 32-true or bf16-mixed (on CPUs with AVX512-BF16 about 1.7x faster)."""
+    precision: str = "auto"
+    """Lightning precision: `auto` (bf16-mixed where bfloat16 is fast: GPUs, CPUs with AVX512-BF16 or AMX,
+    about 1.7x faster there; else 32-true), or any Lightning value such as 32-true or bf16-mixed."""
 
     def problems(self) -> list[str]:
         """Every problem with the settings, each naming its field."""
@@ -428,7 +430,7 @@ def pretrain(
             max_steps=cfg.max_steps,
             accelerator=cfg.accelerator,
             devices=cfg.devices,
-            precision=cfg.precision,
+            precision=lightning_precision(cfg.precision, cfg.accelerator),
             logger=CSVLogger(save_dir=str(tmp), name="logs", version=""),
             callbacks=[progress],
             default_root_dir=str(tmp),

@@ -21,6 +21,7 @@ from mergedistill.configlib import to_dict
 from mergedistill.data.stage import data_dir, load_manifest
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json, write_json_atomic
+from mergedistill.precision import lightning_precision
 from mergedistill.teachers import load_all_tokenizers, load_teacher_model
 from mergedistill.train.batches import (
     Batch,
@@ -80,14 +81,6 @@ class ShardDataModule(L.LightningDataModule):
     def val_dataloader(self):
         ds = ValidationBatches(self.val_sources, self.languages, self.cfg.train.batch_size, self.val_sequences, self.manifest["k"])
         return torch.utils.data.DataLoader(ds, batch_size=None) if len(ds) else []
-
-
-def _precision(cfg: RunConfig) -> str:
-    p = cfg.train.precision
-    if p != "auto":
-        return p
-    gpu = cfg.train.accelerator in ("gpu", "cuda") or (cfg.train.accelerator == "auto" and torch.cuda.is_available())
-    return "bf16-mixed" if gpu else "32-true"
 
 
 def _loggers(cfg: RunConfig, out: Path) -> list:
@@ -230,7 +223,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", save_last=True, save_top_k=1 if has_val else 0,
                            monitor="val/loss" if has_val else None, mode="min", every_n_train_steps=t.val_every)
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=_precision(cfg),
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=lightning_precision(cfg.train.precision, cfg.train.accelerator),
         max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum, gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every * t.grad_accum if has_val else None, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, logger=_loggers(cfg, out), callbacks=[ckpt, TrainProgress("train", every_s=20, logger=log)],
