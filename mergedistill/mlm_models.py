@@ -173,7 +173,7 @@ def layer_at_positions(layer, hidden: torch.Tensor, attention_mask: torch.Tensor
     keep = keep | ~keep.any(-1, keepdim=True)  # an all-padding row (nothing selected in it) stays finite
     p = att.dropout.p if (att.training and hasattr(att, "dropout")) else 0.0
     ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, scale=dh ** -0.5)
-    ctx = ctx.transpose(1, 2).reshape(B, m, H)
+    ctx = ctx.transpose(1, 2).reshape(B, m, heads * dh)  # heads * dh < H after head pruning
     a = layer.attention.output(ctx, rows)  # dense, dropout, LayerNorm(. + rows)
     out = layer.output(layer.intermediate(a), a)  # (B, m, H)
     valid = torch.arange(m, device=hidden.device)[None, :] < counts[:, None]  # (B, m)
