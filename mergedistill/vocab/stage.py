@@ -44,6 +44,7 @@ from mergedistill.vocab.tokenizers import (
     check_spaces_unreachable,
     save_student_tokenizer,
 )
+from mergedistill.vocab.verify import check_student_tokenizer, samples
 
 log = logging.getLogger(__name__)
 BATCH_LINES = 2000
@@ -242,6 +243,10 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
             "embedding_params": {"hidden": hidden, "before": full.size * (hidden + 1), "after": joint.size * (hidden + 1)},
             "seconds": time.monotonic() - start,
         }
+        problems = [p for name, t in teachers.items() if (p := check_student_tokenizer(
+            t, tmp / "tokenizers" / name, joint.idmaps[name], joint.size, samples(cfg, name)))]
+        if problems:
+            raise UserError(problems, header=f"vocab: {len(problems)} student tokenizer(s) differ from their teacher; nothing was written:")
         write_report(stats, tmp)
         write_text_atomic(tmp / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
         write_json_atomic(tmp / "fingerprint.json", {  # written last: marks the folder complete
