@@ -350,3 +350,31 @@ def test_joint_vocab_save_load_round_trip(built, tmp_path):
     again = JointVocab.load(tmp_path, vocab.teachers)
     assert again.keys == vocab.keys and again.fingerprint() == vocab.fingerprint()
     assert (again.provenance == vocab.provenance).all()
+
+
+# ---- the student's size --------------------------------------------------------------------------
+def test_vocab_prints_the_student_size_and_warns_when_embeddings_dominate(workdir, tiny_teachers, tiny_corpora, caplog):
+    from transformers import BertForMaskedLM
+
+    from mergedistill.train.student import student_config
+
+    caplog.set_level("INFO")
+    small = {"hidden": 8, "heads": 1, "layers": 1, "intermediate": 8, "max_position": 16}
+    cfg, vocab, _ = build(workdir, tiny_teachers, tiny_corpora, student=small)
+    model = BertForMaskedLM(student_config(cfg, vocab.size))
+    total = sum(p.numel() for p in model.parameters())
+    emb = vocab.size * (8 + 1)
+    assert f"has {total / 1e6:.1f}M parameters: body {(total - emb) / 1e6:.2f}M, embeddings {emb / 1e6:.1f}M" in caplog.text
+    share = 100 * emb / total
+    assert share > 80
+    assert f"vocab: embeddings are {share:.0f}% of the student's parameters (more than 80%); set `vocab.prune: true`" in caplog.text
+    stats = json.loads((workdir / "vocab/t/report.json").read_text())["student_size"]
+    assert stats["total"] == total and stats["embeddings"] == emb and stats["export_mb"] == pytest.approx(4 * total / 1e6)
+    assert "## Student size" in (workdir / "vocab/t/report.md").read_text()
+    # a rerun that skips still says it; a student with a larger body does not warn
+    caplog.clear()
+    build(workdir, tiny_teachers, tiny_corpora, student=small)
+    assert "skipping" in caplog.text and "embeddings are" in caplog.text
+    caplog.clear()
+    build(workdir, tiny_teachers, tiny_corpora, student={**small, "hidden": 64, "heads": 2, "intermediate": 256, "layers": 4})
+    assert "parameters: body" in caplog.text and "embeddings are" not in caplog.text
