@@ -157,6 +157,11 @@ class TrainConfig:
     """`auto` (bf16-mixed on GPU, 32 on CPU) or any Lightning precision string."""
     val_every: int = 200
     """Validate every this many steps."""
+    best_metric: Literal["val/loss", "val/mlm_loss", "val/kd_loss", "val/acc", "val/agree"] = "val/loss"
+    """Validation figure that picks the best checkpoint (checkpoints/best-step=N.ckpt, judged right after
+    each validation): `val/loss` (the training objective on the valid shards), `val/mlm_loss`, `val/kd_loss`
+    (lower is better), or `val/acc`, `val/agree` (higher is better; near 0 early in training, so a poor
+    judge of early checkpoints)."""
     seed: int = 0
     """Seed for initialisation and sampling."""
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"
