@@ -30,17 +30,6 @@ def student_config(cfg: RunConfig, vocab_size: int) -> BertConfig:
     )
 
 
-def parameter_counts(cfg: RunConfig, vocab_size: int) -> dict[str, int]:
-    """The student's parameters: `embeddings` (the token embeddings, tied with the output layer, and the
-    output bias: (hidden + 1) x vocabulary), `body` (everything else) and `total`. Counted on the meta
-    device: nothing is allocated."""
-    with torch.device("meta"):
-        model = BertForMaskedLM(student_config(cfg, vocab_size))
-    total = sum(p.numel() for p in model.parameters())  # tied weights are one parameter
-    emb = model.get_input_embeddings().weight.numel() + (_output_bias(model).numel() if _output_bias(model) is not None else 0)
-    return {"total": total, "embeddings": emb, "body": total - emb}
-
-
 def _layers(model) -> torch.nn.ModuleList:
     return model.base_model.encoder.layer
 

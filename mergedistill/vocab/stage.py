@@ -32,6 +32,7 @@ from mergedistill.fsutil import (
 from mergedistill.parallel import run_tasks
 from mergedistill.progress import Progress
 from mergedistill.teachers import TeacherTokenizer, load_all_tokenizers
+from mergedistill.train.size import parameter_counts
 from mergedistill.vocab.joint import (
     VOCAB_FORMAT,
     JointVocab,
@@ -190,8 +191,6 @@ EMBEDDING_WARN = 0.8
 def student_size(cfg: RunConfig, vocab_size: int) -> dict:
     """Parameters of the student this vocabulary makes (body / embeddings), and what they weigh on disk:
     float32 exported weights (4 bytes each) and training checkpoints (weights + AdamW's two moments)."""
-    from mergedistill.train.student import parameter_counts
-
     c = parameter_counts(cfg, vocab_size)
     return {**c, "share": c["embeddings"] / c["total"], "vocabulary": vocab_size, "hidden": cfg.student.hidden,
             "layers": cfg.student.layers, "export_mb": 4 * c["total"] / 1e6, "export_body_mb": 4 * c["body"] / 1e6,
@@ -257,11 +256,22 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
             t = teachers[name]
             meta = {"teacher": name, "teacher_source": t.source, "teacher_tokenizer": t.fingerprint, "vocab": vfp,
                     "student_vocab_size": joint.size, "tokenizer": t.family.name, "mergedistill": __version__}
-            return lambda: save_student_tokenizer(t, joint.idmaps[name], joint.size, tmp / "tokenizers" / name, meta)
+            def run() -> tuple[str | None, int]:  # write it, then load it as a user would and compare with the teacher
+                folder = tmp / "tokenizers" / name
+                save_student_tokenizer(t, joint.idmaps[name], joint.size, folder, meta)
+                lines = samples(cfg, name)
+                return check_student_tokenizer(t, folder, joint.idmaps[name], joint.size, lines), len(lines)
+            return run
 
-        # forked workers: writing files and scanning corpora for the report, both cores busy
+        # forked workers: writing (and checking) files and scanning corpora for the report, both cores busy
         writes = [lambda: joint.save(tmp)] + [tok_task(n) for n in teachers]
         results = run_tasks(writes + [_fertility_task(cfg, teachers, lang) for lang in cfg.languages])
+        problems = [p for p, _ in results[1:len(writes)] if p]
+        for name, (_, n) in zip(teachers, results[1:len(writes)]):
+            log.info("vocab: %s's student tokenizer has the student's %s ids and equals the teacher's on %d sample texts",
+                     name, f"{joint.size:,}", n)
+        if problems:
+            raise UserError(problems, header=f"vocab: {len(problems)} student tokenizer(s) differ from their teacher; nothing was written:")
         fertility = results[len(writes):]
         hidden = cfg.student.hidden
         stats = {
@@ -278,10 +288,6 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
             "student_size": size,
             "seconds": time.monotonic() - start,
         }
-        problems = [p for name, t in teachers.items() if (p := check_student_tokenizer(
-            t, tmp / "tokenizers" / name, joint.idmaps[name], joint.size, samples(cfg, name)))]
-        if problems:
-            raise UserError(problems, header=f"vocab: {len(problems)} student tokenizer(s) differ from their teacher; nothing was written:")
         write_report(stats, tmp)
         write_text_atomic(tmp / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
         write_json_atomic(tmp / "fingerprint.json", {  # written last: marks the folder complete

@@ -4,7 +4,6 @@ student folder gives, on a sample of every corpus routed to the teacher; and the
 have exactly the student's vocabulary size, no added token outside it."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,6 @@ from mergedistill.config import RunConfig
 from mergedistill.corpus import SAMPLE_POOL, iter_lines, spread_subset
 from mergedistill.teachers import TeacherTokenizer
 from mergedistill.vocab.joint import UNK_ID
-
-log = logging.getLogger(__name__)
 
 
 def samples(cfg: RunConfig, teacher: str) -> list[tuple[str, int, str]]:
@@ -68,5 +65,4 @@ def check_student_tokenizer(t: TeacherTokenizer, folder: Path, idmap: np.ndarray
                     f"      student: {_window(student.convert_ids_to_tokens(got), at)}\n"
                     f"    mergedistill cannot yet reproduce this {type(ref).__name__} ({t.family.name}) exactly; "
                     "please report it with the teacher's tokenizer files, and route its languages to another teacher meanwhile")
-    log.info("vocab: %s's student tokenizer equals the teacher's on %d sample texts", t.name, len(lines))
     return None
