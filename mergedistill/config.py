@@ -338,6 +338,8 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
             spec = getattr(lc, split)
             if spec and not spec.startswith(DATASETS_PREFIX) and not Path(spec).is_file():
                 problems.append(f"languages.{lang}.{split}: no file {spec!r} (resolved against {os.getcwd()})")
+    if cfg.vocab.verify_lines < 0:
+        problems.append(f"vocab.verify_lines: {cfg.vocab.verify_lines} must be 0 (no check) or more")
     for split in cfg.vocab.prune_splits:
         if split not in ("train", "valid", "test"):
             problems.append(f"vocab.prune_splits: {split!r} is not one of train, valid, test")

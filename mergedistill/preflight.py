@@ -88,8 +88,7 @@ def _student_problems(cfg: RunConfig, configs: dict) -> list[str]:
         widths = {n: getattr(c, "embedding_size", None) or getattr(c, "hidden_size", None) for n, c in configs.items()}
         other = {n: w for n, w in widths.items() if w != s.hidden}
         if other:
-            log.warning("student.embeddings_from_teachers: %s embedding rows are %s wide, the student's %d: %s not copied%s",
+            log.warning("student.embeddings_from_teachers: %s embedding rows are %s wide, the student's %d: not copied%s",
                         ", ".join(other), "/".join(str(w) for w in dict.fromkeys(other.values())), s.hidden,
-                        "theirs are" if len(other) > 1 else "its are",
                         " (no teacher's are: every row starts random)" if len(other) == len(widths) else "")
     return problems
