@@ -86,3 +86,11 @@ def test_run_with_teachers_as_users_bring_them(workdir, tiny_teachers, hub_teach
         assert all(p["token"] in set(s.allowed.tolist()) for p in preds[0])
     report = (workdir / "runs/t/eval/report.md").read_text(encoding="utf-8")
     assert all(f"### {lang}" in report for lang in routing)
+    # the card's example: a sentence of every language, and its code runs in the folder
+    import subprocess
+    import sys
+
+    code = (export / "README.md").read_text(encoding="utf-8").split("```python\n", 1)[1].split("```", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], cwd=export, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sorted(line.split(" | ")[0] for line in out.stdout.splitlines()) == sorted(routing)

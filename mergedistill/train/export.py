@@ -55,47 +55,60 @@ def _masked_variants(line: str, start: int, end: int, mask: str) -> list[str]:
 
 
 def find_example(tok, allowed: set[int], lines: list[str], by_char: bool) -> tuple[str, str] | None:
-    """(a line with one word, or character, replaced by the tokenizer's mask token, what it replaced):
-    the first line of a sensible length where masking it replaces exactly one token, which the language
-    can write. Words of three letters or more, not the first, nearest the middle first."""
+    """(a line with one word, or character, replaced by the tokenizer's mask token, what it replaced).
+    Preferably the first line of a sensible length where masking a word replaces exactly one token, which
+    the language can write; else (small vocabularies) the first where it replaces a few tokens and leaves
+    the rest of the line's tokens as they were. Words of three letters or more, not the first, nearest
+    the middle first."""
     mask, mask_id = tok.mask_token, tok.mask_token_id
+    candidates = []
     for line in lines:
         if by_char:
             if not 8 <= len(line) <= 60:
                 continue
-            spans = [(i, i + 1) for i, ch in enumerate(line) if ch.isalpha() and 2 <= i < len(line) - 2]
+            spans = [(i, i + 1) for i, ch in enumerate(line) if ch.isalpha() and 2 <= i < len(line) - 1]
         else:
             if not 5 <= len(line.split()) <= 25:
                 continue
             words = list(re.finditer(r"[^\W\d_]+", line))  # runs of letters
             spans = [m.span() for m in words[1:] if len(m.group()) >= 3]
-        if not spans:
-            continue
-        ids = tok(line)["input_ids"]
-        middle = len(line) / 2
-        for start, end in sorted(spans, key=lambda s: abs((s[0] + s[1]) / 2 - middle)):
-            for masked in _masked_variants(line, start, end, mask):
-                at = _replaced_token(tok, ids, tok(masked)["input_ids"], mask_id)
-                if at is not None and ids[at] in allowed:
-                    return masked, line[start:end]
+        if spans:
+            candidates.append((line, spans))
+        if len(candidates) >= 200:
+            break
+    for single in (True, False):
+        for line, spans in candidates:
+            ids = tok(line)["input_ids"]
+            middle = len(line) / 2
+            for start, end in sorted(spans, key=lambda s: abs((s[0] + s[1]) / 2 - middle)):
+                for masked in _masked_variants(line, start, end, mask):
+                    replaced = _replaced_tokens(tok, ids, tok(masked)["input_ids"], mask_id)
+                    if replaced and (len(replaced) == 1) == single and (not single or replaced[0] in allowed):
+                        return masked, line[start:end]
     return None
 
 
-def _replaced_token(tok, ids: list[int], m_ids: list[int], mask_id: int) -> int | None:
-    """Where `m_ids` is `ids` with one token replaced by the mask, or None. Word-boundary pieces that some
-    tokenizers put beside an added token (a lone `▁`, decoding to nothing) are ignored."""
+def _replaced_tokens(tok, ids: list[int], m_ids: list[int], mask_id: int) -> list[int] | None:
+    """The tokens of `ids` that the one mask token of `m_ids` stands for (the rest equal), or None.
+    Word-boundary pieces that some tokenizers put beside an added token (a lone `▁`, decoding to
+    nothing) are ignored."""
     if m_ids.count(mask_id) != 1:
         return None
-    m, at = list(m_ids), m_ids.index(mask_id)
+    at = m_ids.index(mask_id)
     empty = lambda i: tok.decode([i]).strip() == ""  # noqa: E731
-    while at + 1 < len(m) and (at + 1 >= len(ids) or m[at + 1] != ids[at + 1]) and empty(m[at + 1]):
-        del m[at + 1]
-    while at > 0 and (at - 1 >= len(ids) or m[at - 1] != ids[at - 1]) and empty(m[at - 1]):
-        del m[at - 1]
-        at -= 1
-    if len(m) == len(ids) and m[:at] == ids[:at] and m[at + 1:] == ids[at + 1:]:
-        return at
-    return None
+    before, after = m_ids[:at], m_ids[at + 1:]
+    pre = 0
+    while pre < min(len(before), len(ids)) and before[pre] == ids[pre]:
+        pre += 1
+    if pre < len(before) and not all(empty(i) for i in before[pre:]):
+        return None
+    post = 0
+    while post < min(len(after), len(ids) - pre) and after[len(after) - 1 - post] == ids[len(ids) - 1 - post]:
+        post += 1
+    if post < len(after) and not all(empty(i) for i in after[:len(after) - post]):
+        return None
+    middle = ids[pre:len(ids) - post]
+    return middle or None
 
 
 def card_examples(cfg: RunConfig, folder: Path, routing: dict[str, str], allowed: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
