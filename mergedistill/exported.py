@@ -39,11 +39,16 @@ class LanguageStudent:
         keep[self.allowed.to(logits.device)] = True
         return logits.masked_fill(~keep, float("-inf"))
 
+    def token_str(self, token_id: int) -> str:
+        """What a prediction writes: the decoded token, or the token itself when it decodes to nothing (a
+        lone word-boundary mark such as `▁`)."""
+        return self.tokenizer.decode([token_id]).strip() or self.tokenizer.convert_ids_to_tokens(token_id)
+
     @torch.no_grad()
     def fill_mask(self, text: str, top_k: int = 5) -> list[list[dict]]:
         """For each mask token in `text` (write it as `tokenizer.mask_token`), the `top_k` predictions
-        among the language's ids: dicts with token (id), token_str (decoded) and score (probability among
-        the language's ids)."""
+        among the language's ids: dicts with token (id), token_str (see `token_str`) and score (probability
+        among the language's ids)."""
         device = next(self.model.parameters()).device
         inputs = self.tokenizer(text, return_tensors="pt").to(device)
         where = (inputs["input_ids"][0] == self.tokenizer.mask_token_id).nonzero().squeeze(1)
@@ -54,8 +59,7 @@ class LanguageStudent:
         out = []
         for row in probs:
             p, ids = row.topk(min(top_k, len(self.allowed)))
-            out.append([{"token": int(i), "token_str": self.tokenizer.decode([int(i)]).strip(), "score": float(v)}
-                        for v, i in zip(p.tolist(), ids.tolist())])
+            out.append([{"token": int(i), "token_str": self.token_str(int(i)), "score": float(v)} for v, i in zip(p.tolist(), ids.tolist())])
         return out
 
 

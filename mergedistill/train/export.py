@@ -148,7 +148,7 @@ for lang, text in examples.items():
     with torch.no_grad():
         logits = model(**inputs).logits[0, at]
     best = allowed[logits[allowed].topk(5).indices].tolist()
-    print(lang, "|", text, "->", [tokenizer.decode([i]).strip() for i in best])
+    print(lang, "|", text, "->", [tokenizer.decode([i]).strip() or tokenizer.convert_ids_to_tokens(i) for i in best])
 '''
 
 

@@ -493,10 +493,11 @@ def test_model_card_example_runs_and_prints_words_of_each_language(run_dir, tiny
     card = (export / "README.md").read_text(encoding="utf-8")
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
     for lang in ROUTING:  # a real sentence of each language
-        m = re.search(rf"^    '{lang}': '(.*)',  # (\S+)$", code, re.M)
+        m = re.search(rf"^    '{lang}': (['\"])(.*)\1,  # (\S+)$", code, re.M)
         assert m, lang
-        sentence = m.group(1).replace("[MASK]", m.group(2)).replace("<mask>", m.group(2))
-        assert any(sentence == line.strip() or sentence.replace(m.group(2), " " + m.group(2), 1) == line.strip()
+        word = m.group(3)
+        sentence = m.group(2).replace("[MASK]", word).replace("<mask>", word)
+        assert any(sentence == line.strip() or sentence.replace(word, " " + word, 1) == line.strip()
                    for line in (corpora[lang].read_text(encoding="utf-8").splitlines())), (lang, sentence)
     out = subprocess.run([sys.executable, "-c", code], cwd=export, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -504,6 +505,7 @@ def test_model_card_example_runs_and_prints_words_of_each_language(run_dir, tiny
     assert set(printed) == set(ROUTING)
     for lang, line in printed.items():
         words = eval(line.rsplit(" -> ", 1)[1])  # noqa: S307 -- the list the card's code printed
+        # real tokens of the language (a token that decodes to nothing, e.g. a lone `Ġ`, is shown as itself)
         assert len(words) == 5 and all(w and "unused" not in w and w not in ("[PAD]", "[CLS]", "[SEP]", "<s>", "</s>") for w in words)
     # the card travels with the folder: no local paths, no Python dict reprs, no links out of it
     assert str(run_dir) not in card and "/tmp" not in card and "{'" not in card and "](" not in card
