@@ -15,6 +15,7 @@ from typing import Callable
 from mergedistill.config import RunConfig, load_config
 from mergedistill.configlib import describe
 from mergedistill.errors import UserError
+from mergedistill.preflight import preflight
 
 log = logging.getLogger("mergedistill")
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise UserError(f"unrecognised arguments {' '.join(bad)}: overrides take the form --section.key=value")
         cfg = load_config(args.config, rest)
+        preflight(cfg, args.stage)  # what the teachers' configs say about the settings, before any work
         stage_function(args.stage)(cfg, **{flag: getattr(args, flag) for flag in STAGES[args.stage][2]})
     except UserError as e:
         print(f"mergedistill {args.stage}: error: {e.render()}", file=sys.stderr)

@@ -61,6 +61,10 @@ class VocabConfig:
     """Read at most this many lines per corpus when pruning (null: all of it)."""
     report_lines: int = 20000
     """Lines per language used for the fertility figures of the report (0: all)."""
+    verify_lines: int = 200
+    """Texts of each routed train corpus (a seeded sample; with pruning, of the lines it scanned) on which
+    every student tokenizer is checked against its teacher (AutoTokenizer + id map); any difference
+    stops the stage with the first differing text (exit 2). 0: no check."""
 
 
 @dataclass
@@ -155,6 +159,11 @@ class TrainConfig:
     any Lightning precision string."""
     val_every: int = 200
     """Validate every this many steps."""
+    best_metric: Literal["val/loss", "val/mlm_loss", "val/kd_loss", "val/acc", "val/agree"] = "val/loss"
+    """Validation figure that picks the best checkpoint (checkpoints/best-step=N.ckpt, judged right after
+    each validation): `val/loss` (the training objective on the valid shards), `val/mlm_loss`, `val/kd_loss`
+    (lower is better), or `val/acc`, `val/agree` (higher is better; near 0 early in training, so a poor
+    judge of early checkpoints)."""
     seed: int = 0
     """Seed for initialisation and sampling."""
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"
@@ -292,8 +301,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def looks_like_hub_id(path: str) -> bool:
-    """`bert-base-cased` or `google/muril-base-cased`; a path starting with ./, / or ~ is local."""
-    return bool(_HUB_ID.match(path)) and not os.path.exists(path)
+    """`bert-base-cased` or `google/muril-base-cased`; a path starting with ./, / or ~ is local, and so is
+    `teachers/xlmr` when a folder `teachers` exists here (a missing folder, not a hub organisation)."""
+    if not _HUB_ID.match(path) or os.path.exists(path):
+        return False
+    return "/" not in path or not os.path.isdir(path.split("/", 1)[0])
 
 
 def _check(cfg: RunConfig, problems: list[str]) -> None:
@@ -329,6 +341,8 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
             spec = getattr(lc, split)
             if spec and not spec.startswith(DATASETS_PREFIX) and not Path(spec).is_file():
                 problems.append(f"languages.{lang}.{split}: no file {spec!r} (resolved against {os.getcwd()})")
+    if cfg.vocab.verify_lines < 0:
+        problems.append(f"vocab.verify_lines: {cfg.vocab.verify_lines} must be 0 (no check) or more")
     for split in cfg.vocab.prune_splits:
         if split not in ("train", "valid", "test"):
             problems.append(f"vocab.prune_splits: {split!r} is not one of train, valid, test")

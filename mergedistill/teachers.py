@@ -1,16 +1,23 @@
-"""Loading teacher tokenizers from local folders or hub ids, with errors that say which teacher, which
-folder, and what to do.
+"""Loading teacher tokenizers and models from local folders or hub ids, with errors that say which
+teacher, which folder, and what to do.
 
-Fast path: a local folder with `tokenizer.json` whose config names its special tokens is read
-directly (no transformers import, which costs seconds). Anything else (hub ids, folders with only a
-SentencePiece model or vocab.txt, special tokens left to a class's defaults) goes through
-`AutoTokenizer`, which converts slow tokenizers and knows every model class's defaults.
+A teacher's tokenization is, by definition, what `AutoTokenizer.from_pretrained(teacher)` returns:
+transformers rebuilds parts of many tokenizers from tokenizer_config.json when it loads them (ALBERT's
+lowercasing and accent stripping, CamemBERT's extra special tokens, BERT's `do_lower_case`), so the raw
+tokenizer.json is not the reference. Fast tokenizers are read from the backend transformers built; slow
+ones of the vocab-file WordPiece family (slow_tokenizers.py) are used as they are; other slow-only
+tokenizers are refused with what to do instead.
+
+Hub ids: one attempt to reach the hub per id (HF_HUB_OFFLINE honoured: the local cache only), then a
+message, instead of the hub client's retries on every file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,21 +37,27 @@ SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 
 @dataclass
 class TeacherTokenizer:
-    """A teacher's tokenizer as the vocabulary stage needs it."""
+    """A teacher's tokenizer as the vocabulary and data stages need it."""
 
     name: str
     source: str
     """The folder or hub id it came from."""
     tj: dict
-    """Its parsed tokenizer.json."""
+    """The tokenizer as a parsed tokenizer.json: the backend transformers built (fast tokenizers), or
+    the vocabulary and added tokens of a slow vocab-file WordPiece tokenizer."""
     specials: dict[str, str]
     """transformers special-token attributes (cls_token, mask_token, ...) -> token string."""
     fingerprint: str
-    """Hash of its tokenizer.json."""
+    """Hash of the tokenizer (its backend serialization, or a slow tokenizer's settings and vocabulary)."""
     model_max_length: int = 512
     extra_specials: list[str] = field(default_factory=list)
-    tokenizer_file: Path | None = None
-    """Its tokenizer.json on disk, when read from a local folder."""
+    reference: object = field(default=None, repr=False)
+    """What AutoTokenizer.from_pretrained returned: the definition of this teacher's tokenization."""
+
+    @property
+    def slow(self) -> bool:
+        """A slow (Python) tokenizer: no `tokenizers` backend, encoded through slow_tokenizers.SlowBackend."""
+        return self.reference is not None and not getattr(self.reference, "is_fast", True)
 
     @cached_property
     def family(self) -> Family:
@@ -52,11 +65,16 @@ class TeacherTokenizer:
 
     @cached_property
     def backend(self):
-        """The `tokenizers.Tokenizer` (built on first use: encoding is only needed for corpora)."""
+        """What encodes text into teacher ids: the `tokenizers.Tokenizer` transformers built, or a
+        SlowBackend with the same interface for slow tokenizers."""
         from tokenizers import Tokenizer
 
-        if self.tokenizer_file is not None:
-            return Tokenizer.from_file(str(self.tokenizer_file))
+        if self.slow:
+            from mergedistill.slow_tokenizers import SlowBackend
+
+            return SlowBackend(self.reference)
+        if self.reference is not None:
+            return self.reference.backend_tokenizer
         return Tokenizer.from_str(json.dumps(self.tj, ensure_ascii=False))
 
     @cached_property
@@ -80,7 +98,9 @@ class TeacherTokenizer:
         return out
 
     def keys(self) -> list[str]:
-        """Canonical key of every teacher id (see tokens.py); index = teacher id."""
+        """Canonical key of every teacher id (see tokens.py); index = teacher id. Added tokens and the
+        tokens the tokenizer names as special (CamemBERT's <unk>NOTUSED is also a piece) are keyed by
+        role or content, so that they stay whole, unpruned, in the joint vocabulary."""
         keys: list[str | None] = [None] * self.size
         vocab = self.tj["model"]["vocab"]
         fam = self.family
@@ -91,12 +111,13 @@ class TeacherTokenizer:
             for i, (tok, _) in enumerate(vocab):
                 keys[i] = piece_key(tok, fam)
         roles = self.roles()
+        named = set(self.extra_specials)
         for added in self.tj.get("added_tokens", []):
             content = added["content"]
             if content in roles:
                 keys[added["id"]] = "S" + roles[content]
             else:
-                keys[added["id"]] = ("S" if added.get("special") else "A") + content
+                keys[added["id"]] = ("S" if added.get("special") or content in named else "A") + content
         missing = [i for i, k in enumerate(keys) if k is None]
         if missing:
             raise UserError(f"teachers.{self.name}: tokenizer ids {missing[:5]} have no token (holes in its "
@@ -132,97 +153,124 @@ class TeacherTokenizer:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
 
-def _token_str(value) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
+# ---- where a teacher's files come from -----------------------------------------------------------
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().upper()
+    return constants.HF_HUB_OFFLINE or flag in ("1", "ON", "YES", "TRUE")
 
 
-def _read_specials(folder: Path) -> tuple[dict[str, str], list[str], int | None]:
-    """Special tokens named in tokenizer_config.json / special_tokens_map.json."""
-    specials: dict[str, str] = {}
-    extra: list[str] = []
-    max_len = None
-    for fname in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
-        p = folder / fname
-        if not p.is_file():
-            continue
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{p}: not valid JSON ({e}); fix or delete it") from None
-        for attr in SPECIAL_ATTRS:
-            tok = _token_str(data.get(attr))
-            if tok:
-                specials[attr] = tok
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            vals = data.get(key)
-            if isinstance(vals, list):
-                extra += [t for t in (_token_str(v) for v in vals) if t and t not in extra]
-        if isinstance(data.get("model_max_length"), int) and data["model_max_length"] < 10**9:
-            max_len = data["model_max_length"]
-    return specials, extra, max_len
+@functools.lru_cache(maxsize=None)
+def _hub_access(path: str, revision: str | None) -> tuple[bool, str | None]:
+    """(use the local cache only, problem) for a hub id, after at most one request to the hub."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-
-def _fast_path(name: str, folder: Path) -> TeacherTokenizer | None:
-    tj_path = folder / "tokenizer.json"
-    if not tj_path.is_file():
-        return None
-    specials, extra, max_len = _read_specials(folder)
-    if "mask_token" not in specials or "unk_token" not in specials:
-        return None  # left to the class's defaults: ask transformers
-    raw = tj_path.read_bytes()
+    cached = isinstance(try_to_load_from_cache(path, "config.json", revision=revision), str)
+    also = (f"(it is not a folder here either: no {path!r} under {os.getcwd()}); point `path` at a local folder holding "
+            "the model, or")
+    if _offline():
+        if cached:
+            return True, None
+        return False, (f"HF_HUB_OFFLINE is set and {path!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                       f"{also} download it where the hub is reachable (`hf download {path}`) and copy the cache here")
     try:
-        tj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"teachers.{name}: {tj_path} is not valid JSON ({e}); re-save the tokenizer") from None
-    if not isinstance(tj, dict) or "model" not in tj:
-        raise UserError(f"teachers.{name}: {tj_path} is not a tokenizers file (no `model`); re-save the tokenizer")
-    return TeacherTokenizer(
-        name=name, source=str(folder), tj=tj, specials=specials, extra_specials=extra,
-        fingerprint=hashlib.sha256(raw).hexdigest()[:16], model_max_length=max_len or 512, tokenizer_file=tj_path,
-    )
+        get_hf_file_metadata(hf_hub_url(path, "config.json", revision=revision), timeout=10, retry_on_errors=False)
+        return False, None
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        gated = isinstance(e, GatedRepoError)
+        return False, (f"the hub has no model {path!r}" + (" that you may read (gated: log in with `hf auth login`)" if gated else "")
+                       + f" {also} fix the id")
+    except RevisionNotFoundError:
+        return False, f"the hub model {path!r} has no revision {revision!r}; fix `revision`"
+    except Exception as e:  # no network: httpx errors, OSError, timeouts
+        if cached:
+            log.warning("%s: the hub cannot be reached (%s); using the copy in the local cache", path, type(e).__name__)
+            return True, None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        return False, (f"the Hugging Face hub cannot be reached ({type(e).__name__}: {first}) and {path!r} is not in the "
+                       f"local cache {also} fetch it where the hub is reachable, or set HF_HUB_OFFLINE=1 to use the cache only")
 
 
-def _transformers_path(name: str, tc: TeacherConfig, local: bool) -> TeacherTokenizer:
-    from transformers import AutoTokenizer
-
+def source_kwargs(name: str, tc: TeacherConfig) -> dict:
+    """Keyword arguments for transformers' from_pretrained of teacher `name`: its revision, remote-code
+    setting, and `local_files_only` when its files must come from the cache. Raises UserError for a
+    missing folder or an unreachable hub id (one attempt per id and process)."""
     where = f"teachers.{name}"
-    try:
-        hf = AutoTokenizer.from_pretrained(tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code, use_fast=True)
-    except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is wrong
-        hint = ("it is not a local folder, and the hub could not be reached or has no such model: point the "
-                "path at a local folder" if not local else "its tokenizer files could not be read")
-        raise UserError(f"{where}: cannot load the tokenizer from {tc.path!r}: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:300]} ({hint})") from None
-    if not getattr(hf, "is_fast", False) or not hasattr(hf, "backend_tokenizer"):
-        raise UserError(f"{where}: the tokenizer at {tc.path!r} has no fast (tokenizers) version; convert it with transformers first")
-    raw = hf.backend_tokenizer.to_str()
-    specials = {a: str(getattr(hf, a)) for a in SPECIAL_ATTRS if getattr(hf, a, None) is not None}
-    extra = [str(t) for t in getattr(hf, "additional_special_tokens", None) or []]
-    max_len = hf.model_max_length if hf.model_max_length < 10**9 else 512
-    return TeacherTokenizer(
-        name=name, source=tc.path, tj=json.loads(raw), specials=specials, extra_specials=extra,
-        fingerprint=hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16], model_max_length=max_len,
+    kwargs = {"revision": tc.revision, "trust_remote_code": tc.trust_remote_code}
+    if Path(tc.path).is_dir():
+        return kwargs
+    if not looks_like_hub_id(tc.path):
+        raise UserError(f"{where}.path: no folder {tc.path!r} (resolved against {os.getcwd()}); build or copy it there "
+                        "(the demo's teachers: `make teachers`), or give a hub model id such as `xlm-roberta-base`")
+    local_only, problem = _hub_access(tc.path, tc.revision)
+    if problem:
+        raise UserError(f"{where}.path: {problem}")
+    return {**kwargs, "local_files_only": True} if local_only else kwargs
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------------
+def _extra_specials(hf) -> list[str]:
+    vals = getattr(hf, "extra_special_tokens", None) or getattr(hf, "additional_special_tokens", None) or []
+    if isinstance(vals, dict):
+        vals = list(vals.values())
+    out: list[str] = []
+    for v in vals:
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if str(t) not in out:
+                out.append(str(t))
+    return out
+
+
+def _refuse_slow(where: str, tc: TeacherConfig, hf) -> UserError:
+    from mergedistill.slow_tokenizers import describe
+
+    return UserError(
+        f"{where}: the tokenizer at {tc.path!r} is {describe(hf)}, a slow (Python-only) tokenizer that transformers "
+        "cannot convert to a fast one, and not of the vocab-file WordPiece family mergedistill supports as it is "
+        "(BertJapaneseTokenizer with `subword_tokenizer_type` wordpiece or character, any word splitter). mergedistill "
+        "cannot map its tokens to student ids; route this teacher's languages to a teacher with a fast tokenizer "
+        "(a tokenizer.json) or one of that family, and drop it from `teachers`"
     )
 
 
 def load_teacher_tokenizer(name: str, tc: TeacherConfig) -> TeacherTokenizer:
-    """Load teacher `name`'s tokenizer, raising UserError with the teacher's name and the fix."""
+    """Load teacher `name`'s tokenizer with AutoTokenizer (the reference), raising UserError with the
+    teacher's name and the fix."""
+    from transformers import AutoTokenizer
+
+    from mergedistill import slow_tokenizers
+
     where = f"teachers.{name}"
     folder = Path(tc.path)
     local = folder.is_dir()
-    if not local and not looks_like_hub_id(tc.path):
-        raise UserError(f"{where}.path: no folder {tc.path!r}; build it (demo: `make teachers`) or give a hub model id")
     if local and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{where}: folder {tc.path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                         "save one into it with tokenizer.save_pretrained(folder)")
-    t = (_fast_path(name, folder) if local and not tc.trust_remote_code else None) or _transformers_path(name, tc, local)
+    kwargs = source_kwargs(name, tc)
+    try:
+        hf = AutoTokenizer.from_pretrained(tc.path, **kwargs)
+    except Exception as e:  # transformers raises OSError, ValueError, ImportError, ... depending on what is wrong
+        hint = "its tokenizer files could not be read" if local else "the hub copy could not be loaded"
+        raise UserError(f"{where}: cannot load the tokenizer from {tc.path!r}: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:400]} ({hint})") from None
+    if getattr(hf, "is_fast", False) and hasattr(hf, "backend_tokenizer"):
+        raw = hf.backend_tokenizer.to_str()
+        tj, fp = json.loads(raw), hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+    elif slow_tokenizers.is_vocab_file_wordpiece(hf):
+        tj, fp = slow_tokenizers.tokenizer_json(hf), slow_tokenizers.fingerprint(hf)
+    else:
+        raise _refuse_slow(where, tc, hf)
+    specials = {a: str(getattr(hf, a)) for a in SPECIAL_ATTRS if getattr(hf, a, None) is not None}
+    max_len = hf.model_max_length if hf.model_max_length < 10**9 else 512
+    t = TeacherTokenizer(name=name, source=tc.path, tj=tj, specials=specials, extra_specials=_extra_specials(hf),
+                         fingerprint=fp, model_max_length=max_len, reference=hf)
     if not t.specials.get("mask_token"):
         raise UserError(f"{where}: the tokenizer at {tc.path!r} has no mask token, so it cannot belong to a masked LM; "
                         "set `mask_token` in its tokenizer_config.json (e.g. \"[MASK]\" or \"<mask>\")")
     t.family  # noqa: B018 -- classify now, so an unsupported tokenizer fails before any work
-    log.debug("%s: %s tokenizer, %d tokens, from %s", name, t.family.name, t.size, tc.path)
+    log.debug("%s: %s tokenizer (%s), %d tokens, from %s", name, t.family.name, type(hf).__name__, t.size, tc.path)
     return t
 
 
@@ -273,10 +321,10 @@ def load_teacher_model(name: str, tc: TeacherConfig, dtype=None):
             raise UserError(f"{where}: folder {tc.path!r} has no config.json; save the model there with model.save_pretrained(folder)")
         if not any((folder / f).is_file() for f in WEIGHT_FILES):
             raise UserError(f"{where}: folder {tc.path!r} has no weights ({', '.join(WEIGHT_FILES)})")
+    kwargs = source_kwargs(name, tc)
     try:
         model, info = AutoModelForMaskedLM.from_pretrained(
-            tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code, output_loading_info=True,
-            **({"dtype": dtype} if dtype is not None else {}),
+            tc.path, output_loading_info=True, **kwargs, **({"dtype": dtype} if dtype is not None else {}),
         )
     except Exception as e:
         raise UserError(f"{where}: cannot load a masked LM from {tc.path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
@@ -285,3 +333,19 @@ def load_teacher_model(name: str, tc: TeacherConfig, dtype=None):
         raise UserError(f"{where}: the weights at {tc.path!r} lack {len(missing)} tensors of the masked-LM model "
                         f"(e.g. {missing[0]}): is it a model without its MLM head? Use a checkpoint saved with its head")
     return model.eval()
+
+
+def load_teacher_config(name: str, tc: TeacherConfig):
+    """The teacher's model config (AutoConfig: sizes, positions, model type), without its weights."""
+    from transformers import AutoConfig
+
+    where = f"teachers.{name}"
+    folder = Path(tc.path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise UserError(f"{where}: folder {tc.path!r} has no config.json; save the model there with model.save_pretrained(folder)")
+    kwargs = source_kwargs(name, tc)
+    try:
+        return AutoConfig.from_pretrained(tc.path, **kwargs)
+    except Exception as e:
+        raise UserError(f"{where}: cannot read the model config at {tc.path!r}: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}") from None

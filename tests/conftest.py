@@ -100,14 +100,142 @@ def tiny_teachers(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_corpora(tmp_path_factory) -> dict[str, Path]:
-    """One small train corpus per language (the sentences, repeated)."""
+    """One small train corpus per language (the sentences, repeated), MORE_SENTENCES' languages too."""
     root = tmp_path_factory.mktemp("corpora")
     out = {}
-    for lang, sents in SENTENCES.items():
+    for lang, sents in {**SENTENCES, **MORE_SENTENCES}.items():
         p = root / f"{lang}.txt"
         p.write_text("\n".join(sents * 3) + "\n", encoding="utf-8")
         out[lang] = p
     return out
+
+
+# ---- teachers as users bring them from the hub ------------------------------------------------------
+# Folders for which transformers' AutoTokenizer does more than read a tokenizer.json, as with real hub
+# models: the reference for "tokenizes as the teacher does" is what AutoTokenizer returns.
+#   albert     ALBERT (IndicBERT-style): tokenizer_config.json asks for lowercasing and accent stripping
+#              (do_lower_case, keep_accents: false) that its tokenizer.json lacks; AlbertTokenizer
+#              rebuilds the normalizer when it loads. Factorised embeddings (16 wide, hidden 32).
+#   camembert  CamemBERT: <s>NOTUSED, </s>NOTUSED as added tokens, <unk>NOTUSED only among the pieces
+#              and named as an additional special token (as in camembert-base).
+#   jachar     BertJapaneseTokenizer (slow only: vocab.txt), basic word splitting, character subwords.
+#   jawp       BertJapaneseTokenizer, basic word splitting, WordPiece subwords.
+HUB_TEACHERS = ("albert", "camembert", "jachar", "jawp")
+
+MORE_SENTENCES = {
+    "pl": [
+        "Zażółć gęślą jaźń, powiedział Łukasz w Łodzi.",
+        "Uczniowie uczą się języka polskiego w szkole.",
+        "Dzień dobry, jak się masz? Wszystko w porządku.",
+    ],
+    "es": [
+        "El rápido zorro marrón salta sobre el perro perezoso.",
+        "Los niños aprenden español en la escuela.",
+        "¿Qué tal? Muy bien, gracias, y hasta mañana.",
+    ],
+}
+
+
+def _strip_accents_lower(text: str) -> str:
+    import unicodedata
+
+    return "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch)).lower()
+
+
+def _unigram_pieces(texts: list[str], specials: list[str], unk: str, vocab_size: int) -> tuple[list, object]:
+    """A SentencePiece-style unigram model trained on `texts`: (pieces [[piece, score]...], tokenizer)."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token=unk,
+                                                           show_progress=False))
+    return json.loads(tok.to_str())["model"]["vocab"], tok
+
+
+def build_hub_teacher(name: str, folder: Path, seed: int = 0) -> Path:
+    """One of HUB_TEACHERS (tokenizer files as the hub has them, and a tiny masked LM) in `folder`."""
+    import json
+
+    from transformers import (
+        AlbertConfig,
+        AlbertForMaskedLM,
+        BertConfig,
+        BertForMaskedLM,
+        BertJapaneseTokenizer,
+        CamembertConfig,
+        CamembertForMaskedLM,
+        CamembertTokenizer,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    t = TINY_MODEL
+    if name == "albert":
+        texts = [_strip_accents_lower(s) for s in corpus_lines(["en", "de", "fr"]) + MORE_SENTENCES["pl"] * 6]
+        _, tok = _unigram_pieces(texts, ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"], "<unk>", 300)
+        tok.save(str(folder / "tokenizer.json"))  # NFKC only: the lowercasing lives in tokenizer_config.json
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "AlbertTokenizer", "do_lower_case": True, "remove_space": True, "keep_accents": False,
+            "bos_token": "[CLS]", "eos_token": "[SEP]", "cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "<unk>",
+            "pad_token": "<pad>", "mask_token": "[MASK]", "model_max_length": 512}))
+        config = AlbertConfig(vocab_size=tok.get_vocab_size(), embedding_size=16, hidden_size=t["hidden"],
+                              num_hidden_layers=t["layers"], num_attention_heads=t["heads"], intermediate_size=t["intermediate"],
+                              max_position_embeddings=t["max_position"], pad_token_id=0, bos_token_id=2, eos_token_id=3)
+        AlbertForMaskedLM(config).save_pretrained(str(folder))
+    elif name == "camembert":
+        pieces, _ = _unigram_pieces(corpus_lines(["fr", "en"]) + MORE_SENTENCES["es"] * 6, ["<unk>", "<s>", "</s>"], "<unk>", 300)
+        vocab = [("<s>NOTUSED", 0.0), ("<pad>", 0.0), ("</s>NOTUSED", 0.0), ("<unk>", 0.0), ("<unk>NOTUSED", -100.0)]
+        vocab += [tuple(p) for p in pieces[1:]] + [("<mask>", 0.0)]
+        tok = CamembertTokenizer(vocab=vocab, model_max_length=512)
+        tok.save_pretrained(str(folder))
+        # as camembert-base: <unk>NOTUSED is a piece, not an added token; the config names all three
+        tj = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        tj["added_tokens"] = [a for a in tj["added_tokens"] if a["content"] != "<unk>NOTUSED"]
+        (folder / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+        conf = json.loads((folder / "tokenizer_config.json").read_text())
+        conf["additional_special_tokens"] = conf.pop("extra_special_tokens")
+        (folder / "tokenizer_config.json").write_text(json.dumps(conf))
+        config = CamembertConfig(vocab_size=len(vocab), hidden_size=t["hidden"], num_hidden_layers=t["layers"],
+                                 num_attention_heads=t["heads"], intermediate_size=t["intermediate"],
+                                 max_position_embeddings=t["max_position"] + 2, pad_token_id=1, bos_token_id=5, eos_token_id=6,
+                                 type_vocab_size=1)
+        CamembertForMaskedLM(config).save_pretrained(str(folder))
+    elif name in ("jachar", "jawp"):
+        lines = corpus_lines(["ja", "zh", "en"])
+        if name == "jachar":
+            import unicodedata
+
+            pieces = sorted({ch for line in lines for ch in unicodedata.normalize("NFKC", line) if not ch.isspace()})
+        else:
+            from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+            # the basic word tokenizer keeps runs of kana and kanji together (tokenize_chinese_chars=False)
+            wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+            wp.normalizer = normalizers.BertNormalizer(handle_chinese_chars=False, lowercase=False, strip_accents=False)
+            wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            wp.train_from_iterator(lines, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"], show_progress=False))
+            pieces = [p for p, _ in sorted(wp.get_vocab().items(), key=lambda kv: kv[1]) if p != "[UNK]"]
+        (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pieces) + "\n", encoding="utf-8")
+        tok = BertJapaneseTokenizer(vocab_file=str(folder / "vocab.txt"), word_tokenizer_type="basic", model_max_length=512,
+                                    subword_tokenizer_type="character" if name == "jachar" else "wordpiece")
+        tok.save_pretrained(str(folder))
+        config = BertConfig(vocab_size=len(tok), hidden_size=t["hidden"], num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                            intermediate_size=t["intermediate"], max_position_embeddings=t["max_position"], pad_token_id=0)
+        BertForMaskedLM(config).save_pretrained(str(folder))
+    else:
+        raise ValueError(f"no hub-style teacher {name!r}; one of {', '.join(HUB_TEACHERS)}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub_teachers(tmp_path_factory) -> dict[str, Path]:
+    """HUB_TEACHERS' folders by name (built once per session)."""
+    root = tmp_path_factory.mktemp("hub-teachers")
+    return {name: build_hub_teacher(name, root / name, seed=10 + i) for i, name in enumerate(HUB_TEACHERS)}
 
 
 def make_config(path: Path, teachers: dict[str, Path], corpora: dict[str, Path], routing: dict[str, str], **sections) -> Path:

@@ -42,6 +42,10 @@ class SpecialLayout:
 def plain_backend(tokenizer: PreTrainedTokenizerBase | Tokenizer) -> Tokenizer:
     """The tokenizer's Rust backend with no truncation or padding. transformers leaves the backend
     truncating after a call with `truncation=True`; a copy keeps the caller's tokenizer as it was."""
+    if not isinstance(tokenizer, Tokenizer) and not getattr(tokenizer, "is_fast", True):
+        from mergedistill.slow_tokenizers import slow_backend
+
+        return slow_backend(tokenizer)  # a slow (Python) tokenizer, behind the same interface
     backend = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
     if backend.truncation is None and backend.padding is None:
         return backend

@@ -15,7 +15,7 @@ from mergedistill.config import RunConfig, TeacherConfig
 from mergedistill.fsutil import read_json, sha256_file
 from mergedistill.mlm_models import usable_positions
 from mergedistill.precision import torch_dtype
-from mergedistill.teachers import load_teacher_model
+from mergedistill.teachers import load_teacher_model, source_kwargs
 
 
 def eval_device(cfg: RunConfig) -> torch.device:
@@ -41,7 +41,7 @@ def load_teacher(name: str, tc: TeacherConfig, device: torch.device | str = "cpu
     no remote code unless the teacher's config allows it."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(tc.path, **source_kwargs(name, tc))  # hub ids: one attempt, then a message
     return load_teacher_model(name, tc).to(device), tok
 
 

@@ -87,7 +87,8 @@ DEFINITIONS = f"""\
 - **masked acc** (`mlm_acc`): share of masked positions (eval.mask_prob of the tokens, fixed seed, every one
   replaced by the mask token, lines packed as in training) whose top-1 prediction is the original token.
   Student and baseline read the routed teacher's tokenization mapped to student ids, with the same masked
-  positions as that teacher (a gold token pruned from the student vocabulary counts as a miss). A candidate
+  positions as that teacher (a gold token pruned from the student vocabulary counts as a miss), and predict
+  among the ids that tokenizer can write (specials excluded), as the exported student is used per language. A candidate
   teacher uses its own tokenizer, so its per-token accuracy is not directly comparable.
 - **agreement**: share of those positions where the model's top-1 equals the routed teacher's top-1 among
   the tokens the student vocabulary keeps (specials excluded), i.e. what distillation taught it.
@@ -285,9 +286,12 @@ def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row
     s_in = to_student_ids(idmap, eset["input_ids"])
     s_gold = to_student_ids(idmap, gold, pruned=None)
     s_teacher = to_student_ids(idmap, t_kept, pruned=None)  # type: ignore[arg-type]
+    # students predict among the ids the language's tokenizer can write, as the exported student is used
+    s_allowed = torch.zeros(plan.vocab.size, dtype=torch.bool)
+    s_allowed[torch.from_numpy(plan.vocab.producible_ids(routed)).long()] = True
     for key in students:
         t0 = time.monotonic()
-        top, _ = masked_top1(models.model(key), s_in, eset["attention_mask"], sel, e.batch_size)
+        _, top = masked_top1(models.model(key), s_in, eset["attention_mask"], sel, e.batch_size, allowed=s_allowed)
         acc, agree = hit_rate(top, s_gold), hit_rate(top, s_teacher)
         rows += [Row("intrinsic", lang, key, key, "mlm_acc", acc, n), Row("intrinsic", lang, key, key, "agreement", agree, n)]
         pll_rows, msg = _pll_rows(models, key, lang, pll_texts, unit, pll_batch)
@@ -462,7 +466,8 @@ def run_evaluate(cfg: RunConfig, *, force: bool = False) -> Path:
                                                "mergedistill": __version__})
     readme = plan.student.folder / "README.md"
     card = readme.read_text(encoding="utf-8") if readme.is_file() else f"# {cfg.run}\n"
-    write_text_atomic(readme, set_card_section(card, card_md(table, str(out / "report.md"))))
+    # the card travels with the student folder: it names the run's report, it does not link to it
+    write_text_atomic(readme, set_card_section(card, card_md(table, f"runs/{cfg.run}/eval/report.md")))
     log.info("evaluate: %d results in %.0f s; report %s, model card %s", len(rows), time.monotonic() - start,
              out / "report.md", readme)
     return out

@@ -1,45 +1,200 @@
 """The exported student: a standard Hugging Face folder (`AutoModelForMaskedLM.from_pretrained`), its
-per-teacher tokenizers, languages.json (language -> tokenizer folder) and a README model card: what it
-was distilled from, on what, how, and how well."""
+per-teacher tokenizers, languages.json (language -> tokenizer folder), token_ids/<lang>.npy (the student
+ids that language's tokenizer can write: predictions for the language are restricted to them) and a
+README model card: what it was distilled from, on what, how, how well, and how to use it per language,
+with a real sentence of each language. The card names no local path and links nothing outside the folder."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from mergedistill import __version__
 from mergedistill.config import RunConfig
+from mergedistill.corpus import iter_lines
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.tables import markdown_table
 
+EXAMPLE_LINES = 2000
+"""Corpus lines searched per language for the card's example sentence."""
 
-def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
-                   init_info: dict, best: str | None, out: Path) -> Path:
+
+def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
+                   init_info: dict, best: dict | None, out: Path) -> Path:
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
-    tokenizers, languages.json (language -> tokenizer folder) and a README model card."""
+    tokenizers, languages.json, token_ids/<lang>.npy and a README model card."""
     routing = {lang: cfg.teacher_of(lang) for lang in languages}
     with atomic_dir(out) as tmp:
         student.save_pretrained(str(tmp), safe_serialization=True)
         for name in sorted(set(routing.values())):
             shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
         (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info), encoding="utf-8")
+        (tmp / "token_ids").mkdir()
+        allowed = {}
+        for lang, name in routing.items():
+            allowed[lang] = vocab.producible_ids(name)
+            np.save(tmp / "token_ids" / f"{lang}.npy", allowed[lang])
+        examples = card_examples(cfg, tmp, routing, allowed)
+        (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info, examples, best), encoding="utf-8")
         write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,
-                                                      "best_checkpoint": best or None})
+                                                      "best_checkpoint": best})
     return out
 
 
+# ---- the card's examples -------------------------------------------------------------------------------
+def _masked_variants(line: str, start: int, end: int, mask: str) -> list[str]:
+    """`line` with [start, end) replaced by the mask token: as is, and glued to what precedes it (for
+    tokenizers whose mask token does not absorb the space before it)."""
+    out = [line[:start] + mask + line[end:]]
+    if start > 0 and line[start - 1] == " ":
+        out.append(line[:start - 1] + mask + line[end:])
+    return out
+
+
+def find_example(tok, allowed: set[int], lines: list[str], by_char: bool) -> tuple[str, str] | None:
+    """(a line with one word, or character, replaced by the tokenizer's mask token, what it replaced).
+    Preferably the first line of a sensible length where masking a word replaces exactly one token, which
+    the language can write; else (small vocabularies) the first where it replaces a few tokens and leaves
+    the rest of the line's tokens as they were. Words of three letters or more, not the first, nearest
+    the middle first."""
+    mask, mask_id = tok.mask_token, tok.mask_token_id
+    candidates = []
+    for line in lines:
+        if by_char:
+            if not 8 <= len(line) <= 60:
+                continue
+            spans = [(i, i + 1) for i, ch in enumerate(line) if ch.isalpha() and 2 <= i < len(line) - 1]
+        else:
+            if not 5 <= len(line.split()) <= 25:
+                continue
+            words = list(re.finditer(r"[^\W\d_]+", line))  # runs of letters
+            spans = [m.span() for m in words[1:] if len(m.group()) >= 3]
+        if spans:
+            candidates.append((line, spans))
+        if len(candidates) >= 200:
+            break
+    for single in (True, False):
+        for line, spans in candidates:
+            ids = tok(line)["input_ids"]
+            middle = len(line) / 2
+            for start, end in sorted(spans, key=lambda s: abs((s[0] + s[1]) / 2 - middle)):
+                for masked in _masked_variants(line, start, end, mask):
+                    replaced = _replaced_tokens(tok, ids, tok(masked)["input_ids"], mask_id)
+                    if replaced and (len(replaced) == 1) == single and (not single or replaced[0] in allowed):
+                        return masked, line[start:end]
+    return None
+
+
+def _replaced_tokens(tok, ids: list[int], m_ids: list[int], mask_id: int) -> list[int] | None:
+    """The tokens of `ids` that the one mask token of `m_ids` stands for (the rest equal), or None.
+    Word-boundary pieces that some tokenizers put beside an added token (a lone `▁`, decoding to
+    nothing) are ignored."""
+    if m_ids.count(mask_id) != 1:
+        return None
+    at = m_ids.index(mask_id)
+    empty = lambda i: tok.decode([i]).strip() == ""  # noqa: E731
+    before, after = m_ids[:at], m_ids[at + 1:]
+    pre = 0
+    while pre < min(len(before), len(ids)) and before[pre] == ids[pre]:
+        pre += 1
+    if pre < len(before) and not all(empty(i) for i in before[pre:]):
+        return None
+    post = 0
+    while post < min(len(after), len(ids) - pre) and after[len(after) - 1 - post] == ids[len(ids) - 1 - post]:
+        post += 1
+    if post < len(after) and not all(empty(i) for i in after[:len(after) - post]):
+        return None
+    middle = ids[pre:len(ids) - post]
+    return middle or None
+
+
+def card_examples(cfg: RunConfig, folder: Path, routing: dict[str, str], allowed: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
+    """Language -> (a real sentence of its held-out split, else valid, else train, with a word masked; the word)."""
+    from transformers import AutoTokenizer
+
+    out = {}
+    toks: dict[str, object] = {}
+    for lang, name in routing.items():
+        lc = cfg.languages[lang]
+        spec = lc.test or lc.valid or lc.train
+        if name not in toks:
+            toks[name] = AutoTokenizer.from_pretrained(str(folder / "tokenizers" / name))
+        lines = list(iter_lines(spec, f"languages.{lang}", EXAMPLE_LINES))
+        found = find_example(toks[name], set(allowed[lang].tolist()), lines, lang in cfg.eval.char_languages)
+        if found:
+            out[lang] = found
+    return out
+
+
+USAGE = '''\
+import json
+
+import numpy as np
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+folder = "."  # this folder
+model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+languages = json.load(open(f"{{folder}}/languages.json"))  # language -> its tokenizer
+examples = {examples}
+for lang, text in examples.items():
+    tokenizer = AutoTokenizer.from_pretrained(f"{{folder}}/{{languages[lang]}}")
+    allowed = torch.from_numpy(np.load(f"{{folder}}/token_ids/{{lang}}.npy")).long()  # ids this language writes
+    inputs = tokenizer(text, return_tensors="pt")
+    at = (inputs["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0]
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, at]
+    best = allowed[logits[allowed].topk(5).indices].tolist()
+    print(lang, "|", text, "->", [tokenizer.decode([i]).strip() or tokenizer.convert_ids_to_tokens(i) for i in best])
+'''
+
+
+def usage_code(examples: dict[str, tuple[str, str]]) -> str:
+    """The card's Python example: fill-mask on each language's sentence, restricted to its ids."""
+    lines = "".join(f"    {lang!r}: {text!r},  # {word}\n" for lang, (text, word) in examples.items())
+    return USAGE.format(examples="{\n" + lines + "}")
+
+
+# ---- the card --------------------------------------------------------------------------------------------
+def _source(path: str) -> str:
+    """A teacher's source for the card: a hub id as it is, a local folder by its name only."""
+    p = Path(path)
+    return f"local folder `{p.name}`" if p.is_dir() else f"`{path}` (Hugging Face hub)"
+
+
+def _init_text(info: dict) -> str:
+    parts = ["random" if info.get("init", "random") == "random" else info["init"]]
+    for name, layers in (info.get("layers_from") or {}).items():
+        parts.append(f"encoder layers {', '.join(map(str, layers))} of {name}")
+    rows = info.get("embedding_rows") or {}
+    if rows:
+        parts.append("embedding rows copied from " + ", ".join(f"{n} ({c:,})" for n, c in rows.items()))
+    if info.get("output_bias"):
+        parts.append(f"output bias from the {info['output_bias']}")
+    return "; ".join(parts)
+
+
+def _masking_text(m: dict) -> str:
+    return (f"{m.get('mask_prob')} of the tokens (80% mask token, 10% random, 10% kept), "
+            + ("whole words, " if m.get("whole_word_mask") else "")
+            + f"{m.get('dupe_factor', 1)} masked cop{'y' if m.get('dupe_factor', 1) == 1 else 'ies'} per sequence of "
+            f"{m.get('seq_len')} tokens")
+
+
 def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str], metrics: dict, init_info: dict,
-               results_md: str | None = None) -> str:
+               examples: dict[str, tuple[str, str]] | None = None, best: dict | None = None, results_md: str | None = None) -> str:
     t, s = cfg.train, cfg.student
-    first = languages[0]
-    tok_dir = f"tokenizers/{cfg.teacher_of(first)}"
+    examples = examples or {}
     rows = []
     for lang in languages:
         tr = manifest["languages"][lang]["splits"].get("train", {})
         rows.append([lang, cfg.teacher_of(lang), f"`tokenizers/{cfg.teacher_of(lang)}`", tr.get("lines", 0), tr.get("corpus_tokens", 0),
                      _m(metrics, f"val/{lang}/acc"), _m(metrics, f"val/{lang}/agree")])
-    teachers = [[n, f"`{cfg.teachers[n].path}`", ", ".join(cfg.languages_of(n)) or "-"] for n in cfg.teachers]
+    teachers = [[n, _source(cfg.teachers[n].path), ", ".join(cfg.languages_of(n)) or "-"] for n in cfg.teachers]
+    missing = [lang for lang in languages if lang not in examples]
     lines = [
         f"# {cfg.run}: a multilingual student distilled with mergedistill",
         "",
@@ -49,18 +204,23 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
         "",
         "## Use it",
         "",
-        "Text must be tokenized with the tokenizer of the teacher that served its language (`languages.json` says which); "
-        "those tokenizers emit the student's ids.",
+        "Each language is read with the tokenizer of the teacher that served it (`languages.json` says which; those "
+        "tokenizers emit the student's ids), and its predictions are restricted to the ids that tokenizer can write "
+        "(`token_ids/<language>.npy`): the joint vocabulary holds every teacher's tokens, and an unrestricted "
+        "prediction may be another language's token. A fill-mask example on a sentence of each language; run it from "
+        "this folder (transformers, torch, numpy):",
         "",
         "```python",
-        "from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline",
-        "",
-        "model = AutoModelForMaskedLM.from_pretrained(\"PATH_TO_THIS_FOLDER\")",
-        f"tokenizer = AutoTokenizer.from_pretrained(\"PATH_TO_THIS_FOLDER/{tok_dir}\")  # language '{first}'",
-        "fill = pipeline(\"fill-mask\", model=model, tokenizer=tokenizer)",
-        "print(fill(f\"... {tokenizer.mask_token} ...\"))",
+        usage_code(examples).rstrip(),
         "```",
         "",
+        "With mergedistill installed, `mergedistill.exported.load_student(folder, language).fill_mask(text)` does the same.",
+        "",
+    ]
+    if missing:
+        lines += [f"(No sentence of {', '.join(missing)} had a word the tokenizer writes as one token: no example for "
+                  f"{'it' if len(missing) == 1 else 'them'}.)", ""]
+    lines += [
         "## Teachers and routing",
         "",
         markdown_table(["teacher", "source", "languages"], teachers),
@@ -73,11 +233,14 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
         f"- loss: {t.alpha} x KD (top-{manifest['k']} teacher predictions, temperature {t.temperature}) + {1 - t.alpha:g} x MLM, at masked positions",
         f"- {t.max_steps} steps of {t.batch_size} sequences per device (x{t.grad_accum} accumulation), lr {t.lr}, "
         f"warmup {t.warmup_steps}, weight decay {t.weight_decay}, clipping {t.grad_clip}",
-        f"- language sampling exponent {t.sampling_alpha}; masking {manifest['masking']}",
-        f"- initialisation: {init_info}",
+        f"- language sampling exponent {t.sampling_alpha}; masking {_masking_text(manifest['masking'])}",
+        f"- initialisation: {_init_text(init_info)}",
         f"- vocabulary fingerprint `{vrec['vocab']}`",
-        "",
     ]
+    if best and best.get("score") is not None:
+        lines.append(f"- best checkpoint by {best['metric']}: {Path(best['file']).stem} ({best['score']:.4f}); these weights "
+                     "are the last step's")
+    lines.append("")
     if results_md:
         lines += ["## Evaluation", "", results_md, ""]
     return "\n".join(lines)

@@ -155,6 +155,25 @@ def _is_launcher() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+def previous_dir(out: Path) -> Path:
+    """runs/<run>/train.prev (baseline.prev): where a replaced student waits until its successor is exported."""
+    return out.with_name(out.name + ".prev")
+
+
+def set_aside(out: Path) -> None:
+    """Make room for a new training run in `out` without losing a trained student: a finished one (with
+    an export) moves to train.prev/, replacing an older one there; an unfinished attempt is deleted (an
+    older finished student stays in train.prev/)."""
+    prev = previous_dir(out)
+    if (out / "export" / "config.json").is_file():
+        if prev.exists():
+            shutil.rmtree(prev)
+        out.rename(prev)
+        log.info("train: the previous student moved to %s until this one is exported (move it back to keep it)", prev)
+    elif out.exists():
+        shutil.rmtree(out)
+
+
 def baseline_config(cfg: RunConfig) -> RunConfig:
     """The MLM-only baseline's settings: the run's, with nothing from any teacher (alpha 0, offline,
     random initialisation, no embedding rows copied) and the output bias started at the data's token
@@ -186,30 +205,30 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     last = ckpt_dir / "last.ckpt"
     export = out / "export"
     state_path = out / "state.json"
+    # Everything that changes the trained weights: devices x batch_size is the global batch, and the
+    # strategy and nodes decide how it is split (accelerator, logger and best_metric do not change them).
     inputs = {"vocab": vrec["vocab"], "data": {lang: manifest["languages"][lang]["inputs"] for lang in languages},
               "student": to_dict(cfg.student), "train": {k: v for k, v in to_dict(cfg.train).items()
-                                                         if k not in ("devices", "accelerator", "strategy", "num_nodes", "logger")}}
+                                                         if k not in ("accelerator", "logger", "best_metric")}}
+    start_over = False  # set the earlier student aside once this one is about to train (never before)
     if _is_launcher():
         if state_path.is_file() and (export / "config.json").is_file() and not force:
             if read_json(state_path).get("inputs") == inputs:
                 log.info("train: %s is complete for these inputs; skipping (--force retrains)", export)
                 return export
-        if force and out.exists():
-            shutil.rmtree(out)
-        if last.is_file():
+        start_over = force and out.exists()
+        if last.is_file() and not start_over:
             prev = read_json(state_path).get("inputs") if state_path.is_file() else None
             if prev is not None and prev != inputs:
                 # Never continue a checkpoint trained with other settings (it would be exported as if
                 # trained with these). `run` and `ablate` start over; an explicit --resume is refused.
                 if restart_if_changed:
                     log.info("train: the settings changed since %s was written; starting over", last)
-                    shutil.rmtree(out)
+                    start_over = True
                 else:
                     raise UserError(f"train: {last} belongs to a run with other settings; pass --force to start over")
             elif not resume:
                 raise UserError(f"train: {last} exists from an earlier run; pass --resume to continue it or --force to start over")
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(state_path, {"inputs": inputs, "status": "training"})
 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -217,16 +236,25 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     L.seed_everything(t.seed, workers=True, verbose=False)
     module, init_info = make_module(cfg, vocab, languages)
     dm = ShardDataModule(cfg, manifest, vrec["vocab"], languages)
-    if cfg.student.init_output_bias and not (resume and last.is_file()):
+    if cfg.student.init_output_bias and not (resume and last.is_file() and not start_over):
         init_info["output_bias"] = init_output_bias(module.student, dm, t.sampling_alpha)
+    if _is_launcher():  # the new student is built: now the old one may make room
+        if start_over:
+            set_aside(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(state_path, {"inputs": inputs, "status": "training"})
     has_val = any("valid" in manifest["languages"][lang]["splits"] for lang in languages)
-    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", save_last=True, save_top_k=1 if has_val else 0,
-                           monitor="val/loss" if has_val else None, mode="min", every_n_train_steps=t.val_every)
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.val_every)
+    # the best checkpoint is judged right after each validation, on that validation's figures (a step-
+    # triggered save would pair a checkpoint with the previous validation's)
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.best_metric, save_top_k=1, every_n_epochs=1,
+                           mode="max" if t.best_metric in ("val/acc", "val/agree") else "min", save_on_train_epoch_end=False)
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=lightning_precision(cfg.train.precision, cfg.train.accelerator),
         max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum, gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every * t.grad_accum if has_val else None, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=_loggers(cfg, out), callbacks=[ckpt, TrainProgress("train", every_s=20, logger=log)],
+        num_sanity_val_steps=0, logger=_loggers(cfg, out),
+        callbacks=[ckpt, *([best] if has_val else []), TrainProgress("train", every_s=20, logger=log)],
         default_root_dir=str(out), enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
         log_every_n_steps=min(10, t.val_every), use_distributed_sampler=False, limit_val_batches=None if has_val else 0,
     )
@@ -236,14 +264,22 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
              cfg.student.layers, cfg.student.hidden, f"{sum(p.numel() for p in module.student.parameters()):,}",
              f"init {init_info}")
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() and not start_over else None)
     except NonFiniteLoss as e:
         raise UserError(str(e) + (f" ({last})" if last.is_file() else "")) from None
     if trainer.global_rank != 0:
         return export
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    export_student(cfg, module.student, vrec, manifest, languages, metrics, init_info, ckpt.best_model_path, out / "export")
+    best_info = None
+    if has_val and best.best_model_path:
+        best_info = {"file": os.path.relpath(best.best_model_path, out), "metric": t.best_metric,
+                     "score": float(best.best_model_score) if best.best_model_score is not None else None}
+    export_student(cfg, module.student, vocab, vrec, manifest, languages, metrics, init_info, best_info, out / "export")
     write_json_atomic(state_path, {"inputs": inputs, "status": "done", "steps": trainer.global_step, "val": metrics,
-                                   "seconds": time.monotonic() - start})
+                                   "best": best_info, "seconds": time.monotonic() - start})
+    prev_dir = previous_dir(out)
+    if prev_dir.exists():
+        shutil.rmtree(prev_dir)
+        log.info("train: the new student is exported; removed the previous one (%s)", prev_dir)
     log.info("train: %d steps in %.0f s; exported to %s", trainer.global_step, time.monotonic() - start, export)
     return export

@@ -37,6 +37,15 @@ class JointVocab:
         out = self.idmaps[teacher][np.asarray(teacher_ids)]
         return np.where(out < 0, UNK_ID, out).astype(np.int64)
 
+    def producible_ids(self, teacher: str) -> np.ndarray:
+        """Student ids that `teacher`'s student tokenizer can write for a text, sorted (int32): the tokens
+        it keeps, specials excluded. A language read with that tokenizer predicts among these: the other
+        ids are other teachers' tokens, placeholders no text reaches, or specials."""
+        m = self.idmaps[teacher]
+        ids = np.unique(m[m >= 0])
+        special = np.fromiter((k[0] == "S" for k in self.keys), dtype=bool, count=self.size)
+        return ids[~special[ids]].astype(np.int32)
+
     def tokens(self) -> list[str]:
         return [display(k) for k in self.keys]
 

@@ -89,6 +89,26 @@ def write_report(stats: dict, folder: Path) -> None:
             "([UNK] in inputs, dropped from teacher predictions).",
             "",
         ]
+    sz = stats.get("student_size")
+    if sz:
+        lines += [
+            "## Student size",
+            "",
+            f"A student of {sz['layers']} layers x {sz['hidden']} over this vocabulary; float32 weights as exported "
+            "(training checkpoints also hold AdamW's two moments: about 3x).",
+            "",
+            markdown_table(["", "parameters", "share", "exported MB"], [
+                ["body (transformer layers, positions, head transform)", sz["body"], f"{100 * (1 - sz['share']):.1f}%",
+                 f"{sz['export_body_mb']:.1f}"],
+                ["embeddings (tied input/output, output bias)", sz["embeddings"], f"{100 * sz['share']:.1f}%",
+                 f"{sz['export_embeddings_mb']:.1f}"],
+                ["total", sz["total"], "100%", f"{sz['export_mb']:.1f}"],
+            ]),
+            "",
+        ]
+        if sz["share"] > 0.8 and not pruned:
+            lines += ["More than 80% of the student is embeddings: `vocab.prune: true` keeps only the tokens each teacher "
+                      "produces on the corpora routed to it.", ""]
     write_text_atomic(folder / "report.md", "\n".join(lines))
     write_text_atomic(folder / "teachers.csv", csv_text(t_header, t_rows))
     write_text_atomic(folder / "overlap.csv", csv_text(["teacher"] + names, [[a] + list(matrix[i]) for i, a in enumerate(names)]))

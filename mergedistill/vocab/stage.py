@@ -32,6 +32,7 @@ from mergedistill.fsutil import (
 from mergedistill.parallel import run_tasks
 from mergedistill.progress import Progress
 from mergedistill.teachers import TeacherTokenizer, load_all_tokenizers
+from mergedistill.train.size import parameter_counts
 from mergedistill.vocab.joint import (
     VOCAB_FORMAT,
     JointVocab,
@@ -44,6 +45,7 @@ from mergedistill.vocab.tokenizers import (
     check_spaces_unreachable,
     save_student_tokenizer,
 )
+from mergedistill.vocab.verify import check_student_tokenizer, samples
 
 log = logging.getLogger(__name__)
 BATCH_LINES = 2000
@@ -181,6 +183,35 @@ def _fertility_task(cfg: RunConfig, teachers: dict[str, TeacherTokenizer], lang:
     return run
 
 
+# ---- the student's size --------------------------------------------------------------------------
+EMBEDDING_WARN = 0.8
+"""Share of the student's parameters in its embeddings above which `vocab` warns."""
+
+
+def student_size(cfg: RunConfig, vocab_size: int) -> dict:
+    """Parameters of the student this vocabulary makes (body / embeddings), and what they weigh on disk:
+    float32 exported weights (4 bytes each) and training checkpoints (weights + AdamW's two moments)."""
+    c = parameter_counts(cfg, vocab_size)
+    return {**c, "share": c["embeddings"] / c["total"], "vocabulary": vocab_size, "hidden": cfg.student.hidden,
+            "layers": cfg.student.layers, "export_mb": 4 * c["total"] / 1e6, "export_body_mb": 4 * c["body"] / 1e6,
+            "export_embeddings_mb": 4 * c["embeddings"] / 1e6, "checkpoint_mb": 12 * c["total"] / 1e6}
+
+
+def log_student_size(cfg: RunConfig, sz: dict) -> None:
+    log.info("vocab: the student (%d layers x %d) has %.1fM parameters: body %.2fM, embeddings %.1fM (%.0f%%: vocabulary %s x "
+             "(hidden %d + output bias)); exported weights %.1f MB (body %.1f MB, embeddings %.1f MB), training checkpoints "
+             "~%.0f MB each (weights + AdamW state)", sz["layers"], sz["hidden"], sz["total"] / 1e6, sz["body"] / 1e6,
+             sz["embeddings"] / 1e6, 100 * sz["share"], f"{sz['vocabulary']:,}", sz["hidden"], sz["export_mb"], sz["export_body_mb"],
+             sz["export_embeddings_mb"], sz["checkpoint_mb"])
+    if sz["share"] > EMBEDDING_WARN:
+        advice = ("set `vocab.prune: true` to keep only the tokens each teacher produces on the corpora routed to it "
+                  "(report.md compares the sizes)") if not cfg.vocab.prune else (
+                  "pruning is on: `vocab.keep_single_chars: false` drops the single characters kept for unseen text, "
+                  "or fewer corpora lines (`vocab.max_lines`) keep fewer tokens")
+        log.warning("vocab: embeddings are %.0f%% of the student's parameters (more than %.0f%%); %s",
+                    100 * sz["share"], 100 * EMBEDDING_WARN, advice)
+
+
 # ---- the stage ---------------------------------------------------------------------------------
 def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
     """Build vocab/<run>/, or skip if it is complete for the same inputs. Returns the folder."""
@@ -197,6 +228,7 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
         if done.get("inputs") == inputs:
             log.info("vocab: %s is complete for these inputs (vocabulary %s, %s tokens); skipping (--force rebuilds)",
                      out, done.get("vocab"), f"{done.get('size', 0):,}")
+            log_student_size(cfg, student_size(cfg, done.get("size", 0)))
             return out
         log.info("vocab: inputs changed since %s was built; rebuilding", out)
 
@@ -216,17 +248,30 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
     vfp = joint.fingerprint()
     log.info("vocab: joint vocabulary of %s tokens%s", f"{joint.size:,}",
              f" ({full.size:,} before pruning)" if counts is not None else "")
+    size = student_size(cfg, joint.size)
+    log_student_size(cfg, size)
 
     with atomic_dir(out) as tmp:
         def tok_task(name):
             t = teachers[name]
             meta = {"teacher": name, "teacher_source": t.source, "teacher_tokenizer": t.fingerprint, "vocab": vfp,
                     "student_vocab_size": joint.size, "tokenizer": t.family.name, "mergedistill": __version__}
-            return lambda: save_student_tokenizer(t, joint.idmaps[name], joint.size, tmp / "tokenizers" / name, meta)
+            def run() -> tuple[str | None, int]:  # write it, then load it as a user would and compare with the teacher
+                folder = tmp / "tokenizers" / name
+                save_student_tokenizer(t, joint.idmaps[name], joint.size, folder, meta)
+                lines = samples(cfg, name)
+                return check_student_tokenizer(t, folder, joint.idmaps[name], joint.size, lines), len(lines)
+            return run
 
-        # forked workers: writing files and scanning corpora for the report, both cores busy
+        # forked workers: writing (and checking) files and scanning corpora for the report, both cores busy
         writes = [lambda: joint.save(tmp)] + [tok_task(n) for n in teachers]
         results = run_tasks(writes + [_fertility_task(cfg, teachers, lang) for lang in cfg.languages])
+        problems = [p for p, _ in results[1:len(writes)] if p]
+        for name, (_, n) in zip(teachers, results[1:len(writes)]):
+            log.info("vocab: %s's student tokenizer has the student's %s ids and equals the teacher's on %d sample texts",
+                     name, f"{joint.size:,}", n)
+        if problems:
+            raise UserError(problems, header=f"vocab: {len(problems)} student tokenizer(s) differ from their teacher; nothing was written:")
         fertility = results[len(writes):]
         hidden = cfg.student.hidden
         stats = {
@@ -240,6 +285,7 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
             "overlap": full.overlap().tolist(),
             "fertility": fertility,
             "embedding_params": {"hidden": hidden, "before": full.size * (hidden + 1), "after": joint.size * (hidden + 1)},
+            "student_size": size,
             "seconds": time.monotonic() - start,
         }
         write_report(stats, tmp)

@@ -7,6 +7,11 @@ teacher's normalizer and pre-tokenizer never pass a space to its model; checked 
 the vocabulary has exactly the student's size, `len(tokenizer)` is right, and the folder is a plain
 Hugging Face tokenizer: `AutoTokenizer.from_pretrained(folder)` needs no mergedistill code.
 
+Slow (Python-only) teachers of the vocab-file WordPiece family (BertJapaneseTokenizer) get a tokenizer of
+their own class whose vocab.txt lists the student's tokens in student-id order (line = id), the teacher's
+pieces at their student ids and placeholders elsewhere; its word splitting never yields a space, so the
+placeholders are unreachable too.
+
 With pruning, the pieces a teacher does not keep are removed; the tokenizer is then the teacher's
 restricted to its kept pieces. On text the teacher splits into kept pieces only (by construction,
 all of the corpora pruning scanned) the ids equal the teacher's ids through the id map; other text
@@ -35,6 +40,8 @@ def check_spaces_unreachable(t: TeacherTokenizer) -> None:
     normalizer and pre-tokenizer (in a tokenizer with a one-word model: cheap to build) on a probe."""
     from tokenizers import Tokenizer
 
+    if t.slow:  # whitespace-split words, then pieces of a word: never a space (and vocab.verify checks)
+        return
     probe_tj = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "post_processor": None,
         "decoder": None, "normalizer": t.tj.get("normalizer"), "pre_tokenizer": t.tj.get("pre_tokenizer"),
@@ -133,6 +140,9 @@ def save_student_tokenizer(t: TeacherTokenizer, idmap: np.ndarray, student_size:
     """(Call `check_spaces_unreachable(t)` first.) Write a standard HF tokenizer folder for teacher `t` that emits student ids: tokenizer.json,
     tokenizer_config.json (the generic fast class, so any transformers version loads it without
     mergedistill) and mergedistill.json (provenance: teacher, vocabulary fingerprint, sizes)."""
+    if t.slow:
+        save_slow_student_tokenizer(t, idmap, student_size, folder, meta)
+        return
     tj = student_tokenizer_json(t, idmap, student_size)
     folder.mkdir(parents=True, exist_ok=True)
     # dumps (the C encoder), not dump (pure-Python chunks): several times faster on big vocabularies
@@ -146,4 +156,36 @@ def save_student_tokenizer(t: TeacherTokenizer, idmap: np.ndarray, student_size:
     if t.extra_specials:
         config["additional_special_tokens"] = t.extra_specials
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / "mergedistill.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def save_slow_student_tokenizer(t: TeacherTokenizer, idmap: np.ndarray, student_size: int, folder: Path, meta: dict) -> None:
+    """A slow vocab-file WordPiece teacher's student tokenizer: the teacher's class and settings, with a
+    vocab.txt in student ids (the teacher's tokens at their student ids, placeholders elsewhere) and its
+    added tokens at their student ids, written by the class's own save_pretrained."""
+    import tempfile
+
+    from mergedistill.slow_tokenizers import settings
+
+    hf = t.reference
+    sid = idmap.tolist()
+    lines = [placeholder(s) for s in range(student_size)]
+    for tok, tid in hf.vocab.items():
+        if sid[tid] >= 0:
+            lines[sid[tid]] = tok
+    added = {}
+    for tid, tok in hf.added_tokens_decoder.items():
+        if tid < len(sid) and sid[tid] >= 0:
+            lines[sid[tid]] = str(tok)
+            added[sid[tid]] = tok
+    kwargs = {k: v for k, v in hf.init_kwargs.items() if k in settings(hf) and k != "backend"}
+    kwargs.update({a: getattr(hf, a) for a in ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token", "bos_token",
+                                               "eos_token") if getattr(hf, a, None) is not None})
+    kwargs["model_max_length"] = t.model_max_length
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        vocab_file = Path(tmp) / "vocab.txt"
+        vocab_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        student = type(hf)(vocab_file=str(vocab_file), added_tokens_decoder=added, **kwargs)
+        student.save_pretrained(str(folder))
     (folder / "mergedistill.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

@@ -64,6 +64,7 @@ def test_ablate_compares_variants_and_reuses_unchanged_shards(workdir, tiny_teac
 
 def test_ablate_refuses_a_variant_the_pruned_vocabulary_cannot_serve(workdir, tiny_teachers, tiny_corpora, capsys):
     cfg_path = make_config(workdir / "c.yaml", tiny_teachers, tiny_corpora, {"de": "wp"}, vocab={"prune": True},
+                           data={"seq_len": 32},  # the tiny teachers take 64 tokens (checked before ablate starts)
                            ablate={"variants": {"odd": {"de": "bbpe"}}})
     assert main(["ablate", "--config", str(cfg_path)]) == 2
     err = capsys.readouterr().err

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import BertConfig, BertForMaskedLM
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from conftest import SENTENCES, in_dir
 from mergedistill.cli import main
@@ -296,3 +296,35 @@ def test_label_mismatch_explains_misleading_zero_shot_pairs():
     assert "fortune never occur in the target" in msg
     msg = label_mismatch({"help"}, {"help", "man"})
     assert "man were never trained on" in msg
+
+
+def test_student_accuracy_is_over_the_ids_the_language_can_write(evaluated):
+    """A student whose head favours an id that English's tokenizer (wp's) cannot write: evaluate's accuracy
+    and agreement ignore it, as the exported student's per-language use does."""
+    from mergedistill.data.masking import IGNORE_INDEX
+    from mergedistill.eval.metrics import masked_eval_set, masked_top1
+    from mergedistill.eval.models import Export, Models
+    from mergedistill.eval.stage import intrinsic, preflight
+
+    work, cfg_path = evaluated
+    with in_dir(work):
+        cfg = load_config(cfg_path, ["--eval.baseline=false"])
+        plan = preflight(cfg)
+        vocab = plan.vocab
+        writable = set(vocab.producible_ids("wp").tolist())
+        foreign = next(i for i in range(vocab.size) if i not in writable and vocab.keys[i][0] != "S")
+        folder = work / "boosted-student"
+        shutil.copytree(plan.student.folder, folder)
+        model = BertForMaskedLM.from_pretrained(str(folder))
+        with torch.no_grad():
+            model.cls.predictions.bias[foreign] = 1e4
+        model.save_pretrained(str(folder))
+        rows = intrinsic(cfg, Models(cfg, Export.open("student", folder, [], "train"), None), plan, "en")
+        # unrestricted, every prediction would be that foreign token (the student's tokenizer emits student ids)
+        tok = AutoTokenizer.from_pretrained(str(folder / "tokenizers" / "wp"))
+        eset = masked_eval_set(tok, ["The student learns from the teachers, and the teachers know their languages."], 32, 0.3, 0)
+        top, _ = masked_top1(model.eval(), eset["input_ids"], eset["attention_mask"], eset["labels"] != IGNORE_INDEX)
+    assert top.numel() and (top == foreign).all()
+    got = {(r.model, r.metric): r.value for r in rows}
+    assert got[("student", "agreement")] == 1.0
+    assert got[("student", "mlm_acc")] == pytest.approx(got[("teacher:wp", "mlm_acc")]) and got[("student", "mlm_acc")] > 0.05

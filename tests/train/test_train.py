@@ -302,8 +302,8 @@ def test_baseline_takes_nothing_from_the_teachers(run_dir, tiny_teachers, corpor
     run_train(cfg, baseline=True)
     assert cfg == before and cfg.train.alpha == 0.5
     card = (run_dir / "runs/t/baseline/export/README.md").read_text()
-    assert "'init': 'random'" in card and "embedding_rows" not in card
-    assert "'output_bias': 'log unigram frequencies of the training shards'" in card
+    assert "- initialisation: random;" in card and "embedding rows" not in card  # the card says it in words, not as a dict
+    assert "output bias from the log unigram frequencies of the training shards" in card
     state = json.loads((run_dir / "runs/t/baseline/state.json").read_text())
     assert state["inputs"]["train"]["alpha"] == 0.0 and state["inputs"]["student"]["embeddings_from_teachers"] is False
     assert series(metrics(run_dir, "baseline"), "train/kd_loss") and all(
@@ -363,3 +363,149 @@ def test_a_checkpoint_from_other_settings_is_never_continued(run_dir, tiny_teach
     assert new["steps"] == 3 and new["inputs"]["train"]["lr"] == 0.01 and new["inputs"] != old["inputs"]
     metrics_steps = [s for s, _ in series(metrics(run_dir), "train/loss")]
     assert metrics_steps and max(metrics_steps) <= 3  # a fresh log, not the old run's
+
+
+# ---- no lost work -----------------------------------------------------------------------------------
+def test_a_replaced_student_waits_in_train_prev_until_the_new_one_is_exported(run_dir, tiny_teachers, corpora, monkeypatch):
+    import mergedistill.train.stage as stage
+
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    train, prev = run_dir / "runs/t/train", run_dir / "runs/t/train.prev"
+    old_weights = (train / "export/model.safetensors").read_bytes()
+    seen = {}
+    real_export, real_fit = stage.export_student, stage.L.Trainer.fit
+
+    def fit(self, *a, **k):  # training has started: the old student is aside, whole
+        seen["at_fit"] = (prev / "export/model.safetensors").read_bytes() == old_weights and not (train / "export").exists()
+        return real_fit(self, *a, **k)
+
+    def export(*a, **k):
+        seen["at_export"] = (prev / "export/model.safetensors").is_file()
+        return real_export(*a, **k)
+
+    monkeypatch.setattr(stage.L.Trainer, "fit", fit)
+    monkeypatch.setattr(stage, "export_student", export)
+    assert main(["train", "--config", str(cfg), "--restart-if-changed", "--train.lr=0.01"]) == 0
+    assert seen == {"at_fit": True, "at_export": True}
+    assert not prev.exists() and (train / "export/model.safetensors").read_bytes() != old_weights
+
+
+def test_a_new_run_that_fails_to_start_keeps_the_trained_student(run_dir, tiny_teachers, corpora, monkeypatch, capsys):
+    """A student that cannot be built (a teacher layer that does not load) fails before anything moves."""
+    import mergedistill.train.stage as stage
+
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    export = run_dir / "runs/t/train/export"
+    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
+
+    def broken(*a, **k):
+        from mergedistill.errors import UserError
+
+        raise UserError("student.init: cannot build")
+
+    monkeypatch.setattr(stage, "build_student", broken)
+    assert main(["train", "--config", str(cfg), "--force"]) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before
+    assert not (run_dir / "runs/t/train.prev").exists()
+
+
+def test_settings_that_do_not_fit_the_teachers_stop_run_before_any_stage(run_dir, tiny_teachers, corpora, capsys):
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    export = run_dir / "runs/t/train/export"
+    before = {p.name: p.stat().st_mtime_ns for p in export.iterdir()}
+    vocab_stamp = (run_dir / "vocab/t/fingerprint.json").stat().st_mtime_ns
+    code = main(["run", "--config", str(cfg), "--student.init=teacher:wp", "--student.hidden=64", "--student.heads=4",
+                 "--student.max_position=16", "--data.seq_len=100", "--train.max_steps=3"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "student.init: teacher:wp has hidden_size=32, num_attention_heads=2, the student hidden 64, heads 4" in err
+    assert "set student.hidden: 32, student.heads: 2" in err
+    assert "data.seq_len: 100 tokens per sequence, but teacher wp accepts at most 64" in err
+    assert "student.max_position: 16 positions cannot hold data.seq_len 100 tokens" in err
+    assert {p.name: p.stat().st_mtime_ns for p in export.iterdir()} == before  # nothing deleted, nothing rebuilt
+    assert (run_dir / "vocab/t/fingerprint.json").stat().st_mtime_ns == vocab_stamp
+
+
+def test_devices_strategy_and_nodes_are_part_of_the_settings(run_dir, tiny_teachers, corpora, capsys, caplog):
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=2, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    inputs = json.loads((run_dir / "runs/t/train/state.json").read_text())["inputs"]["train"]
+    assert {"devices", "strategy", "num_nodes", "batch_size"} <= set(inputs)
+    caplog.set_level("INFO")
+    # another global batch (devices x batch_size): not "complete for these inputs"
+    assert main(["train", "--config", str(cfg), "--train.devices=2", "--train.strategy=ddp"]) == 2
+    assert "skipping" not in caplog.text and "belongs to a run with other settings" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg)]) == 0 and "skipping" in caplog.text  # the same settings still skip
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss(run_dir, tiny_teachers, corpora):
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=8, val_every=2, lr=0.02, warmup_steps=0)
+    assert main(["train", "--config", str(cfg)]) == 0
+    val = series(metrics(run_dir), "val/loss")
+    assert len(val) == 4
+    best = json.loads((run_dir / "runs/t/train/export/mergedistill.json").read_text())["best_checkpoint"]
+    assert best["metric"] == "val/loss" and best["score"] == pytest.approx(min(v for _, v in val), rel=1e-5)
+    files = sorted(p.name for p in (run_dir / "runs/t/train/checkpoints").glob("best-*.ckpt"))
+    assert files == [Path(best["file"]).name]
+    # the file holds the weights of the step whose validation it was judged on
+    ckpt = torch.load(run_dir / "runs/t/train" / best["file"], map_location="cpu", weights_only=False)
+    step_of_min = [s for s, v in val if v == min(v for _, v in val)][0]
+    assert ckpt["global_step"] in (step_of_min, step_of_min + 1)  # Lightning logs validation at step - 1
+    assert f"best-step={ckpt['global_step']}" in files[0]
+
+
+# ---- a usable student -------------------------------------------------------------------------------
+def test_export_restricts_each_language_to_the_ids_its_tokenizer_writes(run_dir, tiny_teachers, corpora):
+    from mergedistill.exported import load_student
+    from mergedistill.vocab.stage import load_vocab
+
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=4, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    export = run_dir / "runs/t/train/export"
+    vocab, _ = load_vocab(load_config(cfg))
+    for lang, teacher in ROUTING.items():
+        ids = np.load(export / "token_ids" / f"{lang}.npy")
+        assert (ids == vocab.producible_ids(teacher)).all() and 5 < len(ids) < vocab.size
+        assert not set(ids.tolist()) & {0, 1, 2, 3, 4}
+    de = load_student(export, "de")
+    preds = de.fill_mask(f"Die Schüler lernen {de.tokenizer.mask_token} Wörter in der Schule.", top_k=8)
+    allowed = set(np.load(export / "token_ids" / "de.npy").tolist())
+    assert len(preds) == 1 and len(preds[0]) == 8
+    assert all(p["token"] in allowed and p["token_str"] and "unused" not in p["token_str"] for p in preds[0])
+    assert sum(p["score"] for p in preds[0]) <= 1.0 + 1e-6
+    # unrestricted, the student's top predictions include ids German cannot write (the point of restricting)
+    with torch.no_grad():
+        inputs = de.tokenizer(f"Die Schüler lernen {de.tokenizer.mask_token} Wörter.", return_tensors="pt")
+        at = (inputs["input_ids"][0] == de.tokenizer.mask_token_id).nonzero()[0, 0]
+        top = de.model(**inputs).logits[0, at].topk(50).indices.tolist()
+    assert set(top) - allowed
+
+
+def test_model_card_example_runs_and_prints_words_of_each_language(run_dir, tiny_teachers, corpora):
+    import re
+
+    cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=4, val_every=2)
+    assert main(["train", "--config", str(cfg)]) == 0
+    export = run_dir / "runs/t/train/export"
+    card = (export / "README.md").read_text(encoding="utf-8")
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    for lang in ROUTING:  # a real sentence of each language
+        m = re.search(rf"^    '{lang}': (['\"])(.*)\1,  # (\S+)$", code, re.M)
+        assert m, lang
+        word = m.group(3)
+        sentence = m.group(2).replace("[MASK]", word).replace("<mask>", word)
+        assert any(sentence == line.strip() or sentence.replace(word, " " + word, 1) == line.strip()
+                   for line in (corpora[lang].read_text(encoding="utf-8").splitlines())), (lang, sentence)
+    out = subprocess.run([sys.executable, "-c", code], cwd=export, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    printed = {line.split(" | ")[0]: line for line in out.stdout.splitlines()}
+    assert set(printed) == set(ROUTING)
+    for lang, line in printed.items():
+        words = eval(line.rsplit(" -> ", 1)[1])  # noqa: S307 -- the list the card's code printed
+        # real tokens of the language (a token that decodes to nothing, e.g. a lone `Ġ`, is shown as itself)
+        assert len(words) == 5 and all(w and "unused" not in w and w not in ("[PAD]", "[CLS]", "[SEP]", "<s>", "</s>") for w in words)
+    # the card travels with the folder: no local paths, no Python dict reprs, no links out of it
+    assert str(run_dir) not in card and "/tmp" not in card and "{'" not in card and "](" not in card

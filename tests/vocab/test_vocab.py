@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import PROBE_TEXTS, SENTENCES, in_dir, make_config
+from conftest import HUB_TEACHERS, MORE_SENTENCES, PROBE_TEXTS, SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError
@@ -16,6 +16,10 @@ from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, Jo
 from mergedistill.vocab.stage import load_vocab
 
 ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe", "zh": "spbpe", "ja": "multi"}
+# teachers as users bring them (conftest.HUB_TEACHERS): transformers rebuilds or adds parts when it loads them
+HUB_ROUTING = {"en": "wp", "pl": "albert", "es": "camembert", "ja": "jachar", "zh": "jawp"}
+ALL_TEACHERS = ["wp", "uni", "spbpe", "bbpe", "multi", *HUB_TEACHERS]
+TEXTS = {**SENTENCES, **MORE_SENTENCES}
 
 
 def build(workdir, tiny_teachers, tiny_corpora, routing=ROUTING, extra=(), **sections):
@@ -27,11 +31,17 @@ def build(workdir, tiny_teachers, tiny_corpora, routing=ROUTING, extra=(), **sec
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_teachers, tiny_corpora):
-    """One unpruned build shared by the read-only tests of this module."""
+def all_teachers(tiny_teachers, hub_teachers):
+    """Every tiny teacher: one of each tokenizer family, and the hub-style ones."""
+    return {**tiny_teachers, **hub_teachers}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, all_teachers, tiny_corpora):
+    """One unpruned build over every teacher, shared by the read-only tests of this module."""
     work = tmp_path_factory.mktemp("vocab-build")
     with in_dir(work):
-        cfg, vocab, record = build(work, tiny_teachers, tiny_corpora)
+        cfg, vocab, record = build(work, all_teachers, tiny_corpora)
     return work, cfg, vocab, record
 
 
@@ -39,10 +49,10 @@ def _student_tok(work, name):
     return AutoTokenizer.from_pretrained(str(work / "vocab" / "t" / "tokenizers" / name))
 
 
-@pytest.mark.parametrize("name", ["wp", "uni", "spbpe", "bbpe", "multi"])
-def test_student_tokenizer_equals_teacher_through_id_map(built, tiny_teachers, name):
+@pytest.mark.parametrize("name", ALL_TEACHERS)
+def test_student_tokenizer_equals_teacher_through_id_map(built, all_teachers, name):
     work, _, vocab, _ = built
-    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    teacher = AutoTokenizer.from_pretrained(str(all_teachers[name]))
     student = _student_tok(work, name)
     assert len(student) == vocab.size
     for text in PROBE_TEXTS:
@@ -59,18 +69,18 @@ def test_student_tokenizer_equals_teacher_through_id_map(built, tiny_teachers, n
     assert student.decode(ids, skip_special_tokens=True) == teacher.decode(teacher(PROBE_TEXTS[2])["input_ids"], skip_special_tokens=True)
 
 
-def test_every_teacher_token_has_a_student_id_when_not_pruned(built, tiny_teachers):
+def test_every_teacher_token_has_a_student_id_when_not_pruned(built, all_teachers):
     _, _, vocab, _ = built
-    for name in tiny_teachers:
+    for name in all_teachers:
         m = vocab.idmaps[name]
         assert m.dtype == np.int32 and (m >= 0).all() and m.max() < vocab.size
         assert len(np.unique(m)) == len(m), "two tokens of one teacher share a student id"
 
 
-@pytest.mark.parametrize("name", ["wp", "uni", "spbpe", "bbpe", "multi"])
-def test_special_tokens_are_unified(built, tiny_teachers, name):
+@pytest.mark.parametrize("name", ALL_TEACHERS)
+def test_special_tokens_are_unified(built, all_teachers, name):
     work, _, vocab, _ = built
-    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+    teacher = AutoTokenizer.from_pretrained(str(all_teachers[name]))
     m = vocab.idmaps[name]
     assert m[teacher.pad_token_id] == PAD_ID
     assert m[teacher.unk_token_id] == UNK_ID
@@ -82,25 +92,48 @@ def test_special_tokens_are_unified(built, tiny_teachers, name):
     assert student.cls_token_id == CLS_ID and student.pad_token_id == PAD_ID
 
 
-def _sid(vocab, tiny_teachers, name, token):
-    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+def _sid(vocab, teachers, name, token):
+    teacher = AutoTokenizer.from_pretrained(str(teachers[name]))
     tid = teacher.convert_tokens_to_ids(token)
     assert tid is not None and tid != teacher.unk_token_id, f"{name} has no token {token!r}"
     return int(vocab.idmaps[name][tid])
 
 
-def test_same_meaning_is_one_student_token_across_families(built, tiny_teachers):
+def test_same_meaning_is_one_student_token_across_families(built, all_teachers):
     _, _, vocab, _ = built
-    # 'the' as a whole word: WordPiece `the`, Unigram `▁the`, byte-level `Ġthe`
-    the = {_sid(vocab, tiny_teachers, "wp", "the"), _sid(vocab, tiny_teachers, "uni", "▁the"),
-           _sid(vocab, tiny_teachers, "multi", "▁the"), _sid(vocab, tiny_teachers, "spbpe", "▁the"),
-           _sid(vocab, tiny_teachers, "bbpe", "Ġthe")}
+    t = all_teachers
+    # 'the' as a whole word: WordPiece `the`, Unigram `▁the`, byte-level `Ġthe`, and the hub-style teachers'
+    the = {_sid(vocab, t, "wp", "the"), _sid(vocab, t, "uni", "▁the"), _sid(vocab, t, "multi", "▁the"),
+           _sid(vocab, t, "spbpe", "▁the"), _sid(vocab, t, "bbpe", "Ġthe"), _sid(vocab, t, "albert", "▁the"),
+           _sid(vocab, t, "camembert", "▁the"), _sid(vocab, t, "jawp", "the")}
     assert len(the) == 1
     # a continuation: WordPiece `##s`, SentencePiece `s`, byte-level `s`
-    assert _sid(vocab, tiny_teachers, "wp", "##s") == _sid(vocab, tiny_teachers, "uni", "s") == _sid(vocab, tiny_teachers, "bbpe", "s")
+    assert _sid(vocab, t, "wp", "##s") == _sid(vocab, t, "uni", "s") == _sid(vocab, t, "bbpe", "s") == _sid(vocab, t, "jawp", "##s")
     # ...and a word-initial piece is not a continuation
-    assert _sid(vocab, tiny_teachers, "uni", "▁t") != _sid(vocab, tiny_teachers, "uni", "t")
-    assert set(vocab.teachers_of(next(iter(the)))) == {"wp", "uni", "spbpe", "bbpe", "multi"}
+    assert _sid(vocab, t, "uni", "▁t") != _sid(vocab, t, "uni", "t")
+    assert set(vocab.teachers_of(next(iter(the)))) == {"wp", "uni", "spbpe", "bbpe", "multi", "albert", "camembert", "jawp"}
+    # a slow character tokenizer's pieces are single characters, word-initial: the same as a WordPiece word `学`
+    assert _sid(vocab, t, "jachar", "学") == _sid(vocab, t, "jawp", "学")
+
+
+@pytest.mark.parametrize("name", ALL_TEACHERS)
+def test_every_added_token_is_in_the_joint_vocabulary(built, pruned_hub, all_teachers, name):
+    """Added tokens (CamemBERT's <s>NOTUSED, ...) are student tokens with an id-map entry, pruned or not:
+    the student tokenizer has none beyond the student vocabulary."""
+    teacher = AutoTokenizer.from_pretrained(str(all_teachers[name]))
+    added = teacher.get_added_vocab()
+    assert added
+    for work, _, vocab, _ in (built, pruned_hub):
+        student = _student_tok(work, name)
+        assert len(student) == vocab.size
+        for tok, tid in added.items():
+            sid = int(vocab.idmaps[name][tid])
+            assert 0 <= sid < vocab.size and student.convert_tokens_to_ids(tok) == sid, (name, tok)
+            text = f"un {tok} deux"
+            expected = vocab.student_ids(name, np.array(teacher(text)["input_ids"])).tolist()
+            got = student(text)["input_ids"]
+            assert max(got) < vocab.size and (got == expected or work == pruned_hub[0]), (name, tok)
+            assert sid in got
 
 
 def test_joint_size_is_the_union(built, tiny_teachers):
@@ -159,13 +192,24 @@ def pruned(tmp_path_factory, tiny_teachers, tiny_corpora):
     return work, cfg, vocab, record
 
 
-@pytest.mark.parametrize("lang", list(ROUTING))
-def test_pruned_tokenizer_is_exact_on_the_scanned_corpora(pruned, tiny_teachers, lang):
-    work, cfg, vocab, _ = pruned
-    name = ROUTING[lang]
-    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+@pytest.fixture(scope="module")
+def pruned_hub(tmp_path_factory, all_teachers, tiny_corpora):
+    """A pruned build routing languages to the hub-style teachers."""
+    work = tmp_path_factory.mktemp("vocab-pruned-hub")
+    with in_dir(work):
+        cfg, vocab, record = build(work, all_teachers, tiny_corpora, routing=HUB_ROUTING,
+                                   vocab={"prune": True, "keep_single_chars": False})
+    return work, cfg, vocab, record
+
+
+@pytest.mark.parametrize("build_name,lang", [("pruned", lang) for lang in ROUTING] + [("pruned_hub", lang) for lang in HUB_ROUTING])
+def test_pruned_tokenizer_is_exact_on_the_scanned_corpora(request, all_teachers, build_name, lang):
+    work, cfg, vocab, _ = request.getfixturevalue(build_name)
+    name = cfg.teacher_of(lang)
+    teacher = AutoTokenizer.from_pretrained(str(all_teachers[name]))
     student = _student_tok(work, name)
-    for line in SENTENCES[lang]:
+    assert len(student) == vocab.size
+    for line in TEXTS[lang]:
         t_ids = teacher(line)["input_ids"]
         assert (vocab.idmaps[name][t_ids] >= 0).all(), "a token the teacher produced on its corpus was pruned"
         assert student(line)["input_ids"] == vocab.student_ids(name, np.array(t_ids)).tolist()
@@ -306,3 +350,31 @@ def test_joint_vocab_save_load_round_trip(built, tmp_path):
     again = JointVocab.load(tmp_path, vocab.teachers)
     assert again.keys == vocab.keys and again.fingerprint() == vocab.fingerprint()
     assert (again.provenance == vocab.provenance).all()
+
+
+# ---- the student's size --------------------------------------------------------------------------
+def test_vocab_prints_the_student_size_and_warns_when_embeddings_dominate(workdir, tiny_teachers, tiny_corpora, caplog):
+    from transformers import BertForMaskedLM
+
+    from mergedistill.train.student import student_config
+
+    caplog.set_level("INFO")
+    small = {"hidden": 8, "heads": 1, "layers": 1, "intermediate": 8, "max_position": 16}
+    cfg, vocab, _ = build(workdir, tiny_teachers, tiny_corpora, student=small)
+    model = BertForMaskedLM(student_config(cfg, vocab.size))
+    total = sum(p.numel() for p in model.parameters())
+    emb = vocab.size * (8 + 1)
+    assert f"has {total / 1e6:.1f}M parameters: body {(total - emb) / 1e6:.2f}M, embeddings {emb / 1e6:.1f}M" in caplog.text
+    share = 100 * emb / total
+    assert share > 80
+    assert f"vocab: embeddings are {share:.0f}% of the student's parameters (more than 80%); set `vocab.prune: true`" in caplog.text
+    stats = json.loads((workdir / "vocab/t/report.json").read_text())["student_size"]
+    assert stats["total"] == total and stats["embeddings"] == emb and stats["export_mb"] == pytest.approx(4 * total / 1e6)
+    assert "## Student size" in (workdir / "vocab/t/report.md").read_text()
+    # a rerun that skips still says it; a student with a larger body does not warn
+    caplog.clear()
+    build(workdir, tiny_teachers, tiny_corpora, student=small)
+    assert "skipping" in caplog.text and "embeddings are" in caplog.text
+    caplog.clear()
+    build(workdir, tiny_teachers, tiny_corpora, student={**small, "hidden": 64, "heads": 2, "intermediate": 256, "layers": 4})
+    assert "parameters: body" in caplog.text and "embeddings are" not in caplog.text
