@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mergedistill {args.stage}: error: {e.render()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # a stage may say where it stopped (train: the step)
-        print(f"mergedistill {args.stage}: {e or 'interrupted; rerun the same command to resume'}", file=sys.stderr)
+        print(f"mergedistill {args.stage}: {str(e) or 'interrupted; rerun the same command to resume'}", file=sys.stderr)
         return 130
     except OSError as e:
         # a file that cannot be written (full disk, read-only folder) or read (permissions) anywhere
@@ -142,7 +142,11 @@ def _environment_error(e: OSError) -> str | None:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before a stage started (while reading the command line or the config)
+        print("mergedistill: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -447,6 +447,7 @@ def run_data(cfg: RunConfig, *, force: bool = False, verify: bool = False) -> Pa
         return verify_shards(cfg, shards, vrec)
     remove_leftovers(STORE, log, exclusive=False)  # shared by the runs: only the debris of dead processes
     if force:
+        (out / "manifest.json").unlink(missing_ok=True)  # it describes the shards about to be rebuilt
         for s in shards:
             s.path.with_suffix(".json").unlink(missing_ok=True)
     else:

@@ -78,7 +78,7 @@ class Export:
 
             try:
                 self._model = AutoModelForMaskedLM.from_pretrained(str(self.folder)).eval().to(self.device)
-            except (OSError, ValueError, RuntimeError) as e:  # truncated weights, broken config.json
+            except Exception as e:  # truncated weights (SafetensorError), broken config.json, ...
                 raise UserError(f"{self.folder}: cannot load the exported {self.key} ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0][:200]}); export it again (`mergedistill train --force`)") from None
         return self._model

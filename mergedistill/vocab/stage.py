@@ -148,7 +148,6 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
     vocab.prune_candidates, on those of languages naming it as a candidate). Each (teacher, corpus)
     count is cached under vocab/.cache/<run>/ so a killed run resumes."""
     cache = Path("vocab") / ".cache" / cfg.run
-    remove_leftovers(cache, log)
     jobs = []
     for lang, lc in cfg.languages.items():
         names = [cfg.teacher_of(lang)] + (lc.candidates if cfg.vocab.prune_candidates else [])
@@ -220,6 +219,7 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
     """Build vocab/<run>/, or skip if it is complete for the same inputs. Returns the folder."""
     start = time.monotonic()
     out = cfg.vocab_dir
+    remove_leftovers(Path("vocab") / ".cache" / cfg.run, log)  # the corpus scans' cache of killed runs
     teachers = preflight(cfg)
     inputs = inputs_fingerprint(cfg, teachers)
     fp_path = out / "fingerprint.json"
