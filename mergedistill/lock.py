@@ -67,7 +67,7 @@ def stage_lock(stage: str, output: Path, where: str | Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
-        raise cannot_write(path, e) from None
+        raise cannot_write(path.parent, e) from None  # the folder the stage writes to, not its lock file
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -755,7 +755,9 @@ def spawn_logged(c: Ctx, *argv: str) -> tuple[subprocess.Popen, Path]:
     log = c.d / f"proc-{len(list(c.d.glob('proc-*')))}.txt"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     fh = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mergedistill", *argv], cwd=c.d, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    # Ctrl-C must reach it even when this battery runs in the background (where a shell ignores SIGINT)
+    proc = subprocess.Popen([sys.executable, "-m", "mergedistill", *argv], cwd=c.d, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, log
 
 
@@ -913,9 +915,14 @@ def _(c: Ctx):
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-def first_line(out: str) -> str:
-    """The message's first line: the error (or, under a header that counts problems, the first problem)."""
+def first_line(out: str, words: tuple[str, ...] = ()) -> str:
+    """The message's first line: the error (or, under a header that counts problems, the first problem);
+    for a stage that succeeds, the first line saying what the case is about."""
     lines = [ln for ln in out.splitlines() if ln.strip()]
+    if words and not any(": error:" in ln for ln in lines):
+        said = [ln for ln in lines if words[0] in ln]
+        if said:
+            return said[0].strip()
     for i, ln in enumerate(lines):
         if ": error:" in ln or "interrupted" in ln:
             msg = ln.split(": error: ", 1)[-1].strip()
@@ -953,7 +960,7 @@ def run_all(root: Path, selected: list[Case]) -> int:
             why = judge(cs, c, rc, out)
         except Exception as e:  # the battery itself failed on this case
             rc, out, why = -1, "", f"battery error: {type(e).__name__}: {e}"
-        msg = first_line(out)
+        msg = first_line(out, cs.words)
         rows.append((cs.name, rc, msg, why, c.notes, time.monotonic() - start))
         print(f"[{i + 1}/{len(selected)}] {cs.name}: exit {rc} {'ok' if why is None else 'NOT HANDLED: ' + why}", flush=True)
     handled = sum(1 for r in rows if r[3] is None)

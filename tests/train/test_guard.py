@@ -176,7 +176,8 @@ def test_resume_from_a_corrupt_checkpoint_names_it(run, capsys):
 def test_ctrl_c_says_the_step_and_how_to_continue(run):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-m", "mergedistill", "train", "--config", "c.yaml", "--train.max_steps=100000"],
-                            cwd=run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=run, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if pytest runs in the background
     last = run / "runs/t/train/checkpoints/last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not last.exists():
