@@ -97,7 +97,7 @@ import os, time
 from mergedistill.parallel import run_tasks
 
 def task():
-    print(os.getpid(), flush=True)
+    os.write(1, f"{os.getpid()}\\n".encode())  # one write: the two workers' lines never interleave
     time.sleep(60)
     return 0
 

@@ -150,3 +150,10 @@ def test_the_next_run_removes_the_debris_of_killed_runs(run):
         p.write_bytes(b"half")
     assert main(["data", "--config", "c.yaml"]) == 0
     assert not [p for p in debris if p.exists()]
+
+
+def test_run_refuses_sequences_longer_than_a_teacher_accepts_before_building_the_vocabulary(run, capsys):
+    shutil.rmtree(run / "vocab")
+    assert main(["run", "--config", "c.yaml", "--data.seq_len=100", "--student.max_position=128"]) == 2
+    assert "data.seq_len: 100 is longer than teacher wp accepts: 64 positions" in capsys.readouterr().err
+    assert not (run / "vocab" / "t").exists()
