@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all demo corpora teachers vocab select ablate bench bench-vocab bench-data bench-train clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate bench bench-vocab bench-data bench-train bench-shard-hash clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
 	@echo "make test      # the test suite (fast tests; make test-all adds the slow ones)"
 	@echo "make corpora teachers vocab   # single stages of the demo"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
+	@echo "make battery   # 85 bad inputs, full disks, read-only folders, kills and concurrent runs: a table of how each ends"
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
@@ -31,6 +32,10 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q
+
+# every kind of bad input against every stage; prints a table and the totals (handled / tried)
+battery: setup
+	$(PY) tests/battery.py
 
 corpora: setup
 	$(PY) -m mergedistill.demo.corpora --out corpora
@@ -54,7 +59,7 @@ demo: teachers
 	time $(MD) run --config configs/demo.yaml
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
 
-bench: bench-vocab bench-data bench-train
+bench: bench-vocab bench-data bench-train bench-shard-hash
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
@@ -67,3 +72,6 @@ bench-data: corpora
 
 bench-train: corpora
 	$(PY) benchmarks/bench_train.py
+
+bench-shard-hash: corpora
+	$(PY) benchmarks/bench_shard_hash.py

@@ -25,7 +25,7 @@ log = logging.getLogger("mergedistill")
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab.stage:run_vocab",
               ("force",)),
-    "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data.stage:run_data", ("force",)),
+    "data": ("routed, masked corpora + offline teacher top-k shards", "mergedistill.data.stage:run_data", ("force", "verify")),
     "train": ("Lightning training of the student; --resume continues", "mergedistill.train.stage:run_train",
               ("resume", "baseline", "force", "restart_if_changed")),
     "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.eval.stage:run_evaluate", ("force",)),
@@ -39,6 +39,7 @@ FLAGS = {
     "resume": "continue from the last checkpoint (refused if it was trained with other settings)",
     "baseline": "train the MLM-only baseline instead (nothing from any teacher; same size, data and steps) into runs/<run>/baseline",
     "restart_if_changed": "continue the last checkpoint if it was trained with these settings, else start over (what `run` does)",
+    "verify": "build nothing: check that every shard is complete and that its content matches the hash in its record",
 }
 
 
@@ -108,17 +109,46 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mergedistill {args.stage}: error: {e.render()}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"mergedistill {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a stage may say where it stopped (train: the step)
+        print(f"mergedistill {args.stage}: {str(e) or 'interrupted; rerun the same command to resume'}", file=sys.stderr)
         return 130
+    except OSError as e:
+        # a file that cannot be written (full disk, read-only folder) or read (permissions) anywhere
+        # (libraries included): bad input, not a bug. Stages write atomically, so nothing half-written stays.
+        message = _environment_error(e)
+        if message is None:
+            log.exception(f"mergedistill {args.stage}: internal error (please report it with the traceback above)")
+            return 1
+        print(f"mergedistill {args.stage}: error: {message}", file=sys.stderr)
+        return 2
     except Exception:  # an internal failure: show where
         log.exception(f"mergedistill {args.stage}: internal error (please report it with the traceback above)")
         return 1
     return 0
 
 
+def _environment_error(e: OSError) -> str | None:
+    """The message for an OSError that the user's environment causes, or None for any other."""
+    import os
+
+    from mergedistill.fsutil import ACCESS_ERRNOS, WRITE_ERRNOS, cannot_write
+
+    path = e.filename or "a file"
+    if e.errno in WRITE_ERRNOS:
+        return cannot_write(path, e).render()
+    if e.errno in ACCESS_ERRNOS:
+        if e.filename and os.path.exists(e.filename) and not os.access(e.filename, os.R_OK):
+            return f"cannot read {path}: {os.strerror(e.errno)}; make it readable, then rerun the same command"
+        return cannot_write(path, e).render()
+    return None
+
+
 def entry() -> None:
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before a stage started (while reading the command line or the config)
+        print("mergedistill: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 
-from mergedistill.configlib import apply_overrides, from_dict, read_yaml_mapping
+from mergedistill.configlib import above, apply_overrides, at_least, between, from_dict, read_yaml_mapping
 from mergedistill.errors import ConfigError
 
 
@@ -57,9 +57,9 @@ class VocabConfig:
     keep_single_chars: bool = True
     """When pruning, keep every single-character piece too, so unseen text still splits into known
     pieces instead of [UNK]."""
-    max_lines: int | None = None
+    max_lines: Annotated[int, at_least(1)] | None = None
     """Read at most this many lines per corpus when pruning (null: all of it)."""
-    report_lines: int = 20000
+    report_lines: Annotated[int, at_least(0)] = 20000
     """Lines per language used for the fertility figures of the report (0: all)."""
     verify_lines: int = 200
     """Texts of each routed train corpus (a seeded sample; with pruning, of the lines it scanned) on which
@@ -69,29 +69,29 @@ class VocabConfig:
 
 @dataclass
 class DataConfig:
-    seq_len: int = 128
+    seq_len: Annotated[int, at_least(8)] = 128
     """Tokens per training sequence, [CLS]/[SEP] included. Lines are packed `[CLS] a [SEP] b [SEP]`;
     a line is split only when it alone is longer than a sequence."""
-    mask_prob: float = 0.15
+    mask_prob: Annotated[float, between(0, 1, exclusive=True)] = 0.15
     """Fraction of (non-special) tokens selected for prediction (80% [MASK], 10% random, 10% kept)."""
-    top_k: int = 8
+    top_k: Annotated[int, at_least(1)] = 8
     """Teacher predictions kept per masked position (ids mapped to the student vocabulary)."""
     whole_word_mask: bool = False
     """Mask all pieces of a word together."""
-    dupe_factor: int = 1
+    dupe_factor: Annotated[int, at_least(1)] = 1
     """Masked copies of each training sequence, each with its own mask."""
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     """Masking seed (each shard and copy draws from its own stream, so results do not depend on how
     shards are spread over processes)."""
-    batch_size: int = 64
+    batch_size: Annotated[int, at_least(1)] = 64
     """Sequences per teacher forward pass (sequences are sorted by length first)."""
-    shard_lines: int = 20000
+    shard_lines: Annotated[int, at_least(1)] = 20000
     """Corpus lines per shard: the unit of resumption and of parallel work."""
-    max_lines: int | None = None
+    max_lines: Annotated[int, at_least(1)] | None = None
     """Use at most this many lines of each corpus split (null: all of it)."""
     splits: list[str] = field(default_factory=lambda: ["train", "valid"])
     """Corpus splits turned into shards (valid shards feed validation during training)."""
-    workers: int = 1
+    workers: Annotated[int, at_least(1)] = 1
     """Local worker processes (CPU); across machines, ranks come from the launcher (torchrun, SLURM)."""
     device: str = "auto"
     """Where teachers run: `auto` (this rank's GPU if any, else CPU), `cpu`, `cuda`, `cuda:1`, ..."""
@@ -102,15 +102,15 @@ class DataConfig:
 
 @dataclass
 class StudentConfig:
-    layers: int = 4
+    layers: Annotated[int, at_least(1)] = 4
     """Transformer layers."""
-    hidden: int = 256
+    hidden: Annotated[int, at_least(1)] = 256
     """Hidden size (also the embedding size)."""
-    heads: int = 4
+    heads: Annotated[int, at_least(1)] = 4
     """Attention heads."""
-    intermediate: int = 1024
+    intermediate: Annotated[int, at_least(1)] = 1024
     """Feed-forward size."""
-    max_position: int = 512
+    max_position: Annotated[int, at_least(8)] = 512
     """Maximum sequence length the position embeddings cover."""
     init: str = "random"
     """`random`, or `teacher:<name>` to copy every other layer of that teacher (sizes must match)."""
@@ -126,45 +126,45 @@ class StudentConfig:
 
 @dataclass
 class TrainConfig:
-    alpha: float = 0.5
+    alpha: Annotated[float, between(0, 1)] = 0.5
     """Weight of the KD loss; 1 - alpha weighs the MLM loss on gold tokens (0 = MLM-only baseline)."""
-    temperature: float = 1.0
+    temperature: Annotated[float, above(0)] = 1.0
     """Softmax temperature of the KD loss."""
-    sampling_alpha: float = 0.3
+    sampling_alpha: Annotated[float, at_least(0)] = 0.3
     """Language sampling exponent: p(lang) proportional to size**sampling_alpha."""
-    max_steps: int = 1000
+    max_steps: Annotated[int, at_least(1)] = 1000
     """Optimizer steps."""
-    batch_size: int = 32
+    batch_size: Annotated[int, at_least(1)] = 32
     """Sequences per device per step (before gradient accumulation)."""
-    lr: float = 5e-4
+    lr: Annotated[float, above(0)] = 5e-4
     """Peak learning rate."""
-    warmup_steps: int = 100
+    warmup_steps: Annotated[int, at_least(0)] = 100
     """Linear warmup steps, followed by linear decay to 0."""
-    weight_decay: float = 0.01
+    weight_decay: Annotated[float, at_least(0)] = 0.01
     """AdamW weight decay."""
-    grad_accum: int = 1
+    grad_accum: Annotated[int, at_least(1)] = 1
     """Gradient accumulation steps."""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, at_least(0)] = 1.0
     """Gradient norm clipping (0: off)."""
-    devices: int | str = "auto"
+    devices: Annotated[int, at_least(1)] | str = "auto"
     """Devices per node (a number, or `auto`)."""
     accelerator: str = "auto"
     """`cpu`, `gpu` or `auto`."""
     strategy: str = "auto"
     """Lightning strategy, e.g. `ddp`."""
-    num_nodes: int = 1
+    num_nodes: Annotated[int, at_least(1)] = 1
     """Machines."""
     precision: str = "auto"
     """`auto` (bf16-mixed where bfloat16 is fast: GPUs, CPUs with AVX512-BF16 or AMX; else 32-true) or
     any Lightning precision string."""
-    val_every: int = 200
+    val_every: Annotated[int, at_least(1)] = 200
     """Validate every this many steps."""
     best_metric: Literal["val/loss", "val/mlm_loss", "val/kd_loss", "val/acc", "val/agree"] = "val/loss"
     """Validation figure that picks the best checkpoint (checkpoints/best-step=N.ckpt, judged right after
     each validation): `val/loss` (the training objective on the valid shards), `val/mlm_loss`, `val/kd_loss`
     (lower is better), or `val/acc`, `val/agree` (higher is better; near 0 early in training, so a poor
     judge of early checkpoints)."""
-    seed: int = 0
+    seed: Annotated[int, between(0, 2**32 - 1)] = 0
     """Seed for initialisation and sampling."""
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"
     """Where metrics go; wandb runs offline unless WANDB_MODE says otherwise."""
@@ -186,13 +186,13 @@ class DownstreamTask:
     """Field holding the text (JSON lines / datasets)."""
     label_field: str = "label"
     """Field holding the label (JSON lines / datasets)."""
-    epochs: int = 2
+    epochs: Annotated[int, at_least(1)] = 2
     """Fine-tuning epochs per language."""
-    lr: float = 0.0005
+    lr: Annotated[float, above(0)] = 0.0005
     """Fine-tuning learning rate."""
-    max_train: int = 2000
+    max_train: Annotated[int, at_least(1)] = 2000
     """Training examples per language (the first ones)."""
-    max_test: int = 1000
+    max_test: Annotated[int, at_least(1)] = 1000
     """Test examples per language (the first ones)."""
     zero_shot_from: list[str] = field(default_factory=list)
     """Languages whose fine-tuned model is also tested on every other language (zero-shot transfer)."""
@@ -200,17 +200,17 @@ class DownstreamTask:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 32
+    batch_size: Annotated[int, at_least(1)] = 32
     """Sequences per forward pass during evaluation."""
-    max_lines: int | None = 2000
+    max_lines: Annotated[int, at_least(1)] | None = 2000
     """Test lines per language for masked-token accuracy and agreement (null: all), drawn at random
     with `seed` from the whole split (kept in order), not its first lines."""
-    pll_lines: int = 200
+    pll_lines: Annotated[int, at_least(1)] = 200
     """Lines per language for pseudo-log-likelihood (one forward pass per token: costly), drawn like
     `max_lines`; `select` scores candidate teachers on as many valid lines."""
-    mask_prob: float = 0.15
+    mask_prob: Annotated[float, between(0, 1, exclusive=True)] = 0.15
     """Masking rate for masked-token accuracy (fixed seed, [MASK] only)."""
-    seed: int = 0
+    seed: Annotated[int, at_least(0)] = 0
     """Seed of the evaluation masks."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Model dtype during evaluation: `auto` is bfloat16 where it is fast (GPUs, CPUs with AVX512-BF16
@@ -222,7 +222,7 @@ class EvalConfig:
     """Languages written without spaces: scored per character instead of per word."""
     retrieval: bool = True
     """Cross-lingual retrieval on aligned test paragraphs (JSON lines test files sharing a `key` field)."""
-    retrieval_pairs: int = 500
+    retrieval_pairs: Annotated[int, at_least(1)] = 500
     """Aligned paragraphs per language pair at most."""
     baseline: bool = True
     """Compare with the MLM-only baseline student (runs/<run>/baseline, `mergedistill train --baseline`)."""
@@ -236,7 +236,7 @@ class AblateConfig:
     """Variant name -> routing (language -> teacher; `*` for every language). Empty: the configured
     routing, every teacher that can serve all languages alone (`all-<teacher>`), and `selected` when
     runs/<run>/select/routing.yaml exists."""
-    train_steps: int | None = None
+    train_steps: Annotated[int, at_least(1)] | None = None
     """Training steps per variant (null: train.max_steps)."""
 
 
@@ -346,30 +346,17 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
     for split in cfg.vocab.prune_splits:
         if split not in ("train", "valid", "test"):
             problems.append(f"vocab.prune_splits: {split!r} is not one of train, valid, test")
+    # value ranges are declared beside each field (Range) and checked while the config is read
     d = cfg.data
-    if not 0.0 < d.mask_prob < 1.0:
-        problems.append(f"data.mask_prob: {d.mask_prob} must be between 0 and 1")
-    if d.top_k < 1:
-        problems.append(f"data.top_k: {d.top_k} must be at least 1")
-    if d.seq_len < 8:
-        problems.append(f"data.seq_len: {d.seq_len} must be at least 8")
-    if d.dupe_factor < 1:
-        problems.append(f"data.dupe_factor: {d.dupe_factor} must be at least 1")
-    if d.shard_lines < 1 or d.batch_size < 1 or d.workers < 1:
-        problems.append("data.shard_lines, data.batch_size and data.workers must be at least 1")
     for split in d.splits:
         if split not in ("train", "valid", "test"):
             problems.append(f"data.splits: {split!r} is not one of train, valid, test")
-    t = cfg.train
-    if not 0.0 <= t.alpha <= 1.0:
-        problems.append(f"train.alpha: {t.alpha} must be between 0 and 1")
-    if t.temperature <= 0:
-        problems.append(f"train.temperature: {t.temperature} must be positive")
-    if t.max_steps < 1:
-        problems.append(f"train.max_steps: {t.max_steps} must be at least 1")
     s = cfg.student
-    if s.hidden % max(s.heads, 1):
+    if s.hidden % s.heads:
         problems.append(f"student.hidden: {s.hidden} must be a multiple of student.heads ({s.heads})")
+    if s.max_position < d.seq_len:
+        problems.append(f"student.max_position: {s.max_position} is smaller than data.seq_len ({d.seq_len}); "
+                        f"allowed: >= data.seq_len (raise student.max_position or lower data.seq_len)")
     if s.init != "random" and not (s.init.startswith("teacher:") and s.init[8:] in cfg.teachers):
         problems.append(f"student.init: {s.init!r} must be `random` or `teacher:<name>` with a defined teacher")
 

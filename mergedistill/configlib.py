@@ -16,13 +16,74 @@ import types
 import typing
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 
 from mergedistill.errors import ConfigError
 
 MISSING = dataclasses.MISSING
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric config field, declared beside the field as
+    `batch_size: Annotated[int, at_least(1)] = 32`; loading refuses a value outside it (naming the field
+    and the range) and `--help` shows it."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    """`low` itself is not allowed."""
+    high_open: bool = False
+    """`high` itself is not allowed."""
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return "any value"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def at_least(low: float) -> Range:
+    return Range(low=low)
+
+
+def above(low: float) -> Range:
+    return Range(low=low, low_open=True)
+
+
+def between(low: float, high: float, exclusive: bool = False) -> Range:
+    """[low, high], or (low, high) when `exclusive`."""
+    return Range(low=low, high=high, low_open=exclusive, high_open=exclusive)
+
+
+def field_range(tp: Any) -> Range | None:
+    """The Range declared in an annotation (`Annotated[int, Range(...)]`, also inside `... | None`)."""
+    if typing.get_origin(tp) is Annotated:
+        return next((m for m in tp.__metadata__ if isinstance(m, Range)), None)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return next((r for r in map(field_range, typing.get_args(tp)) if r is not None), None)
+    return None
+
+
+@lru_cache(maxsize=None)
+def field_ranges(cls: type) -> dict[str, Range]:
+    """Field name -> its declared Range, for the fields of dataclass `cls` that declare one."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: r for f in dataclasses.fields(cls) if (r := field_range(hints[f.name])) is not None}
 
 
 def is_internal(f: dataclasses.Field) -> bool:
@@ -33,6 +94,9 @@ def is_internal(f: dataclasses.Field) -> bool:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        rng = field_range(tp)
+        return _type_name(typing.get_args(tp)[0]) + (f" {rng}" if rng is not None else "")
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is Literal:
@@ -134,7 +198,7 @@ def from_dict(cls: type, data: dict, where: str, problems: list[str]):
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(fields)}"
             problems.append(f"{prefix}{key}: unknown key{hint}")
             continue
-        kwargs[key] = _convert(value, hints[key], f"{prefix}{key}", problems)
+        kwargs[key] = _in_range(cls, key, _convert(value, hints[key], f"{prefix}{key}", problems), f"{prefix}{key}", problems)
     for name, f in fields.items():
         if name not in kwargs and f.default is MISSING and f.default_factory is MISSING:
             if dataclasses.is_dataclass(hints[name]):
@@ -147,6 +211,15 @@ def from_dict(cls: type, data: dict, where: str, problems: list[str]):
         return cls(**kwargs)
     except TypeError:  # a required field is missing: already reported above
         return None
+
+
+def _in_range(cls: type, name: str, value: Any, where: str, problems: list[str]) -> Any:
+    """`value`, or None (the default stands in) with a problem when it is outside the field's Range."""
+    rng = field_ranges(cls).get(name)
+    if rng is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)) or value in rng:
+        return value
+    problems.append(f"{where}: {_num(value)} is out of range; allowed: {rng}")
+    return None
 
 
 def _allows_none(tp: Any) -> bool:
@@ -264,7 +337,7 @@ def field_doc(cls: type, name: str) -> str:
 def describe(cls: type, prefix: str = "") -> list[str]:
     """One help line per field, nested sections flattened to dotted keys, defaults shown."""
     lines: list[str] = []
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         if is_internal(f):
             continue

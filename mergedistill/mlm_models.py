@@ -44,8 +44,9 @@ def position_embeddings_needed(family: str, max_position: int, pad_id: int) -> i
     return max_position + pad_id + 1
 
 
-def usable_positions(model: PreTrainedModel) -> int:
-    """The longest input (specials included) `model`'s position table accepts (`model` or its config)."""
+def usable_positions(model) -> int:
+    """The longest input (specials included) `model`'s position table accepts (`model`: a model or its
+    config)."""
     cfg = getattr(model, "config", model)
     n = cfg.max_position_embeddings
     if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):

@@ -1,4 +1,5 @@
 """Config loading: every problem at once, overrides, and --help documenting every field."""
+import copy
 import dataclasses
 import subprocess
 import sys
@@ -173,3 +174,91 @@ def test_sample_lines_spreads_over_the_split_in_order_and_is_seeded(tmp_path):
     assert a != sample_lines(str(path), "languages.xx.test", 50, seed=1)
     assert len(sample_lines(str(path), "languages.xx.test", None)) == 1000
     assert len(sample_lines(str(path), "languages.xx.test", 5000)) == 1000
+
+
+# ---- value ranges: declared beside each field, checked at load, shown by --help ----------------------
+def _numeric_fields(cls, prefix=""):
+    """(dotted key, dataclass, field name) of every int/float field of every section."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if is_internal(f):
+            continue
+        tp = hints[f.name]
+        inner = typing.get_args(tp)[1] if typing.get_origin(tp) is dict else tp
+        if dataclasses.is_dataclass(inner):
+            yield from _numeric_fields(inner, f"{prefix}{f.name}{'.<name>' if inner is not tp else ''}.")
+        elif {int, float} & set(typing.get_args(tp) or (tp,)):
+            yield f"{prefix}{f.name}", cls, f.name
+
+
+def test_every_numeric_field_declares_a_range_holding_its_default():
+    from mergedistill.configlib import field_ranges
+
+    keys = []
+    for key, cls, name in _numeric_fields(RunConfig):
+        rng = field_ranges(cls).get(name)
+        assert rng is not None, f"{key} declares no Range"
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert default in rng, f"{key}: default {default} outside {rng}"
+        keys.append(key)
+    assert len(keys) >= 40 and "eval.downstream.<name>.epochs" in keys and "train.devices" in keys
+
+
+BAD_VALUES = [
+    ("train.batch_size", 0, ">= 1"), ("train.grad_accum", 0, ">= 1"), ("train.val_every", 0, ">= 1"),
+    ("train.lr", -0.01, "> 0"), ("student.heads", 0, ">= 1"), ("student.layers", 0, ">= 1"),
+    ("eval.batch_size", 0, ">= 1"), ("eval.mask_prob", 2, "in (0, 1)"), ("data.max_lines", 0, ">= 1"),
+    ("train.devices", 0, ">= 1"), ("train.seed", -1, "in [0, 4294967295]"), ("vocab.report_lines", -5, ">= 0"),
+    ("data.mask_prob", 1, "in (0, 1)"), ("train.alpha", 1.5, "in [0, 1]"), ("train.temperature", 0, "> 0"),
+    ("ablate.train_steps", 0, ">= 1"), ("eval.pll_lines", 0, ">= 1"), ("data.workers", 0, ">= 1"),
+]
+
+
+@pytest.mark.parametrize("key,value,allowed", BAD_VALUES)
+def test_out_of_range_values_are_refused_naming_the_field_and_the_range(base, key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"--{key}={value}"], data=base)
+    assert f"{key}: {value} is out of range; allowed: {allowed}" in str(err.value)
+
+
+def test_ranges_inside_mappings_of_sections_are_checked(base):
+    task = {"train": {"de": "x.jsonl"}, "test": {"de": "y.jsonl"}, "epochs": 0, "lr": -1}
+    with pytest.raises(ConfigError) as err:
+        load_config(None, data={**base, "eval": {"downstream": {"src": task}}})
+    assert "eval.downstream.src.epochs: 0 is out of range; allowed: >= 1" in str(err.value)
+    assert "eval.downstream.src.lr: -1 is out of range; allowed: > 0" in str(err.value)
+
+
+def test_all_range_problems_come_together_and_boundaries_are_allowed(base):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["--train.batch_size=0", "--student.heads=0", "--data.max_lines=0"], data=copy.deepcopy(base))
+    assert len(err.value.problems) == 3  # heads=0 is reported once (no division by zero in the cross-field checks)
+    cfg = load_config(None, ["--train.alpha=0", "--train.alpha=1", "--data.max_lines=1", "--train.warmup_steps=0",
+                             "--train.devices=auto", "--train.devices=2"], data=base)
+    assert cfg.train.alpha == 1.0 and cfg.data.max_lines == 1 and cfg.train.devices == 2
+
+
+def test_student_positions_must_cover_the_sequence_length(base):
+    with pytest.raises(ConfigError, match=r"student.max_position: 64 is smaller than data.seq_len \(128\)"):
+        load_config(None, ["--student.max_position=64"], data=base)
+    assert load_config(None, ["--student.max_position=64", "--data.seq_len=64"], data=base).student.max_position == 64
+
+
+def test_help_shows_each_numeric_fields_range(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train.batch_size (int >= 1) [default: 32]" in out
+    assert "eval.mask_prob (float in (0, 1)) [default: 0.15]" in out
+    assert "data.max_lines (int >= 1 or null)" in out and "train.lr (float > 0)" in out
+
+
+def test_cli_refuses_a_yaml_mapping_with_a_duplicate_key(tmp_path, base, capsys):
+    (tmp_path / "fr.txt").write_text("Bonjour\n", encoding="utf-8")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run: r\nteachers:\n  t: {path: t}\nlanguages:\n  de: {train: de.txt, teacher: t}\n"
+                   "  de: {train: fr.txt, teacher: t}\n", encoding="utf-8")
+    assert main(["vocab", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "duplicate key 'de' (lines 5 and 6)" in err and str(cfg) in err

@@ -9,19 +9,28 @@ written after it, which marks it complete. Columns, one row per sequence:
   topk_logits  (M*k,)  float16, the teacher's logits for them (pruned/special ids excluded before
                        the top-k; -inf pads when fewer than k ids are allowed)
 Ids are uint16 when the student vocabulary fits (<= 65,536 tokens), else int32.
+
+The record holds the shard's byte size and the sha256 of its content. A shard is complete when both
+exist and the size matches; it is intact when its content still has that hash, which `open_shard`
+checks before the train stage reads it (and the data stage before it trusts or reuses a shard), so
+a shard changed after it was written is refused, naming the file, instead of training on it.
+Hashing reads the file once (~650 MB/s per core here; `benchmarks/bench_shard_hash.py` measures it
+against building and opening the shards).
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from mergedistill.errors import UserError
-from mergedistill.fsutil import atomic_path, write_json_atomic
+from mergedistill.fsutil import atomic_path, sha256_file, write_json_atomic
 
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2
+"""2: the record holds the shard's sha256."""
 COLUMNS = ("input_ids", "positions", "labels", "topk_ids", "topk_logits")
 
 
@@ -47,32 +56,64 @@ def write_shard(path: Path, rows: dict[str, list[np.ndarray]], ids: np.dtype, re
         with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
             w.write_table(table)
         size = tmp.stat().st_size
-    write_json_atomic(path.with_suffix(".json"), {**record, "bytes": size, "format": SHARD_FORMAT})
+        digest = content_hash(tmp)
+    write_json_atomic(path.with_suffix(".json"), {**record, "bytes": size, "sha256": digest, "format": SHARD_FORMAT})
     return size
 
 
-def shard_record(path: Path) -> dict | None:
-    """The record of a complete shard, or None (missing, half-written, or of another format)."""
+_HASHES: dict[tuple, str] = {}  # (device, inode, size, mtime) -> sha256: a file is hashed once per process
+
+
+def content_hash(path: Path) -> str:
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(path)
+    return _HASHES[key]
+
+
+def read_record(path: Path) -> dict | None:
+    """The record of a complete shard (record and file present, sizes matching, this format), or None."""
     rec_path = path.with_suffix(".json")
     if not rec_path.is_file() or not path.is_file():
         return None
     try:
         rec = json.loads(rec_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
         return None
-    if rec.get("format") != SHARD_FORMAT or rec.get("bytes") != path.stat().st_size:
+    if not isinstance(rec, dict) or rec.get("format") != SHARD_FORMAT or rec.get("bytes") != path.stat().st_size:
         return None
     return rec
 
 
+def is_intact(path: Path, rec: dict) -> bool:
+    """Whether the shard's content still has the hash its record was written with."""
+    return content_hash(path) == rec.get("sha256")
+
+
+def shard_record(path: Path) -> dict | None:
+    """The record of a complete, intact shard, or None (missing, half-written, of another format, or
+    changed since it was written)."""
+    rec = read_record(path)
+    return rec if rec is not None and is_intact(path, rec) else None
+
+
+def corrupt_message(path: Path) -> str:
+    return (f"{path}: corrupt shard: its content does not match the sha256 in {path.with_suffix('.json').name} "
+            "(changed after it was written); rerun `mergedistill data` to rebuild it")
+
+
 def open_shard(path: Path, expect_vocab: str | None = None):
-    """A complete shard as a memory-mapped `datasets.Dataset`; refuses one built for another vocabulary."""
+    """A complete, intact shard as a memory-mapped `datasets.Dataset`; refuses one built for another
+    vocabulary or changed since it was written."""
     import datasets
 
-    rec = shard_record(path)
+    rec = read_record(path)
     if rec is None:
         raise UserError(f"{path}: not a complete shard; rerun `mergedistill data`")
     if expect_vocab is not None and rec.get("vocab") != expect_vocab:
         raise UserError(f"{path}: built for vocabulary {rec.get('vocab')}, but this run's vocabulary is {expect_vocab}; "
                         "rerun `mergedistill data` to rebuild the shards")
+    if not is_intact(path, rec):
+        raise UserError(corrupt_message(path))
     return datasets.Dataset.from_file(str(path))

@@ -11,6 +11,7 @@ and copy), so shards can be built in any order, by any process, and a shard that
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -27,9 +28,10 @@ from mergedistill.config import RunConfig
 from mergedistill.configlib import to_dict
 from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines
 from mergedistill.data.packing import SpecialLayout, pack_documents
-from mergedistill.data.shards import SHARD_FORMAT, id_dtype, shard_record, write_shard
+from mergedistill.data.shards import SHARD_FORMAT, corrupt_message, id_dtype, is_intact, read_record, shard_record, write_shard
 from mergedistill.errors import UserError
-from mergedistill.fsutil import read_json, write_json_atomic
+from mergedistill.fsutil import read_json_record, remove_leftovers, temp_tag, write_json_atomic, writing
+from mergedistill.lock import exclusive
 from mergedistill.precision import torch_dtype
 from mergedistill.progress import Progress
 from mergedistill.teachers import (
@@ -113,8 +115,19 @@ def plan(cfg: RunConfig, vrec: dict, teachers: dict[str, TeacherTokenizer]) -> t
 
 
 def _complete(shard: Shard) -> dict | None:
-    rec = shard_record(shard.path)
-    return rec if rec is not None and rec.get("inputs") == shard.inputs else None
+    """The record of a shard that is complete and intact for these inputs, or None (then it is built)."""
+    rec = read_record(shard.path)
+    if rec is None or rec.get("inputs") != shard.inputs:
+        return None
+    if not is_intact(shard.path, rec):
+        if shard.path not in _REPORTED:
+            _REPORTED.add(shard.path)
+            log.warning("data: %s; rebuilding it", corrupt_message(shard.path).split("; rerun")[0])
+        return None
+    return rec
+
+
+_REPORTED: set[Path] = set()
 
 
 STORE = Path("runs") / ".shards"
@@ -131,15 +144,18 @@ def _link(src: Path, dst: Path) -> None:
     """Hard-link (or copy) a shard and its record; the record last, as when writing."""
     import shutil
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
     for a, b in ((src, dst), (src.with_suffix(".json"), dst.with_suffix(".json"))):
-        tmp = b.with_name(f".{b.name}.{os.getpid()}.link")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(a, tmp)
-        except OSError:
-            shutil.copy2(a, tmp)
-        os.replace(tmp, b)
+        tmp = b.with_name(f".{b.name}.{temp_tag()}.link")
+        with writing(b, tmp):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(a, tmp)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+                    raise
+                shutil.copy2(a, tmp)
+            os.replace(tmp, b)
 
 
 def reuse_from_store(shards: list[Shard]) -> int:
@@ -319,8 +335,28 @@ def process_shards(cfg: RunConfig, mine: list[Shard], threads: int | None = None
 
 
 # ---- the stage -----------------------------------------------------------------------------------
-def _preflight(cfg: RunConfig) -> None:
+def teacher_position_problems(cfg: RunConfig) -> list[str]:
+    """`data.seq_len` against each routed teacher's position table (read from its config.json)."""
+    from transformers import AutoConfig
+
+    from mergedistill.mlm_models import usable_positions
+
     problems = []
+    for name in dict.fromkeys(cfg.teacher_of(lang) for lang in cfg.languages):
+        tc = cfg.teachers[name]
+        try:
+            mc = AutoConfig.from_pretrained(tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code)
+            limit = usable_positions(mc) if getattr(mc, "max_position_embeddings", None) else None
+        except Exception:  # an unreadable model folder is reported, with its fix, where the model is loaded
+            continue
+        if limit is not None and cfg.data.seq_len > limit:
+            problems.append(f"data.seq_len: {cfg.data.seq_len} is longer than teacher {name} accepts: {limit} positions "
+                            f"({tc.path}, config.json); set data.seq_len to {limit} or less")
+    return problems
+
+
+def _preflight(cfg: RunConfig) -> None:
+    problems = teacher_position_problems(cfg)
     for lang, lc in cfg.languages.items():
         for split in cfg.data.splits:
             spec = getattr(lc, split)
@@ -365,7 +401,36 @@ def write_manifest(cfg: RunConfig, shards: list[Shard], vrec: dict, info: dict) 
     return manifest
 
 
-def run_data(cfg: RunConfig, *, force: bool = False) -> Path | None:
+def verify_shards(cfg: RunConfig, shards: list[Shard], vrec: dict) -> Path:
+    """`data --verify`: every shard of the plan complete, built for these inputs and intact (its content
+    hashed against its record), and the manifest readable; raises UserError listing what is not."""
+    start = time.monotonic()
+    problems = []
+    for s in shards:
+        rec = read_record(s.path)
+        if rec is None:
+            problems.append(f"{s.path}: missing or incomplete")
+        elif rec.get("inputs") != s.inputs:
+            problems.append(f"{s.path}: built for other inputs (corpus, teacher, vocabulary or data settings changed)")
+        elif not is_intact(s.path, rec):
+            problems.append(corrupt_message(s.path).split("; rerun")[0])
+    try:
+        load_manifest(cfg, vrec["vocab"])
+    except UserError as e:
+        problems += e.problems
+    if problems:
+        raise UserError(problems, header=f"data --verify: {len(problems)} problem(s); `{cfg.command('data')}` rebuilds what "
+                                         "is missing or corrupt:")
+    size = sum(s.path.stat().st_size for s in shards)
+    log.info("data --verify: all %d shards in %s are complete and intact (%.1f MB hashed in %.1f s)", len(shards),
+             data_dir(cfg), size / 1e6, time.monotonic() - start)
+    return data_dir(cfg)
+
+
+@exclusive("data", lambda cfg, **_: data_dir(cfg))
+def run_data(cfg: RunConfig, *, force: bool = False, verify: bool = False) -> Path | None:
+    """Build the shards this config needs that are not complete yet, then the manifest. `force` rebuilds
+    every shard; `verify` builds nothing: it checks every shard's content against its record."""
     start = time.monotonic()
     vocab, vrec = load_vocab(cfg)
     teachers = load_all_tokenizers(cfg)
@@ -376,7 +441,11 @@ def run_data(cfg: RunConfig, *, force: bool = False) -> Path | None:
     _preflight(cfg)
     shards, info = plan(cfg, vrec, teachers)
     out = data_dir(cfg)
+    if verify:
+        return verify_shards(cfg, shards, vrec)
+    remove_leftovers(STORE, log, exclusive=False)  # shared by the runs: only the debris of dead processes
     if force:
+        (out / "manifest.json").unlink(missing_ok=True)  # it describes the shards about to be rebuilt
         for s in shards:
             s.path.with_suffix(".json").unlink(missing_ok=True)
     else:
@@ -420,8 +489,10 @@ def load_manifest(cfg: RunConfig, vocab_fp: str) -> dict:
     """The data stage's manifest, refused if it was built for another vocabulary."""
     path = data_dir(cfg) / "manifest.json"
     if not path.is_file():
-        raise UserError(f"{path}: no manifest; run `mergedistill data --config <this config>` first")
-    m = read_json(path)
+        raise UserError(f"{path}: no manifest; run `{cfg.command('data')}` first")
+    m = read_json_record(path, cfg.command("data"))
+    if not isinstance(m.get("languages"), dict) or not isinstance(m.get("k"), int):
+        raise UserError(f"{path}: incomplete manifest (no languages or k: edited or truncated?); rerun `{cfg.command('data')}`")
     if m.get("format") != DATA_FORMAT:
         raise UserError(f"{path}: shards in data format {m.get('format')}, written by an older mergedistill; this version reads "
                         f"format {DATA_FORMAT}: rerun `mergedistill data` to rebuild them")

@@ -24,6 +24,7 @@ from mergedistill.config import RunConfig
 from mergedistill.corpus import sample_lines
 from mergedistill.errors import UserError
 from mergedistill.fsutil import write_text_atomic
+from mergedistill.lock import exclusive
 from mergedistill.tables import dict_rows, markdown_table, write_csv
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
     return out
 
 
+@exclusive("ablate", lambda cfg: cfg.run_dir / "ablate")
 def run_ablate(cfg: RunConfig) -> Path:
     """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed."""
     from mergedistill.data.stage import run_data

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mergedistill.config import RunConfig, TeacherConfig
+from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json, sha256_file
 from mergedistill.mlm_models import usable_positions
 from mergedistill.precision import torch_dtype
@@ -66,8 +66,11 @@ class Export:
         try:
             langs = read_json(folder / "languages.json")
             meta = read_json(folder / "mergedistill.json") if (folder / "mergedistill.json").is_file() else {}
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             problems.append(f"{folder}: cannot read languages.json ({e}); rerun `{command}`")
+            return None
+        if not isinstance(langs, dict) or not all(isinstance(v, str) for v in langs.values()) or not isinstance(meta, dict):
+            problems.append(f"{folder}: languages.json or mergedistill.json is not what the train stage writes; rerun `{command}`")
             return None
         return cls(key, folder, langs, meta, device)
 
@@ -75,7 +78,11 @@ class Export:
         if self._model is None:
             from transformers import AutoModelForMaskedLM
 
-            self._model = AutoModelForMaskedLM.from_pretrained(str(self.folder)).eval().to(self.device)
+            try:
+                self._model = AutoModelForMaskedLM.from_pretrained(str(self.folder)).eval().to(self.device)
+            except Exception as e:  # truncated weights (SafetensorError), broken config.json, ...
+                raise UserError(f"{self.folder}: cannot load the exported {self.key} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); export it again (`mergedistill train --force`)") from None
         return self._model
 
     def tokenizer(self, lang: str):

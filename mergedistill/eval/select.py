@@ -19,11 +19,13 @@ from mergedistill.config import RunConfig
 from mergedistill.corpus import sample_lines, split_problems
 from mergedistill.errors import UserError
 from mergedistill.fsutil import write_text_atomic
+from mergedistill.lock import exclusive
 from mergedistill.tables import dict_rows, markdown_table, write_csv
 
 log = logging.getLogger(__name__)
 
 
+@exclusive("select", lambda cfg: cfg.run_dir / "select")
 def run_select(cfg: RunConfig) -> Path:
     from mergedistill.eval.metrics import score_pll
     from mergedistill.eval.models import Models, autocast

@@ -74,6 +74,7 @@ from mergedistill.fsutil import (
     write_json_atomic,
     write_text_atomic,
 )
+from mergedistill.lock import exclusive
 from mergedistill.teachers import model_fingerprint
 from mergedistill.vocab.stage import load_vocab
 
@@ -427,6 +428,7 @@ def label_mismatch(source: set[str], target: set[str]) -> str | None:
 
 
 # ---- the stage -------------------------------------------------------------------------------------
+@exclusive("evaluate", lambda cfg, **_: eval_dir(cfg))
 def run_evaluate(cfg: RunConfig, *, force: bool = False) -> Path:
     """Evaluate, write runs/<run>/eval/ and the model card's Evaluation section; returns the eval folder.
     A rerun with the same inputs skips; `force` redoes it."""

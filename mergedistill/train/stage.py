@@ -20,7 +20,8 @@ from mergedistill.config import RunConfig
 from mergedistill.configlib import to_dict
 from mergedistill.data.stage import data_dir, load_manifest
 from mergedistill.errors import UserError
-from mergedistill.fsutil import read_json, write_json_atomic
+from mergedistill.fsutil import read_json_record, write_json_atomic
+from mergedistill.lock import exclusive
 from mergedistill.precision import lightning_precision
 from mergedistill.teachers import load_all_tokenizers, load_teacher_model
 from mergedistill.train.batches import (
@@ -31,6 +32,7 @@ from mergedistill.train.batches import (
     sampling_probs,
 )
 from mergedistill.train.export import export_student
+from mergedistill.train.guard import AtomicCheckpointIO, InterruptWatch
 from mergedistill.train.module import DistillModule, NonFiniteLoss
 from mergedistill.train.progress import TrainProgress
 from mergedistill.train.student import build_student
@@ -182,6 +184,7 @@ def baseline_config(cfg: RunConfig) -> RunConfig:
                    student=replace(cfg.student, init="random", embeddings_from_teachers=False, init_output_bias=True))
 
 
+@exclusive("train", lambda cfg, baseline=False, **_: train_dir(cfg, baseline))
 def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, force: bool = False,
               restart_if_changed: bool = False) -> Path:
     """Train the student (or, with `baseline`, the MLM-only baseline: same size, data and steps, but
@@ -213,12 +216,12 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     start_over = False  # set the earlier student aside once this one is about to train (never before)
     if _is_launcher():
         if state_path.is_file() and (export / "config.json").is_file() and not force:
-            if read_json(state_path).get("inputs") == inputs:
+            if read_json_record(state_path, cfg.command("train") + " --force").get("inputs") == inputs:
                 log.info("train: %s is complete for these inputs; skipping (--force retrains)", export)
                 return export
         start_over = force and out.exists()
         if last.is_file() and not start_over:
-            prev = read_json(state_path).get("inputs") if state_path.is_file() else None
+            prev = read_json_record(state_path, cfg.command("train") + " --force").get("inputs") if state_path.is_file() else None
             if prev is not None and prev != inputs:
                 # Never continue a checkpoint trained with other settings (it would be exported as if
                 # trained with these). `run` and `ablate` start over; an explicit --resume is refused.
@@ -249,12 +252,13 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     # triggered save would pair a checkpoint with the previous validation's)
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.best_metric, save_top_k=1, every_n_epochs=1,
                            mode="max" if t.best_metric in ("val/acc", "val/agree") else "min", save_on_train_epoch_end=False)
+    watch = InterruptWatch()
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=lightning_precision(cfg.train.precision, cfg.train.accelerator),
         max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum, gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every * t.grad_accum if has_val else None, check_val_every_n_epoch=None,
-        num_sanity_val_steps=0, logger=_loggers(cfg, out),
-        callbacks=[ckpt, *([best] if has_val else []), TrainProgress("train", every_s=20, logger=log)],
+        num_sanity_val_steps=0, logger=_loggers(cfg, out), plugins=[AtomicCheckpointIO()],
+        callbacks=[ckpt, *([best] if has_val else []), TrainProgress("train", every_s=20, logger=log), watch],
         default_root_dir=str(out), enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
         log_every_n_steps=min(10, t.val_every), use_distributed_sampler=False, limit_val_batches=None if has_val else 0,
     )
@@ -267,6 +271,10 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() and not start_over else None)
     except NonFiniteLoss as e:
         raise UserError(str(e) + (f" ({last})" if last.is_file() else "")) from None
+    except SystemExit:  # Lightning's answer to Ctrl-C: say where training stopped
+        if watch.interrupted_at is None:
+            raise
+        raise watch.error(last) from None
     if trainer.global_rank != 0:
         return export
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}

@@ -26,9 +26,13 @@ from mergedistill.fsutil import (
     atomic_dir,
     atomic_path,
     read_json,
+    read_json_record,
+    remove_leftovers,
+    sha256_file,
     write_json_atomic,
     write_text_atomic,
 )
+from mergedistill.lock import exclusive
 from mergedistill.parallel import run_tasks
 from mergedistill.progress import Progress
 from mergedistill.teachers import TeacherTokenizer, load_all_tokenizers
@@ -146,7 +150,6 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
     vocab.prune_candidates, on those of languages naming it as a candidate). Each (teacher, corpus)
     count is cached under vocab/.cache/<run>/ so a killed run resumes."""
     cache = Path("vocab") / ".cache" / cfg.run
-    cache.mkdir(parents=True, exist_ok=True)
     jobs = []
     for lang, lc in cfg.languages.items():
         names = [cfg.teacher_of(lang)] + (lc.candidates if cfg.vocab.prune_candidates else [])
@@ -158,8 +161,10 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
     def task(t, spec, label, path):
         def run():
             if path.exists():
-                log.info("%s: cached", label)
-                return None
+                if _readable_counts(path, t.size):
+                    log.info("%s: cached", label)
+                    return None
+                log.warning("%s: the cached counts %s are unreadable; scanning again", label, path)
             counts, _ = _scan(t, spec, label, cfg.vocab.max_lines)
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, counts)
@@ -171,6 +176,14 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
     for t, _, _, path in jobs:
         totals[t.name] += np.load(path)
     return totals
+
+
+def _readable_counts(path: Path, size: int) -> bool:
+    try:
+        counts = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return False
+    return counts.shape == (size,)
 
 
 def _fertility_task(cfg: RunConfig, teachers: dict[str, TeacherTokenizer], lang: str):
@@ -213,24 +226,50 @@ def log_student_size(cfg: RunConfig, sz: dict) -> None:
 
 
 # ---- the stage ---------------------------------------------------------------------------------
+COVERED = ("vocab.parquet", "vocab.txt", "config.yaml", "idmaps", "tokenizers")
+"""What later stages and users read from vocab/<run>/: fingerprint.json holds the sha256 of every file
+of these (the report is for reading only)."""
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    files = [p for name in COVERED for p in ([folder / name] if (folder / name).is_file() else sorted((folder / name).rglob("*")))]
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in files if p.is_file()}
+
+
+def changed_files(folder: Path, record: dict) -> list[str]:
+    """Files of `folder` whose content differs from the hashes in its fingerprint record (or that are
+    missing); every file when the record holds no hashes (written by an older mergedistill)."""
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return ["(fingerprint.json holds no file hashes: written by an older mergedistill)"]
+    return [rel for rel, digest in files.items() if not (folder / rel).is_file() or sha256_file(folder / rel) != digest]
+
+
+@exclusive("vocab", lambda cfg, **_: cfg.vocab_dir)
 def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
     """Build vocab/<run>/, or skip if it is complete for the same inputs. Returns the folder."""
     start = time.monotonic()
     out = cfg.vocab_dir
+    remove_leftovers(Path("vocab") / ".cache" / cfg.run, log)  # the corpus scans' cache of killed runs
     teachers = preflight(cfg)
     inputs = inputs_fingerprint(cfg, teachers)
     fp_path = out / "fingerprint.json"
     if fp_path.is_file() and not force:
         try:
             done = read_json(fp_path)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             done = {}
-        if done.get("inputs") == inputs:
+        done = done if isinstance(done, dict) else {}
+        changed = changed_files(out, done) if done.get("inputs") == inputs else []
+        if changed:
+            log.warning("vocab: %s: %s changed since it was built; rebuilding", out, ", ".join(changed[:5]))
+        elif done.get("inputs") == inputs:
             log.info("vocab: %s is complete for these inputs (vocabulary %s, %s tokens); skipping (--force rebuilds)",
                      out, done.get("vocab"), f"{done.get('size', 0):,}")
             log_student_size(cfg, student_size(cfg, done.get("size", 0)))
             return out
-        log.info("vocab: inputs changed since %s was built; rebuilding", out)
+        else:
+            log.info("vocab: inputs changed since %s was built; rebuilding", out)
 
     log.info("vocab: %d teachers (%s)", len(teachers), ", ".join(f"{n}: {t.family.name}, {t.size:,}" for n, t in teachers.items()))
     counts = _prune_counts(cfg, teachers) if cfg.vocab.prune else None
@@ -291,7 +330,7 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
         write_report(stats, tmp)
         write_text_atomic(tmp / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
         write_json_atomic(tmp / "fingerprint.json", {  # written last: marks the folder complete
-            "format": VOCAB_FORMAT, "vocab": vfp, "size": joint.size, "inputs": inputs,
+            "format": VOCAB_FORMAT, "vocab": vfp, "size": joint.size, "inputs": inputs, "files": file_hashes(tmp),
             "teachers": {n: {"tokenizer": t.fingerprint, "size": t.size, "source": t.source} for n, t in teachers.items()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "mergedistill": __version__,
         })
@@ -300,15 +339,27 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
 
 
 def load_vocab(cfg: RunConfig) -> tuple[JointVocab, dict]:
-    """The built vocabulary of this run and its fingerprint record, for the later stages."""
+    """The built vocabulary of this run and its fingerprint record, for the later stages. Refuses files
+    that differ from the hashes in fingerprint.json (edited, truncated or half-copied)."""
     fp_path = cfg.vocab_dir / "fingerprint.json"
+    rerun = cfg.command("vocab") + " --force"
     if not fp_path.is_file():
-        raise UserError(f"{cfg.vocab_dir}: no complete vocabulary; run `mergedistill vocab --config <this config>` first")
-    record = read_json(fp_path)
-    missing = [t for t in cfg.teachers if t not in record.get("teachers", {})]
+        raise UserError(f"{cfg.vocab_dir}: no complete vocabulary; run `{cfg.command('vocab')}` first")
+    record = read_json_record(fp_path, rerun)
+    if not isinstance(record.get("teachers"), dict) or not isinstance(record.get("vocab"), str):
+        raise UserError(f"{fp_path}: incomplete fingerprint (no teachers or vocab); rerun `{rerun}`")
+    missing = [t for t in cfg.teachers if t not in record["teachers"]]
     if missing:
         raise UserError(f"{cfg.vocab_dir}: built without teacher(s) {', '.join(missing)}; rerun `mergedistill vocab`")
-    vocab = JointVocab.load(cfg.vocab_dir, list(record["teachers"]))
+    changed = changed_files(cfg.vocab_dir, record)
+    if changed:
+        raise UserError(f"{cfg.vocab_dir}: files do not match its fingerprint.json ({', '.join(changed[:5])}; edited or "
+                        f"half-copied?); rerun `{rerun}`")
+    try:
+        vocab = JointVocab.load(cfg.vocab_dir, list(record["teachers"]))
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"{cfg.vocab_dir}: unreadable vocabulary ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"rerun `{rerun}`") from None
     if vocab.fingerprint() != record["vocab"]:
-        raise UserError(f"{cfg.vocab_dir}: files do not match its fingerprint.json (edited or half-copied?); rerun `mergedistill vocab --force`")
+        raise UserError(f"{cfg.vocab_dir}: files do not match its fingerprint.json (edited or half-copied?); rerun `{rerun}`")
     return vocab, record

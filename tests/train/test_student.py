@@ -23,7 +23,8 @@ def test_layer_map_takes_every_other_layer_or_spreads():
 @pytest.fixture
 def built(workdir, tiny_teachers, tiny_corpora):
     cfg_path = make_config(workdir / "c.yaml", tiny_teachers, tiny_corpora, {"de": "wp", "ru": "uni", "fr": "bbpe"},
-                           student={"hidden": 32, "heads": 2, "layers": 1, "intermediate": 64, "max_position": 64})
+                           student={"hidden": 32, "heads": 2, "layers": 1, "intermediate": 64, "max_position": 64},
+                           data={"seq_len": 64})  # the student's positions cover the sequences (checked by the config)
     assert main(["vocab", "--config", str(cfg_path)]) == 0
     cfg = load_config(cfg_path)
     return cfg, load_vocab(cfg)[0], {n: AutoModelForMaskedLM.from_pretrained(str(p)) for n, p in tiny_teachers.items()}

@@ -274,7 +274,7 @@ def test_online_mode_runs_the_teachers_in_the_step(run_dir, tiny_teachers, corpo
 def test_ddp_on_two_cpu_processes_matches_one_process(run_dir, tiny_teachers, corpora):
     """2 processes (gloo) x 4 sequences vs 1 process x 8: the same global batches, so the same curve."""
     cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=20)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))  # this checkout's mergedistill
     base = [sys.executable, "-m", "mergedistill", "train", "--config", str(cfg), "--train.accelerator=cpu"]
     one = subprocess.run(base + ["--train.devices=1", "--train.batch_size=8"], cwd=run_dir, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
