@@ -61,7 +61,7 @@ class VocabConfig:
     """Read at most this many lines per corpus when pruning (null: all of it)."""
     report_lines: Annotated[int, at_least(0)] = 20000
     """Lines per language used for the fertility figures of the report (0: all)."""
-    verify_lines: int = 200
+    verify_lines: Annotated[int, at_least(0)] = 200
     """Texts of each routed train corpus (a seeded sample; with pruning, of the lines it scanned) on which
     every student tokenizer is checked against its teacher (AutoTokenizer + id map); any difference
     stops the stage with the first differing text (exit 2). 0: no check."""

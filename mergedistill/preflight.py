@@ -4,7 +4,7 @@ would otherwise fail only after earlier stages did their work, or after a new ru
 aside. Every problem is collected and raised at once (UserError, exit 2).
 
   data   every routed teacher accepts data.seq_len tokens (its position table)
-  train  the student's position table covers data.seq_len; `student.init: teacher:<name>` names a teacher
+  train  `student.init: teacher:<name>` names a teacher
          with BERT-layout layers of the student's shapes; with embeddings_from_teachers, a warning for
          each teacher whose embedding width differs from student.hidden (its rows are not copied)
 """
@@ -68,9 +68,6 @@ def preflight(cfg: RunConfig, stage: str) -> None:
 def _student_problems(cfg: RunConfig, configs: dict) -> list[str]:
     s = cfg.student
     problems = []
-    if s.max_position < cfg.data.seq_len:
-        problems.append(f"student.max_position: {s.max_position} positions cannot hold data.seq_len {cfg.data.seq_len} tokens; "
-                        f"set student.max_position to at least {cfg.data.seq_len}")
     if s.init.startswith("teacher:") and s.init[8:] in configs:
         name = s.init[8:]
         tc = configs[name]

@@ -13,16 +13,13 @@ log = logging.getLogger(__name__)
 def run_all(cfg: RunConfig, *, force: bool = False) -> None:
     """Run the pipeline on `cfg` (which no stage changes). Training continues an interrupted run with the
     same settings and starts over when they changed; `force` redoes every stage."""
-    from mergedistill.data.stage import run_data, teacher_position_problems
-    from mergedistill.errors import UserError
+    from mergedistill.data.stage import run_data
     from mergedistill.eval.stage import run_evaluate
+    from mergedistill.preflight import preflight
     from mergedistill.train.stage import run_train
     from mergedistill.vocab.stage import run_vocab
 
-    problems = teacher_position_problems(cfg)  # the data stage would refuse them: say so before the vocabulary is built
-    if problems:
-        raise UserError(problems, header=f"run: {len(problems)} problem(s); nothing was run:")
-
+    preflight(cfg, "run")  # what the data and train stages would refuse: said before the vocabulary is built
     steps = [
         ("vocab", lambda: run_vocab(cfg, force=force)),
         ("data", lambda: run_data(cfg, force=force)),

@@ -79,6 +79,7 @@ def test_a_stage_may_take_its_own_lock_again_and_ranks_share_it(tmp_path, monkey
 
 def test_cli_exits_2_while_another_run_holds_the_stage(tmp_path, clean_env):
     (tmp_path / "t").mkdir()
+    (tmp_path / "t/config.json").write_text('{"model_type": "bert"}')  # enough for the checks made before the lock
     (tmp_path / "de.txt").write_text("Hallo Welt\n")
     (tmp_path / "c.yaml").write_text("run: r\nteachers: {t: {path: t}}\nlanguages: {de: {train: de.txt, teacher: t}}\n")
     proc = _holder(tmp_path)

@@ -8,7 +8,7 @@ from mergedistill.config import load_config
 from mergedistill.errors import UserError
 from mergedistill.preflight import preflight
 
-STUDENT = {"hidden": 32, "heads": 2, "layers": 2, "intermediate": 64, "max_position": 64}
+STUDENT = {"hidden": 32, "heads": 2, "layers": 2, "intermediate": 64, "max_position": 128}
 
 
 def _cfg(workdir, teachers, corpora, routing, overrides=(), **sections):

@@ -335,28 +335,8 @@ def process_shards(cfg: RunConfig, mine: list[Shard], threads: int | None = None
 
 
 # ---- the stage -----------------------------------------------------------------------------------
-def teacher_position_problems(cfg: RunConfig) -> list[str]:
-    """`data.seq_len` against each routed teacher's position table (read from its config.json)."""
-    from transformers import AutoConfig
-
-    from mergedistill.mlm_models import usable_positions
-
-    problems = []
-    for name in dict.fromkeys(cfg.teacher_of(lang) for lang in cfg.languages):
-        tc = cfg.teachers[name]
-        try:
-            mc = AutoConfig.from_pretrained(tc.path, revision=tc.revision, trust_remote_code=tc.trust_remote_code)
-            limit = usable_positions(mc) if getattr(mc, "max_position_embeddings", None) else None
-        except Exception:  # an unreadable model folder is reported, with its fix, where the model is loaded
-            continue
-        if limit is not None and cfg.data.seq_len > limit:
-            problems.append(f"data.seq_len: {cfg.data.seq_len} is longer than teacher {name} accepts: {limit} positions "
-                            f"({tc.path}, config.json); set data.seq_len to {limit} or less")
-    return problems
-
-
 def _preflight(cfg: RunConfig) -> None:
-    problems = teacher_position_problems(cfg)
+    problems = []
     for lang, lc in cfg.languages.items():
         for split in cfg.data.splits:
             spec = getattr(lc, split)

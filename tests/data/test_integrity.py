@@ -123,8 +123,8 @@ def test_sequences_longer_than_a_teacher_accepts_are_refused_before_any_work(run
     shutil.rmtree(run / "runs")
     assert main(["data", "--config", "c.yaml", "--data.seq_len=100", "--student.max_position=128"]) == 2
     err = capsys.readouterr().err
-    assert "data.seq_len: 100 is longer than teacher wp accepts: 64 positions" in err
-    assert "teacher bbpe accepts: 64 positions" in err  # RoBERTa-style: the table holds 64 + padding offset
+    assert "data.seq_len: 100 tokens per sequence, but teacher wp accepts at most 64" in err
+    assert "teacher bbpe accepts at most 64" in err  # RoBERTa-style: the table holds 64 + padding offset
     assert not list(run.rglob("*.arrow"))
 
 
@@ -155,5 +155,5 @@ def test_the_next_run_removes_the_debris_of_killed_runs(run):
 def test_run_refuses_sequences_longer_than_a_teacher_accepts_before_building_the_vocabulary(run, capsys):
     shutil.rmtree(run / "vocab")
     assert main(["run", "--config", "c.yaml", "--data.seq_len=100", "--student.max_position=128"]) == 2
-    assert "data.seq_len: 100 is longer than teacher wp accepts: 64 positions" in capsys.readouterr().err
+    assert "data.seq_len: 100 tokens per sequence, but teacher wp accepts at most 64" in capsys.readouterr().err
     assert not (run / "vocab" / "t").exists()

@@ -359,7 +359,7 @@ def test_vocab_prints_the_student_size_and_warns_when_embeddings_dominate(workdi
     from mergedistill.train.student import student_config
 
     caplog.set_level("INFO")
-    small = {"hidden": 8, "heads": 1, "layers": 1, "intermediate": 8, "max_position": 16}
+    small = {"hidden": 8, "heads": 1, "layers": 1, "intermediate": 8, "max_position": 128}
     cfg, vocab, _ = build(workdir, tiny_teachers, tiny_corpora, student=small)
     model = BertForMaskedLM(student_config(cfg, vocab.size))
     total = sum(p.numel() for p in model.parameters())

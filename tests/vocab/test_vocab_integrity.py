@@ -28,7 +28,7 @@ ROUTING = {"de": "wp", "ru": "uni", "fr": "bbpe"}
 def golden(tmp_path_factory, tiny_teachers, tiny_corpora):
     work = tmp_path_factory.mktemp("vocab-integrity")
     with in_dir(work):
-        make_config(work / "c.yaml", tiny_teachers, tiny_corpora, ROUTING)
+        make_config(work / "c.yaml", tiny_teachers, tiny_corpora, ROUTING, data={"seq_len": 64})
         assert main(["vocab", "--config", "c.yaml"]) == 0
     return work
 
