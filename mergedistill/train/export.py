@@ -11,6 +11,7 @@ from mergedistill import __version__
 from mergedistill.config import RunConfig
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.tables import markdown_table
+from mergedistill.train.xmod import is_xmod, model_card_usage, parameter_counts, save_xmod_student
 
 
 def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
@@ -18,12 +19,18 @@ def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, language
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
     tokenizers, languages.json (language -> tokenizer folder) and a README model card."""
     routing = {lang: cfg.teacher_of(lang) for lang in languages}
+    card = model_card(cfg, vrec, manifest, languages, metrics, init_info)
+    if is_xmod(student):
+        card = insert_section(card, xmod_card_section(cfg, student, languages), before="## Teachers and routing")
     with atomic_dir(out) as tmp:
-        student.save_pretrained(str(tmp), safe_serialization=True)
+        if is_xmod(student):  # default module: the first language's (config.default_language)
+            save_xmod_student(student, tmp, default_language=languages[0])
+        else:
+            student.save_pretrained(str(tmp), safe_serialization=True)
         for name in sorted(set(routing.values())):
             shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
         (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info), encoding="utf-8")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,
                                                       "best_checkpoint": best or None})
     return out
@@ -43,7 +50,7 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
     lines = [
         f"# {cfg.run}: a multilingual student distilled with mergedistill",
         "",
-        f"A BERT masked LM ({s.layers} layers, hidden {s.hidden}, {s.heads} heads, vocabulary {vrec['size']:,}) distilled "
+        f"{'An X-Mod' if s.arch == 'xmod' else 'A BERT'} masked LM ({s.layers} layers, hidden {s.hidden}, {s.heads} heads, vocabulary {vrec['size']:,}) distilled "
         f"from {len(cfg.teachers)} teachers by task-agnostic knowledge distillation (MergeDistill, Khanuja et al., "
         "Findings of ACL 2021): each language learns from the teacher routed to it, through one joint vocabulary.",
         "",
@@ -85,3 +92,38 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
 
 def _m(metrics: dict, key: str) -> str:
     return f"{metrics[key]:.3f}" if key in metrics else "-"
+
+
+# ---- the X-Mod student's section -------------------------------------------------------------------
+def xmod_card_section(cfg: RunConfig, student, languages: list[str]) -> str:
+    """The model card's section on an X-Mod student: choosing a language's module (a fill-mask example
+    that runs), and its parameters: total, shared, and active per language (shared + its module)."""
+    s = cfg.student
+    c = parameter_counts(student)
+    first = languages[0]
+    usage = model_card_usage(student, first, f"tokenizers/{cfg.teacher_of(first)}")
+    lm = c["active"]
+    rows = [[lang, f"`{m}`", f"{c['modules'][m]:,}", f"{lm[lang]:,}"] for lang, m in
+            ((lang, student.config.language_modules[lang]) for lang in languages)]
+    return "\n".join([
+        usage,
+        "",
+        "## Parameters",
+        "",
+        f"{c['total']:,} in all: {c['shared']:,} shared (embeddings, attention, feed-forward, MLM head) and "
+        f"{len(c['modules'])} language module(s) (bottleneck hidden / {s.adapter_reduction_factor}, one per layer). "
+        "A sequence runs through the shared weights and its language's module only:",
+        "",
+        markdown_table(["language", "module", "module parameters", "active parameters"], rows),
+        "",
+        f"Layer-norm settings: ln_before_adapter={s.ln_before_adapter}, adapter_layer_norm={s.adapter_layer_norm}, "
+        f"adapter_reuse_layer_norm={s.adapter_reuse_layer_norm}, pre_norm={s.pre_norm}.",
+    ])
+
+
+def insert_section(card: str, section: str, before: str) -> str:
+    """`section` inserted before the line `before` of the card, or appended when there is none."""
+    at = card.find("\n" + before + "\n")
+    if at < 0:
+        return card.rstrip() + "\n\n" + section.strip() + "\n"
+    return card[:at + 1] + section.strip() + "\n\n" + card[at + 1:]

@@ -27,7 +27,7 @@ outputs LN(norm(h)) = LN(h) up to eps/var(h). It drifts as soon as that LayerNor
 Never equivalent: ln_before_adapter = True with adapter_reuse_layer_norm = True and no adapter LayerNorm
 (X-Mod's published default): r = LN(h) and the layer outputs LN(LN(h)), the teacher's affine LayerNorm
 applied twice; and pre_norm = True, a different (pre-LN) network from a post-LN teacher.
-Measured (tests/test_xmod_student.py, tiny BERT, XLM-R and RoBERTa teachers whose LayerNorms are not
+Measured (tests/train/test_xmod.py, tiny BERT, XLM-R and RoBERTa teachers whose LayerNorms are not
 identity): the exact settings give max |logit difference| 0.0; ln_before_adapter + adapter_layer_norm
 1e-7 to 4e-7; X-Mod's default ~0.1; pre_norm ~0.3.
 
@@ -42,20 +42,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import XmodConfig, XmodForMaskedLM
 from transformers.models.xmod.modeling_xmod import XmodAdapter, XmodOutput
 
 from mergedistill.errors import UserError
+from mergedistill.mlm_models import ROBERTA_STYLE, attention_at_rows, encoder_prefix, selected_rows
 from mergedistill.train.student import _head_transform, copy_embedding_rows, layer_map
 from mergedistill.vocab.joint import CLS_ID, PAD_ID, SEP_ID, JointVocab
 
 log = logging.getLogger(__name__)
 
-# model types whose position table starts at row padding_idx + 1 (BERT's starts at row 0)
-_ROBERTA_STYLE = ("roberta", "xlm-roberta", "camembert", "xmod")
-TEACHER_TYPES = ("bert", *_ROBERTA_STYLE[:-1])
+TEACHER_TYPES = ("bert", *(t for t in ROBERTA_STYLE if t != "xmod"))
 
 LN_OPTIONS = ("ln_before_adapter", "adapter_layer_norm", "adapter_reuse_layer_norm", "pre_norm")
 """The X-Mod layer-norm options (XmodConfig fields), as build_xmod_student takes them."""
@@ -146,6 +144,17 @@ def use_language(model, lang: str):
     written for dense models, `model.base_model(...)`) use it. Returns the model."""
     model.set_default_language(module_of(model, lang))
     return model
+
+
+def is_xmod(model) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", "") == "xmod"
+
+
+def with_language(model, lang: str):
+    """`model` set to read `lang`: an X-Mod model gets that language's module as its default (for code
+    written for dense models: metrics, pipelines, a deep copy of `model.base_model`); any other model is
+    returned as it is. Returns the model."""
+    return use_language(model, lang) if is_xmod(model) else model
 
 
 # ---- building and initialising ------------------------------------------------------------------
@@ -249,7 +258,7 @@ def init_xmod_from_teacher(student: XmodForMaskedLM, teacher, name: str = "teach
     s_emb, t_emb = student.base_model.embeddings, teacher.base_model.embeddings
     s_emb.LayerNorm.load_state_dict(t_emb.LayerNorm.state_dict())
     s_emb.token_type_embeddings.weight[:] = t_emb.token_type_embeddings.weight[0]  # inputs carry type 0
-    t_off = tc.pad_token_id + 1 if mt in _ROBERTA_STYLE else 0
+    t_off = tc.pad_token_id + 1 if mt in ROBERTA_STYLE else 0
     s_off = sc.pad_token_id + 1
     n = min(sc.max_position_embeddings - s_off, t_emb.position_embeddings.weight.shape[0] - t_off)
     s_emb.position_embeddings.weight[s_off: s_off + n] = t_emb.position_embeddings.weight[t_off: t_off + n]
@@ -288,12 +297,14 @@ def build_xmod_student(
     zero_init_modules: bool = True,
     load_teacher=None,
     seed: int = 0,
+    embedding_teachers: Sequence[str] | None = None,
 ) -> tuple[XmodForMaskedLM, dict]:
     """The initialised X-Mod student and a description of its initialisation, like the dense student's
     `build_student`: `init` is `random` or `teacher:<name>` (that teacher's layers, every other one);
     embedding rows come from every teacher of the vocabulary whose hidden size matches, averaged where
-    they share a token. `load_teacher(name)` returns a teacher model. Modules: down-projection random,
-    up-projection zero when `zero_init_modules` (the student starts as its shared body)."""
+    they share a token (`embedding_teachers`: those teachers only). `load_teacher(name)` returns a teacher
+    model. Modules: down-projection random, up-projection zero when `zero_init_modules` (the student
+    starts as its shared body). The first language's module is the default one."""
     torch.manual_seed(seed)
     teachers_needed = init.startswith("teacher:") or embeddings_from_teachers
     if teachers_needed and load_teacher is None:
@@ -315,7 +326,8 @@ def build_xmod_student(
     elif init != "random":
         raise UserError(f"student.init: {init!r} is neither `random` nor `teacher:<name>`")
     if embeddings_from_teachers:
-        teachers = {n: load_teacher(n) for n in vocab.teachers}
+        names = vocab.teachers if embedding_teachers is None else [n for n in vocab.teachers if n in embedding_teachers]
+        teachers = {n: load_teacher(n) for n in names}
         info["embedding_rows"] = copy_embedding_rows(student, vocab, teachers)
     student.tie_weights()
     return student, info
@@ -368,6 +380,18 @@ def parameter_counts(model: XmodForMaskedLM) -> dict:
     lm = language_modules(model)
     return {"total": shared + sum(per_module.values()), "shared": shared, "modules": per_module,
             "active": {lang: shared + per_module[m] for lang, m in lm.items()}}
+
+
+def active_parameters(model, languages: Sequence[str]) -> dict:
+    """{"total": n, "active": {language: n}} for any masked LM: an X-Mod model's shared weights plus the
+    language's module (`parameter_counts`); a dense model uses all its weights for every language.
+    Tied weights count once."""
+    if is_xmod(model):
+        c = parameter_counts(model)
+        return {"total": c["total"], "active": {lang: c["active"][lang] if lang in c["active"] else
+                                                c["shared"] + c["modules"][module_of(model, lang)] for lang in languages}}
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    return {"total": total, "active": dict.fromkeys(languages, total)}
 
 
 # ---- export -----------------------------------------------------------------------------------------
@@ -470,9 +494,10 @@ def xmod_masked_logits(
     lang_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, V) logits at the N selected positions (row-major over `selected` (B, L) bool), like
-    mlm_models.masked_logits: every layer but the last runs everywhere, the last only where its output
-    is needed, the head on the selected rows. lang_ids (B,): each sequence's module; None: the
-    default language's. Equals `model(...).logits[selected]` up to float rounding."""
+    mlm_models.masked_logits (which hands X-Mod models here): every layer but the last runs everywhere,
+    the last only where its output is needed, the head on the selected rows. lang_ids (B,): each
+    sequence's module; None: the default language's. Equals `model(...).logits[selected]` up to float
+    rounding."""
     B = input_ids.shape[0]
     if lang_ids is None:
         if model.config.default_language is None:
@@ -485,18 +510,11 @@ def xmod_masked_logits(
     if selected.all() or len(layers) < 1 or model.config.is_decoder:
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, lang_ids=lang_ids).last_hidden_state
         return model.lm_head(hidden[selected])
-    pre_norm = base.encoder.is_pre_norm
-    base.encoder.layer = layers[:-1]  # the model's own forward (embeddings, masks) over all but the last layer
-    base.encoder.is_pre_norm = False  # and without the final LayerNorm, which follows the last layer
-    try:
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask, lang_ids=lang_ids).last_hidden_state
-    finally:
-        base.encoder.layer = layers
-        base.encoder.is_pre_norm = pre_norm
+    hidden = encoder_prefix(base, input_ids, attention_mask, len(layers) - 1, lang_ids=lang_ids)  # (B, L, H)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     out = xmod_layer_at_positions(layers[-1], hidden, attention_mask, selected, lang_ids)
-    if pre_norm:
+    if base.encoder.is_pre_norm:  # the final LayerNorm of a pre-norm encoder
         out = base.encoder.LayerNorm(out)
     return model.lm_head(out)
 
@@ -505,34 +523,22 @@ def xmod_layer_at_positions(layer, hidden: torch.Tensor, attention_mask: torch.T
                             lang_ids: torch.Tensor) -> torch.Tensor:
     """An X-Mod layer's output at the selected positions only: (N, H), row-major over `selected` (B, L).
     hidden: (B, L, H) the layer's input; attention_mask (B, L), 0 on padding; lang_ids (B,).
-    Queries, attention output, feed-forward and the module run on the selected rows (gathered per
-    sequence, padded to the longest count); keys and values on every position. Follows XmodLayer:
+    Queries, attention output, feed-forward and the module run on the selected rows; keys and values on
+    every position (mlm_models.selected_rows / attention_at_rows, as for BERT). Follows XmodLayer:
     post-norm (LayerNorm after each residual sum) or pre-norm (before each block)."""
     att, pre = layer.attention, layer.pre_norm
-    B, L, H = hidden.shape
-    heads, dh = att.self.num_attention_heads, att.self.attention_head_size
-    counts = selected.sum(1)  # (B,)
-    m = int(counts.max()) if B else 0
-    if m == 0:
-        return hidden.new_zeros(0, H)
-    pos = torch.arange(L, device=hidden.device).expand(B, L)
-    idx = torch.where(selected, pos, pos + L).argsort(dim=1)[:, :m]  # (B, m): selected positions first, in order
-    rows = hidden.gather(1, idx.unsqueeze(-1).expand(B, m, H))  # (B, m, H)
-    normed = att.output.LayerNorm(hidden) if pre else hidden
-    q_in = att.output.LayerNorm(rows) if pre else rows
-    q = att.self.query(q_in).view(B, m, heads, dh).transpose(1, 2)
-    k = att.self.key(normed).view(B, L, heads, dh).transpose(1, 2)
-    v = att.self.value(normed).view(B, L, heads, dh).transpose(1, 2)
-    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
-    keep = keep | ~keep.any(-1, keepdim=True)  # an all-padding row stays finite
-    p = att.self.dropout.p if att.self.training else 0.0
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, scale=att.self.scaling)
-    a = att.output(ctx.transpose(1, 2).reshape(B, m, H), rows)  # dense, dropout, + rows
+    rows, valid = selected_rows(hidden, selected)  # (B, m, H), (B, m)
+    if rows.shape[1] == 0:
+        return hidden.new_zeros(0, hidden.shape[-1])
+    if pre:  # LayerNorm before the attention: on the queries' rows and on every key/value position
+        ctx = attention_at_rows(att.self, att.output.LayerNorm(rows), att.output.LayerNorm(hidden), attention_mask)
+    else:
+        ctx = attention_at_rows(att.self, rows, hidden, attention_mask)
+    a = att.output(ctx, rows)  # dense, dropout, + rows
     if not pre:
         a = att.output.LayerNorm(a)
     ff_in = layer.output.LayerNorm(a) if pre else a
     out = layer.output(layer.intermediate(ff_in), a, lang_ids)  # dense, dropout, + a, module
     if not pre:
         out = layer.output.LayerNorm(out)
-    valid = torch.arange(m, device=hidden.device)[None, :] < counts[:, None]  # (B, m)
     return out[valid]
