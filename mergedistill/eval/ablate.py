@@ -108,8 +108,13 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
     return out
 
 
-def run_ablate(cfg: RunConfig) -> Path:
-    """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed."""
+def run_ablate(cfg: RunConfig, *, archs: bool = False) -> Path:
+    """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed.
+    archs: the dense vs X-Mod comparison instead (eval/archs.py)."""
+    if archs:
+        from mergedistill.eval.archs import run_archs
+
+        return run_archs(cfg)
     from mergedistill.data.stage import run_data
     from mergedistill.train.stage import run_train
     from mergedistill.vocab.stage import run_vocab

@@ -3,17 +3,17 @@
 one run. Body: 2 layers x hidden 128 (2 heads, FFN 512, the demo's size) over a 22k vocabulary; X-Mod
 adds one module per language (6) at reduction factor 2 and 4. A step is forward + backward of the
 training loss path: every layer but the last everywhere, the last layer and the MLM head at the masked
-positions only (mlm_models.masked_logits / xmod_student.xmod_masked_logits), cross-entropy there, in
+positions only (mlm_models.masked_logits / train.xmod.xmod_masked_logits), cross-entropy there, in
 train mode (dropout on). The batch: 32 sequences x 128 tokens, 15% masked, languages mixed at random.
 
 X-Mod routing variants:
   loop     transformers' XmodOutput: for every module, a boolean-mask gather, the module, a scatter
-  grouped  xmod_student.GroupedXmodOutput: one stable sort by language, each module on its slice
+  grouped  train.xmod.GroupedXmodOutput: one stable sort by language, each module on its slice
   sorted   grouped, with the batch's sequences already sorted by language (no gather at all)
 Variants run interleaved (round robin, a few steps each) so that load from other processes hits them
 alike; figures are medians. `--full` also times the full-logits path (head on every position).
 
-usage: python benchmarks/xmod_probe.py [--rounds 6] [--steps 3] [--threads 1] [--full]
+usage: python benchmarks/bench_xmod.py [--rounds 6] [--steps 3] [--threads 1] [--full]
 """
 from __future__ import annotations
 
