@@ -250,12 +250,15 @@ def _plot(path: Path, t, cfg: RunConfig, languages: list[str]) -> None:
     x = np.arange(len(languages))
     for ax, (title, metric) in zip(axes, (("masked-token accuracy", "mlm_acc"), ("agreement with the teacher", "agreement"),
                                           ("pseudo-perplexity per word (per char: *)", "pppl"))):
+        seen = []
         for i, n in enumerate(names):
             vals = [t.value("intrinsic", lang, n, metric) for lang in languages]
-            ax.bar(x + (i - 0.5) * 0.4, [np.nan if val is None else val for val in vals], 0.4, label=n)
+            vals = [np.nan if val is None or not np.isfinite(val) else val for val in vals]
+            seen += [val for val in vals if not np.isnan(val)]
+            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=n)
         ax.set_xticks(x, [f"{lang}*" if metric == "pppl" and lang in cfg.eval.char_languages else lang for lang in languages])
         ax.set_title(title, fontsize=10)
-        if metric == "pppl":
+        if metric == "pppl" and seen and min(seen) > 0:
             ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{cfg.vocab_run or cfg.run}: dense vs X-Mod student (held-out test)", fontsize=11)

@@ -203,7 +203,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process(run_dir, tiny_teachers, co
     """2 processes (gloo) x 4 sequences vs 1 process x 8. Every module takes part in every step (zero
     gradients for absent languages), so DDP needs no find_unused_parameters."""
     path = str(write_config(run_dir, tiny_teachers, corpora, max_steps=20))
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    tests = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))  # this checkout's mergedistill
     base = [sys.executable, "-m", "mergedistill", "train", "--config", path, *XMOD, "--train.accelerator=cpu"]
     one = subprocess.run(base + ["--train.devices=1", "--train.batch_size=8"], cwd=run_dir, env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
