@@ -10,7 +10,8 @@ evaluate's intrinsic metrics (masked-token accuracy, agreement with the routed t
 bits per char), each language through its own module; parameters total and active per language; and the
 training step time, measured side by side: the two exported students train on the same real batches
 from the shards, interleaved, in this process (medians), so that load from other processes hits both
-alike. Output: runs/<run>/archs/{report.md, results.csv, archs.png}.
+alike. Output: runs/<run>/archs/{report.md, results.csv, archs.png, state.json}; a rerun with the same
+students and evaluation settings skips.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from pathlib import Path
 import torch
 
 from mergedistill.config import XMOD_FIELDS, RunConfig
+from mergedistill.configlib import to_dict
+from mergedistill.corpus import corpus_fingerprint
 from mergedistill.errors import UserError
 from mergedistill.eval.models import Export, Models, eval_device
-from mergedistill.fsutil import atomic_dir, read_json
+from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic
 from mergedistill.tables import dict_rows, markdown_table, write_csv
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,12 @@ def run_archs(cfg: RunConfig) -> Path:
               zip(exports.items(), configs.values())}
     if problems:
         raise UserError(problems)
+    out = cfg.run_dir / "archs"
+    inputs = {"students": {n: e.fingerprint() for n, e in opened.items()}, "eval": to_dict(cfg.eval),  # type: ignore[union-attr]
+              "test": {lang: corpus_fingerprint(lc.test) for lang, lc in cfg.languages.items()}, "timed_steps": TIMED_STEPS}
+    if (out / "report.md").is_file() and (out / "state.json").is_file() and read_json(out / "state.json").get("inputs") == inputs:
+        log.info("ablate --archs: %s is complete for these students; skipping", out / "report.md")
+        return out
     models = ArchModels(scfg, opened)  # type: ignore[arg-type]
     plan = Plan(opened["dense"], None, vocab, vrec, languages)  # type: ignore[arg-type]
     from mergedistill.eval.models import autocast
@@ -104,10 +113,10 @@ def run_archs(cfg: RunConfig) -> Path:
     with autocast(cfg):
         for lang in languages:
             rows += intrinsic(scfg, models, plan, lang)
-    step = step_times(cfg, {n: models.model(n) for n in ARCHS}, configs, languages)
-    out = cfg.run_dir / "archs"
+    step = step_times(cfg, {n: models.model(n) for n in ARCHS}, configs, languages, TIMED_STEPS)
     with atomic_dir(out) as tmp:
-        write_outputs(tmp, configs["xmod"], rows, step, train_s, languages)
+        summary = write_outputs(tmp, configs["xmod"], rows, step, train_s, languages)
+        write_json_atomic(tmp / "state.json", {"inputs": inputs, **summary, "seconds": round(time.monotonic() - start, 1)})
     log.info("ablate --archs: done in %.0f s; table at %s", time.monotonic() - start, out / "report.md")
     return out
 

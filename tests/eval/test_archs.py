@@ -5,18 +5,21 @@ import csv
 import json
 import os
 
+import pytest
 import yaml
 from transformers import AutoModelForMaskedLM, BertForMaskedLM, XmodForMaskedLM
 
 from conftest import SENTENCES, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
+from mergedistill.eval import archs
 from mergedistill.eval.archs import arch_config, write_outputs
 from mergedistill.eval.report import Row
 from mergedistill.train.xmod import parameter_counts
 
 
-def test_dense_and_xmod_students_from_the_same_shards_in_one_table(workdir, tiny_teachers, tmp_path):
+def test_dense_and_xmod_students_from_the_same_shards_in_one_table(workdir, tiny_teachers, tmp_path, monkeypatch):
+    monkeypatch.setattr(archs, "TIMED_STEPS", 5)
     corpora = {}
     for lang in ("de", "ru"):
         p = tmp_path / f"{lang}.txt"
@@ -67,10 +70,15 @@ def test_dense_and_xmod_students_from_the_same_shards_in_one_table(workdir, tiny
     assert "| de | wp |" in report and "X-Mod ahead of the dense student in masked accuracy on" in report
     assert f"X-Mod {c['total']:,} in all" in report and "training step time" in report
     assert (out / "archs.png").stat().st_size > 1000
-    # a rerun trains nothing
-    stamp = (workdir / "runs/t-xmod/train/state.json").stat().st_mtime_ns
+    state = json.loads((out / "state.json").read_text())
+    acc = {(r["arch"], r["language"]): float(r["value"]) for r in rows if r["metric"] == "mlm_acc"}
+    assert state["wins"] == sum(acc[("xmod", lang)] > acc[("dense", lang)] for lang in ("de", "ru")) and state["languages"] == 2
+    assert state["step_ratio"] == pytest.approx(float(next(r["value"] for r in rows if r["arch"] == "xmod" and r["metric"] == "step_s")) / float(
+        next(r["value"] for r in rows if r["arch"] == "dense" and r["metric"] == "step_s")), rel=1e-4)
+    # a rerun trains and scores nothing
+    stamps = [(p, p.stat().st_mtime_ns) for p in (workdir / "runs/t-xmod/train/state.json", out / "report.md")]
     assert main(["ablate", "--config", str(cfg_path), "--archs"]) == 0
-    assert (workdir / "runs/t-xmod/train/state.json").stat().st_mtime_ns == stamp
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps)
 
 
 def test_an_xmod_run_compares_with_a_dense_copy_without_its_xmod_settings(workdir, tiny_teachers, tiny_corpora):

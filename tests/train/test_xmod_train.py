@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_train as tt  # its tiny shards, fixtures and helpers
 import torch
-from test_train import ROUTING, corpora, metrics, prepared, run_dir, series, write_config  # noqa: F401 (fixtures)
 from transformers import AutoModelForMaskedLM, XmodForMaskedLM
 
 from mergedistill.cli import main
@@ -24,6 +24,8 @@ from mergedistill.errors import ConfigError
 from mergedistill.train.batches import SampledBatches
 from mergedistill.train.xmod import lang_ids_for, language_modules, parameter_counts
 
+corpora, prepared, run_dir = tt.corpora, tt.prepared, tt.run_dir  # fixtures
+ROUTING, metrics, series, write_config = tt.ROUTING, tt.metrics, tt.series, tt.write_config
 LANGS = list(ROUTING)  # en, de, ru, fr: the config's order = the modules' order
 XMOD = ["--student.arch=xmod"]
 
