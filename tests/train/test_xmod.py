@@ -136,6 +136,28 @@ def test_masked_logits_equal_the_full_head_at_the_selected_positions(run, pre_no
     torch.testing.assert_close(default, logits(model, ids, att, ["fr"] * 5)[sel], atol=1e-5, rtol=1e-5)
 
 
+def test_masked_logits_hands_xmod_models_their_lang_ids(run):
+    """mlm_models.masked_logits (what training, evaluate and select call) takes an X-Mod model's lang_ids
+    to its masked-position head; lang_ids for a dense model are refused rather than ignored."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mergedistill.mlm_models import masked_logits
+
+    model = student(run, zero_init_modules=False)
+    ids, att = random_batch(run.vocab.size, B=3)
+    sel = att.bool() & (torch.arange(ids.shape[1]) % 3 == 1)
+    langs = ["ru", "fr", "de"]
+    with torch.no_grad():
+        got = masked_logits(model, ids, att, sel, lang_ids=lang_ids_for(model, langs))
+        torch.testing.assert_close(got, logits(model, ids, att, langs)[sel], atol=1e-5, rtol=1e-5)
+        use_language(model, "fr")
+        torch.testing.assert_close(masked_logits(model, ids, att, sel), logits(model, ids, att, ["fr"] * 3)[sel], atol=1e-5, rtol=1e-5)
+    dense = BertForMaskedLM(BertConfig(vocab_size=run.vocab.size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64))
+    with pytest.raises(ValueError, match="lang_ids select X-Mod language modules; this is a bert model"):
+        masked_logits(dense, ids, att, sel, lang_ids=torch.zeros(3, dtype=torch.long))
+
+
 def test_kd_and_mlm_training_lowers_the_loss(run):
     model = student(run).train()
     ids, att = random_batch(run.vocab.size, B=6, L=16)
