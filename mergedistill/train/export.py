@@ -11,7 +11,7 @@ from mergedistill import __version__
 from mergedistill.config import RunConfig
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.tables import markdown_table
-from mergedistill.train.xmod import is_xmod, model_card_usage, parameter_counts, save_xmod_student
+from mergedistill.train.xmod import is_xmod, model_card_usage, parameter_counts, save_xmod_student, use_language
 
 
 def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
@@ -19,11 +19,13 @@ def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, language
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
     tokenizers, languages.json (language -> tokenizer folder) and a README model card."""
     routing = {lang: cfg.teacher_of(lang) for lang in languages}
+    if is_xmod(student):
+        use_language(student, languages[0])  # the default module: the first language's
     card = model_card(cfg, vrec, manifest, languages, metrics, init_info)
     if is_xmod(student):
         card = insert_section(card, xmod_card_section(cfg, student, languages), before="## Teachers and routing")
     with atomic_dir(out) as tmp:
-        if is_xmod(student):  # default module: the first language's (config.default_language)
+        if is_xmod(student):
             save_xmod_student(student, tmp, default_language=languages[0])
         else:
             student.save_pretrained(str(tmp), safe_serialization=True)
