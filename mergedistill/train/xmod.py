@@ -151,10 +151,15 @@ def is_xmod(model) -> bool:
 
 
 def with_language(model, lang: str):
-    """`model` set to read `lang`: an X-Mod model gets that language's module as its default (for code
-    written for dense models: metrics, pipelines, a deep copy of `model.base_model`); any other model is
-    returned as it is. Returns the model."""
-    return use_language(model, lang) if is_xmod(model) else model
+    """`model` set to read `lang`, for code written for dense models (metrics, pipelines, a deep copy of
+    `model.base_model`): an X-Mod model gets that language's module as its default, and the grouped
+    routing (the same numbers; transformers' own routing fails under bfloat16 autocast, which
+    `eval.dtype: bfloat16` uses). Any other model is returned as it is. Returns the model."""
+    if not is_xmod(model):
+        return model
+    if not isinstance(model.base_model.encoder.layer[0].output, GroupedXmodOutput):
+        grouped_routing(model)
+    return use_language(model, lang)
 
 
 # ---- building and initialising ------------------------------------------------------------------

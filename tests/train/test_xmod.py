@@ -158,6 +158,22 @@ def test_masked_logits_hands_xmod_models_their_lang_ids(run):
         masked_logits(dense, ids, att, sel, lang_ids=torch.zeros(3, dtype=torch.long))
 
 
+def test_with_language_prepares_an_xmod_model_for_dense_code_in_bfloat16(run):
+    """Evaluation code calls models without lang_ids, under bfloat16 autocast (eval.dtype): with_language
+    sets the module and the routing that autocast allows (transformers' 5.x own routing fails there:
+    it writes bfloat16 module outputs into a float32 buffer)."""
+    from mergedistill.train.xmod import with_language
+
+    model = student(run, zero_init_modules=False)
+    ids, att = random_batch(run.vocab.size, B=3)
+    assert with_language(model, "ru") is model and model.config.default_language == "ru"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf = model(input_ids=ids, attention_mask=att).logits.float()
+    torch.testing.assert_close(bf, logits(model, ids, att, ["ru"] * 3), atol=0.1, rtol=0.05)
+    dense = torch.nn.Linear(2, 2)
+    assert with_language(dense, "xx") is dense  # anything else: untouched
+
+
 def test_kd_and_mlm_training_lowers_the_loss(run):
     model = student(run).train()
     ids, att = random_batch(run.vocab.size, B=6, L=16)
