@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all battery demo corpora teachers vocab select ablate bench bench-vocab bench-data bench-train bench-shard-hash clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
 	@echo "make test      # the test suite (fast tests; make test-all adds the slow ones)"
 	@echo "make corpora teachers vocab   # single stages of the demo"
+	@echo "make xmod      # dense vs X-Mod student on the demo's six languages: runs/demo/archs/report.md"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
 	@echo "make battery   # 85 bad inputs, full disks, read-only folders, kills and concurrent runs: a table of how each ends"
 
@@ -53,13 +54,18 @@ select: teachers
 ablate: select
 	$(MD) ablate --config configs/demo.yaml
 
+# the curse-of-multilinguality comparison: a dense and an X-Mod student of the same body, shards and steps
+# (the dense one is the demo's own student), one table and plot: runs/demo/archs/report.md
+xmod: teachers
+	$(MD) ablate --config configs/demo.yaml --archs
+
 # every stage of the demo run; each skips when its outputs are complete, so a rerun resumes
 demo: teachers
 	$(PY) -m mergedistill.demo.source_task --config configs/demo.yaml > /dev/null
 	time $(MD) run --config configs/demo.yaml
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
 
-bench: bench-vocab bench-data bench-train bench-shard-hash
+bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
@@ -75,3 +81,6 @@ bench-train: corpora
 
 bench-shard-hash: corpora
 	$(PY) benchmarks/bench_shard_hash.py
+
+bench-xmod: setup
+	$(PY) benchmarks/bench_xmod.py

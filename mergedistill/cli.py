@@ -30,7 +30,7 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
               ("resume", "baseline", "force", "restart_if_changed")),
     "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.eval.stage:run_evaluate", ("force",)),
     "select": ("rank candidate teachers per language, write a routing", "mergedistill.eval.select:run_select", ()),
-    "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate", ()),
+    "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate", ("archs",)),
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all", ("force",)),
 }
 
@@ -40,6 +40,7 @@ FLAGS = {
     "baseline": "train the MLM-only baseline instead (nothing from any teacher; same size, data and steps) into runs/<run>/baseline",
     "restart_if_changed": "continue the last checkpoint if it was trained with these settings, else start over (what `run` does)",
     "verify": "build nothing: check that every shard is complete and that its content matches the hash in its record",
+    "archs": "instead of routing variants: a dense and an X-Mod student of the same body, data and steps, one table (runs/<run>/archs/)",
 }
 
 

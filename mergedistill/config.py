@@ -122,6 +122,25 @@ class StudentConfig:
     (languages mixed with the sampling probabilities), so that a student from random initialisation
     starts at the unigram baseline instead of spending its first steps learning token frequencies.
     Uses no teacher; `train --baseline` turns it on."""
+    arch: Literal["bert", "xmod"] = "bert"
+    """`bert`: one dense BERT masked LM for every language. `xmod`: an X-Mod masked LM (Pfeiffer et al.,
+    2022): the same shared body plus a small bottleneck module per language in every layer, chosen per
+    sequence by its language; exports as `XmodForMaskedLM` (`set_default_language` / `lang_ids`)."""
+    modules: dict[str, str] = field(default_factory=dict)
+    """X-Mod: language -> module name, to let languages share a module (e.g. `{es: romance, fr: romance}`);
+    a language left out gets a module of its own, named after it."""
+    adapter_reduction_factor: int = 2
+    """X-Mod: each module's bottleneck is hidden / this (2: hidden 128 -> 64)."""
+    ln_before_adapter: bool = False
+    """X-Mod: the module's residual is taken after the LayerNorm that feeds it (X-Mod's published
+    default) instead of before it. False keeps a student initialised from a teacher equal to it (README)."""
+    adapter_layer_norm: bool = False
+    """X-Mod: a LayerNorm of its own in front of the modules."""
+    adapter_reuse_layer_norm: bool = True
+    """X-Mod: without `adapter_layer_norm`, feed the modules through the layer's output LayerNorm."""
+    pre_norm: bool = False
+    """X-Mod: LayerNorm before each block instead of after (a pre-LN network: cannot start equal to a
+    post-LN teacher)."""
 
 
 @dataclass
@@ -359,6 +378,34 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
                         f"allowed: >= data.seq_len (raise student.max_position or lower data.seq_len)")
     if s.init != "random" and not (s.init.startswith("teacher:") and s.init[8:] in cfg.teachers):
         problems.append(f"student.init: {s.init!r} must be `random` or `teacher:<name>` with a defined teacher")
+    _check_xmod(cfg, problems)
+
+
+XMOD_FIELDS = {"modules": {}, "adapter_reduction_factor": 2, "ln_before_adapter": False, "adapter_layer_norm": False,
+                "adapter_reuse_layer_norm": True, "pre_norm": False}
+
+
+def _check_xmod(cfg: RunConfig, problems: list[str]) -> None:
+    """The X-Mod student's fields: set only with `arch: xmod`, modules for configured languages."""
+    s = cfg.student
+    if s.arch != "xmod":
+        changed = [k for k, v in XMOD_FIELDS.items() if getattr(s, k) != v]
+        if changed:
+            problems.append(f"student.{changed[0]}: X-Mod settings ({', '.join(changed)}) need `student.arch: xmod` "
+                            f"(the student is `{s.arch}`); set the arch or remove them")
+        return
+    unknown = [lang for lang in s.modules if lang not in cfg.languages]
+    if unknown:
+        problems.append(f"student.modules: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not under languages "
+                        f"({', '.join(cfg.languages)}); remove {'it' if len(unknown) == 1 else 'them'} or add the language")
+    names = {lang: str(s.modules.get(lang, lang)) for lang in cfg.languages}
+    bad = [f"{lang}: {m!r}" for lang, m in names.items() if not re.match(r"^[\w-]+$", m)]
+    if bad:
+        problems.append(f"student.modules: module names (a language's own code unless mapped) must be letters, digits, "
+                        f"_ or - (they name weights); got {', '.join(bad)}; map those languages to plain names")
+    if not 1 <= s.adapter_reduction_factor <= max(s.hidden, 1):
+        problems.append(f"student.adapter_reduction_factor: {s.adapter_reduction_factor} must be from 1 to student.hidden "
+                        f"({s.hidden}): the module bottleneck is hidden / it")
 
 
 def _apply_routing(data: dict, problems: list[str]) -> None:

@@ -31,7 +31,11 @@ FAMILIES: dict[str, tuple[type, type]] = {
 }
 
 # model_type -> attribute holding the position-wise MLM head (hidden (N, H) -> logits (N, V)).
+# X-Mod is not here: its layers need lang_ids, so masked_logits hands it to train.xmod.xmod_masked_logits.
 _HEADS = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head"}
+
+ROBERTA_STYLE = ("roberta", "xlm-roberta", "camembert", "xmod")
+"""Model types whose position table starts at row padding_idx + 1 (BERT's starts at row 0)."""
 
 
 def position_embeddings_needed(family: str, max_position: int, pad_id: int) -> int:
@@ -49,7 +53,7 @@ def usable_positions(model) -> int:
     config)."""
     cfg = getattr(model, "config", model)
     n = cfg.max_position_embeddings
-    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+    if getattr(cfg, "model_type", "") in ROBERTA_STYLE:
         n -= cfg.pad_token_id + 1
     return n
 
@@ -102,13 +106,22 @@ def masked_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     selected: torch.Tensor,
+    lang_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, V) logits at the N selected positions, in row-major order of `selected` (B, L) bool.
 
     For BERT/RoBERTa-style models the encoder runs all but its last layer everywhere, the last layer
     only where its output is needed (queries at the selected positions; keys and values, which every
     position feeds, everywhere), and the head on the selected rows only. Any other masked LM falls
-    back to the full (B, L, V) logits, indexed. Both give the same numbers (up to float rounding)."""
+    back to the full (B, L, V) logits, indexed. Both give the same numbers (up to float rounding).
+    lang_ids (B,): each sequence's language module, for X-Mod models (None: the model's default
+    language); refused for any other model."""
+    if getattr(model.config, "model_type", "") == "xmod":
+        from mergedistill.train.xmod import xmod_masked_logits
+
+        return xmod_masked_logits(model, input_ids, attention_mask, selected, lang_ids)
+    if lang_ids is not None:
+        raise ValueError(f"lang_ids select X-Mod language modules; this is a {getattr(model.config, 'model_type', '?')} model")
     head_attr = _HEADS.get(getattr(model.config, "model_type", ""))
     head = getattr(model, head_attr, None) if head_attr else None
     if head is None:
@@ -133,7 +146,7 @@ def encoder_prefix(base: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     hidden = base.embeddings(input_ids=input_ids)
     mask = create_bidirectional_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask)
     for layer in base.encoder.layer[:n_layers]:
-        out = layer(hidden, mask, **layer_kwargs)
+        out = layer(hidden, attention_mask=mask, **layer_kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
@@ -156,26 +169,42 @@ def layer_at_positions(layer, hidden: torch.Tensor, attention_mask: torch.Tensor
 
     Queries, the attention output, and the feed-forward block run on the selected rows (gathered per
     sequence, padded to the longest count); keys and values on every position."""
-    att = layer.attention.self
+    rows, valid = selected_rows(hidden, selected)  # (B, m, H), (B, m)
+    if rows.shape[1] == 0:
+        return hidden.new_zeros(0, hidden.shape[-1])
+    ctx = attention_at_rows(layer.attention.self, rows, hidden, attention_mask)  # (B, m, H)
+    a = layer.attention.output(ctx, rows)  # dense, dropout, LayerNorm(. + rows)
+    out = layer.output(layer.intermediate(a), a)  # (B, m, H)
+    return out[valid]
+
+
+def selected_rows(hidden: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected positions of each sequence, gathered in order and padded to the longest count m:
+    rows (B, m, H) and valid (B, m) bool (False on the padding), so that `x[valid]` lists the N
+    selected positions row-major, as `hidden[selected]` does. m = 0 when nothing is selected."""
     B, L, H = hidden.shape
-    heads, dh = att.num_attention_heads, att.attention_head_size
     counts = selected.sum(1)  # (B,)
     m = int(counts.max()) if B else 0
-    if m == 0:
-        return hidden.new_zeros(0, H)
     pos = torch.arange(L, device=hidden.device).expand(B, L)
     # selected positions first, in order, then the rest: the first m columns are what each row needs
     idx = torch.where(selected, pos, pos + L).argsort(dim=1)[:, :m]  # (B, m)
     rows = hidden.gather(1, idx.unsqueeze(-1).expand(B, m, H))  # (B, m, H)
-    q = att.query(rows).view(B, m, heads, dh).transpose(1, 2)
-    k = att.key(hidden).view(B, L, heads, dh).transpose(1, 2)
-    v = att.value(hidden).view(B, L, heads, dh).transpose(1, 2)
+    valid = torch.arange(m, device=hidden.device)[None, :] < counts[:, None]  # (B, m)
+    return rows, valid
+
+
+def attention_at_rows(att, queries: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A BERT-style self-attention module (`query`, `key`, `value`, heads) with its queries from `queries`
+    (B, m, H) and its keys and values from every position of `keys` (B, L, H); attention_mask (B, L), 0
+    on padding. Returns the context (B, m, H), before the attention's output projection."""
+    B, m, H = queries.shape
+    L = keys.shape[1]
+    heads, dh = att.num_attention_heads, att.attention_head_size
+    q = att.query(queries).view(B, m, heads, dh).transpose(1, 2)
+    k = att.key(keys).view(B, L, heads, dh).transpose(1, 2)
+    v = att.value(keys).view(B, L, heads, dh).transpose(1, 2)
     keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): which keys each query may see
     keep = keep | ~keep.any(-1, keepdim=True)  # an all-padding row (nothing selected in it) stays finite
     p = att.dropout.p if (att.training and hasattr(att, "dropout")) else 0.0
-    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, scale=dh ** -0.5)
-    ctx = ctx.transpose(1, 2).reshape(B, m, heads * dh)  # heads * dh < H after head pruning
-    a = layer.attention.output(ctx, rows)  # dense, dropout, LayerNorm(. + rows)
-    out = layer.output(layer.intermediate(a), a)  # (B, m, H)
-    valid = torch.arange(m, device=hidden.device)[None, :] < counts[:, None]  # (B, m)
-    return out[valid]
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p, scale=getattr(att, "scaling", dh ** -0.5))
+    return ctx.transpose(1, 2).reshape(B, m, heads * dh)  # heads * dh < H after head pruning

@@ -86,28 +86,37 @@ def variant_config(cfg: RunConfig, name: str, routing: dict[str, str]) -> RunCon
 
 
 def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
-    """Pseudo-perplexity per word/char of an exported student on each language's test split."""
+    """Pseudo-perplexity per word/char of an exported student on each language's test split, and its
+    parameters: total, and active for the language (an X-Mod student: shared + the language's module)."""
     from mergedistill.eval.metrics import score_pll
     from mergedistill.eval.models import Export, autocast, eval_device
+    from mergedistill.train.xmod import active_parameters, with_language
 
     problems: list[str] = []
     student = Export.open("student", export, problems, cfg.command("train"), eval_device(cfg))
     if student is None:
         raise UserError(problems)
     out = {}
+    params = active_parameters(student.model(), list(cfg.languages))
     for lang, lc in cfg.languages.items():
         spec = lc.test or lc.valid
         texts = sample_lines(spec, f"languages.{lang}.test", cfg.eval.pll_lines, cfg.eval.seed)
         unit = "char" if lang in cfg.eval.char_languages else "word"
         with autocast(cfg):
-            score = score_pll(student.model(), student.tokenizer(lang), texts, unit)
-        out[lang] = {"ppl": score["ppl"], "unit": unit, "lines": score["lines"], "units": score["units"]}
+            score = score_pll(with_language(student.model(), lang), student.tokenizer(lang), texts, unit)  # X-Mod: its module
+        out[lang] = {"ppl": score["ppl"], "unit": unit, "lines": score["lines"], "units": score["units"],
+                     "params_total": params["total"], "params_active": params["active"][lang]}
     return out
 
 
 @exclusive("ablate", lambda cfg: cfg.run_dir / "ablate")
-def run_ablate(cfg: RunConfig) -> Path:
-    """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed."""
+def run_ablate(cfg: RunConfig, *, archs: bool = False) -> Path:
+    """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed.
+    archs: the dense vs X-Mod comparison instead (eval/archs.py)."""
+    if archs:
+        from mergedistill.eval.archs import run_archs
+
+        return run_archs(cfg)
     from mergedistill.data.stage import run_data
     from mergedistill.train.stage import run_train
     from mergedistill.vocab.stage import run_vocab
@@ -151,7 +160,7 @@ def _write(out: Path, cfg: RunConfig, variants: dict, rows: list[dict], times: d
     import matplotlib.pyplot as plt
     import numpy as np
 
-    header = ["variant", "language", "teacher", "ppl", "unit", "lines", "units"]
+    header = ["variant", "language", "teacher", "ppl", "unit", "lines", "units", "params_total", "params_active"]
     write_csv(out / "results.csv", header, dict_rows(rows, header))
     langs = list(cfg.languages)
     names = list(variants)
@@ -163,6 +172,7 @@ def _write(out: Path, cfg: RunConfig, variants: dict, rows: list[dict], times: d
     geo = {n: float(np.exp(np.mean([np.log(cell[(n, lang)]["ppl"]) for lang in langs]))) for n in names}
     body = [[lang] + [f"{cell[(n, lang)]['ppl']:.2f} ({cell[(n, lang)]['teacher']})" for n in names] for lang in langs]
     body.append(["geometric mean"] + [f"**{geo[n]:.2f}**" for n in names])
+    body.append(["parameters: total / active per language"] + [_params_cell([cell[(n, lang)] for lang in langs]) for n in names])
     md.append(markdown_table(["language"] + names, body))
     md += ["", "Wall time per variant (data, training, scoring; reused artifacts cost nothing): "
            + ", ".join(f"{n} {times[n]:.0f} s" for n in names), "", "![ablation](ablate.png)", ""]
@@ -180,3 +190,9 @@ def _write(out: Path, cfg: RunConfig, variants: dict, rows: list[dict], times: d
     fig.tight_layout()
     fig.savefig(out / "ablate.png", dpi=110)
     plt.close(fig)
+
+
+def _params_cell(cells: list[dict]) -> str:
+    total = cells[0]["params_total"]
+    active = sorted({c["params_active"] for c in cells})
+    return f"{total:,} / " + (f"{active[0]:,}" if len(active) == 1 else f"{active[0]:,}-{active[-1]:,}")

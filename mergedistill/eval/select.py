@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 def run_select(cfg: RunConfig) -> Path:
     from mergedistill.eval.metrics import score_pll
     from mergedistill.eval.models import Models, autocast
+    from mergedistill.train.xmod import with_language
 
     start = time.monotonic()
     problems = split_problems(cfg.languages, "valid", "select scores teachers on the valid split; add one")
@@ -41,8 +42,9 @@ def run_select(cfg: RunConfig) -> Path:
         unit = "char" if lang in cfg.eval.char_languages else "word"
         for name in cfg.teachers_of(lang):
             t0 = time.monotonic()
+            model, tok = models.teacher(name)
             with autocast(cfg):
-                score = score_pll(*models.teacher(name), texts, unit)
+                score = score_pll(with_language(model, lang), tok, texts, unit)  # an X-Mod model: the language's module
             rows.append({"language": lang, "teacher": name, "unit": unit, **score})
             log.info("select: %s by %s: pseudo-perplexity %.2f per %s (%d lines, %d tokens, %.0f s)",
                      lang, name, score["ppl"], unit, score["lines"], score["tokens"], time.monotonic() - t0)

@@ -76,6 +76,7 @@ from mergedistill.fsutil import (
 )
 from mergedistill.lock import exclusive
 from mergedistill.teachers import model_fingerprint
+from mergedistill.train.xmod import active_parameters, with_language
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ def inputs_fingerprint(cfg: RunConfig, plan: Plan) -> dict:
 
 # ---- intrinsic -----------------------------------------------------------------------------------
 def _pll_rows(models: Models, key: str, lang: str, texts: list[str], unit: str, batch_size: int) -> tuple[list[Row], str]:
-    model, tok = models.model(key), models.tokenizer(key, lang)
+    model, tok = with_language(models.model(key), lang), models.tokenizer(key, lang)  # X-Mod: the language's module
     pll = sum(pseudo_log_likelihoods(model, tok, texts, max_len=models.max_len(key), batch_size=batch_size))
     return _pll_summary(models.role(key, lang), key, lang, pll, tok, texts, unit)
 
@@ -265,8 +266,9 @@ def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row
     routed = cfg.teacher_of(lang)
     rkey = f"teacher:{routed}"
     rmodel, rtok = models.teacher(routed)
+    with_language(rmodel, lang)
     idmap = plan.vocab.idmaps[routed]
-    students = [k for k in ("student", "baseline") if k in models.for_language(lang)]
+    students = [k for k in models.for_language(lang) if not k.startswith("teacher:")]  # student, baseline
     seq_len = min([models.max_len(rkey)] + [models.max_len(k) for k in students])
     rows: list[Row] = []
 
@@ -292,9 +294,13 @@ def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row
     s_allowed[torch.from_numpy(plan.vocab.producible_ids(routed)).long()] = True
     for key in students:
         t0 = time.monotonic()
-        _, top = masked_top1(models.model(key), s_in, eset["attention_mask"], sel, e.batch_size, allowed=s_allowed)
+        model = with_language(models.model(key), lang)  # X-Mod: this language's module
+        _, top = masked_top1(model, s_in, eset["attention_mask"], sel, e.batch_size, allowed=s_allowed)
         acc, agree = hit_rate(top, s_gold), hit_rate(top, s_teacher)
         rows += [Row("intrinsic", lang, key, key, "mlm_acc", acc, n), Row("intrinsic", lang, key, key, "agreement", agree, n)]
+        params = active_parameters(model, [lang])
+        rows += [Row("intrinsic", lang, key, key, "params_total", params["total"], 0),
+                 Row("intrinsic", lang, key, key, "params_active", params["active"][lang], 0)]
         pll_rows, msg = _pll_rows(models, key, lang, pll_texts, unit, pll_batch)
         rows += pll_rows
         log.info("evaluate %s / %s: masked acc %.3f, agreement with %s %.3f (%s masked), %s, %.1f s", lang, key, acc, routed, agree,
@@ -304,6 +310,7 @@ def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row
         t0 = time.monotonic()
         key = f"teacher:{name}"
         cmodel, ctok = models.teacher(name)
+        with_language(cmodel, lang)
         cset = masked_eval_set(ctok, acc_texts, models.max_len(key), e.mask_prob, e.seed)
         csel = cset["labels"] != IGNORE_INDEX
         top, _ = masked_top1(cmodel, cset["input_ids"], cset["attention_mask"], csel, e.batch_size)
@@ -350,7 +357,7 @@ def retrieval(cfg: RunConfig, models: Models, languages: list[str]) -> list[Row]
         for lang, ks in need.items():
             t0 = time.monotonic()
             ks_sorted = sorted(ks)
-            vecs = embed_texts(models.model(key), models.tokenizer(key, lang), [keyed[lang][k] for k in ks_sorted],
+            vecs = embed_texts(with_language(models.model(key), lang), models.tokenizer(key, lang), [keyed[lang][k] for k in ks_sorted],
                                models.max_len(key), e.batch_size)
             emb[lang] = dict(zip(ks_sorted, vecs))
             log.info("evaluate %s / %s: embedded %s aligned paragraphs, %.1f s", lang, key, f"{len(ks_sorted):,}",
@@ -386,7 +393,7 @@ def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
         for key in models.for_language(src):
             t0 = time.monotonic()
             tok = models.tokenizer(key, src)
-            ft = fine_tune(models.model(key), tok, exs, labels, task.kind, task.epochs, task.lr, e.batch_size,
+            ft = fine_tune(with_language(models.model(key), src), tok, exs, labels, task.kind, task.epochs, task.lr, e.batch_size,
                            models.max_len(key), e.seed, joiner(src))
             done = []
             targets = [src] + ([t for t in test if t != src] if src in task.zero_shot_from else [])
@@ -397,6 +404,7 @@ def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
                     warn = label_mismatch(_labels_of(exs, task.kind), _labels_of(test[tgt], task.kind))
                     if warn:
                         log.warning("evaluate: eval.downstream.%s zero-shot %s -> %s: %s", name, src, tgt, warn)
+                with_language(ft.encoder, tgt)  # X-Mod: fine-tuned with src's module, tested with tgt's (zero-shot)
                 acc, n = task_accuracy(ft, models.tokenizer(key, tgt), test[tgt], labels, models.max_len(key), e.batch_size,
                                        joiner(tgt))
                 metric = f"{name}/acc" if tgt == src else f"{name}/acc_from_{src}"
@@ -463,7 +471,7 @@ def run_evaluate(cfg: RunConfig, *, force: bool = False) -> Path:
     with atomic_dir(out) as tmp:
         write_results_csv(rows, tmp / "results.csv")
         plots = write_plots(table, tmp / "plots")
-        (tmp / "report.md").write_text(report_md(table, _header(cfg, plan, seconds), DEFINITIONS, plots), encoding="utf-8")
+        (tmp / "report.md").write_text(report_md(table, _header(cfg, plan, seconds, table), DEFINITIONS, plots), encoding="utf-8")
         write_json_atomic(tmp / "state.json", {"inputs": inputs, "rows": len(rows), "seconds": round(seconds, 1),
                                                "mergedistill": __version__})
     readme = plan.student.folder / "README.md"
@@ -475,7 +483,7 @@ def run_evaluate(cfg: RunConfig, *, force: bool = False) -> Path:
     return out
 
 
-def _header(cfg: RunConfig, plan: Plan, seconds: float) -> str:
+def _header(cfg: RunConfig, plan: Plan, seconds: float, table: Table | None = None) -> str:
     e = cfg.eval
     base = f"`{plan.baseline.folder}`" if plan.baseline else "none (no baseline export, or eval.baseline: false)"
     return "\n".join([
@@ -487,5 +495,20 @@ def _header(cfg: RunConfig, plan: Plan, seconds: float) -> str:
         f"- test lines per language (a seeded random sample spread over the split): {e.max_lines if e.max_lines is not None else 'all'} for masked accuracy "
         f"(mask rate {e.mask_prob}, seed {e.seed}), {e.pll_lines} for PLL; "
         f"per-char languages: {', '.join(e.char_languages) or 'none'}",
+        *([parameters_line(table, plan.languages)] if table is not None else []),
         f"- {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {seconds:.0f} s, mergedistill {__version__}",
     ])
+
+
+def parameters_line(table: Table, languages: list[str]) -> str:
+    """Total and per-language active parameters of the students (X-Mod: shared + that language's module)."""
+    parts = []
+    for key in ("student", "baseline"):
+        total = next((r.value for r in table.rows if r.model == key and r.metric == "params_total"), None)
+        if total is None:
+            continue
+        active = {lang: table.value("intrinsic", lang, key, "params_active") for lang in languages}
+        same = len({v for v in active.values() if v is not None}) == 1 and next(iter(active.values())) == total
+        parts.append(f"{key} {int(total):,}" + ("" if same else " (active per language: " + ", ".join(
+            f"{lang} {int(v):,}" for lang, v in active.items() if v is not None) + ")"))
+    return "- parameters: " + ("; ".join(parts) or "-")

@@ -17,6 +17,7 @@ from mergedistill.config import RunConfig
 from mergedistill.corpus import iter_lines
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.tables import markdown_table
+from mergedistill.train.xmod import is_xmod, model_card_usage, parameter_counts, save_xmod_student, use_language
 
 EXAMPLE_LINES = 2000
 """Corpus lines searched per language for the card's example sentence."""
@@ -27,8 +28,13 @@ def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, l
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
     tokenizers, languages.json, token_ids/<lang>.npy and a README model card."""
     routing = {lang: cfg.teacher_of(lang) for lang in languages}
+    if is_xmod(student):
+        use_language(student, languages[0])  # the default module: the first language's
     with atomic_dir(out) as tmp:
-        student.save_pretrained(str(tmp), safe_serialization=True)
+        if is_xmod(student):
+            save_xmod_student(student, tmp, default_language=languages[0])
+        else:
+            student.save_pretrained(str(tmp), safe_serialization=True)
         for name in sorted(set(routing.values())):
             shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
         (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
@@ -38,7 +44,10 @@ def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, l
             allowed[lang] = vocab.producible_ids(name)
             np.save(tmp / "token_ids" / f"{lang}.npy", allowed[lang])
         examples = card_examples(cfg, tmp, routing, allowed)
-        (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info, examples, best), encoding="utf-8")
+        card = model_card(cfg, vrec, manifest, languages, metrics, init_info, examples, best)
+        if is_xmod(student):
+            card = insert_section(card, xmod_card_section(cfg, student, languages), before="## Teachers and routing")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,
                                                       "best_checkpoint": best})
     return out
@@ -143,7 +152,7 @@ examples = {examples}
 for lang, text in examples.items():
     tokenizer = AutoTokenizer.from_pretrained(f"{{folder}}/{{languages[lang]}}")
     allowed = torch.from_numpy(np.load(f"{{folder}}/token_ids/{{lang}}.npy")).long()  # ids this language writes
-    inputs = tokenizer(text, return_tensors="pt")
+    inputs = tokenizer(text, return_tensors="pt"){xmod}
     at = (inputs["input_ids"][0] == tokenizer.mask_token_id).nonzero()[0, 0]
     with torch.no_grad():
         logits = model(**inputs).logits[0, at]
@@ -152,10 +161,14 @@ for lang, text in examples.items():
 '''
 
 
-def usage_code(examples: dict[str, tuple[str, str]]) -> str:
-    """The card's Python example: fill-mask on each language's sentence, restricted to its ids."""
+XMOD_LINE = "\n    model.set_default_language(model.config.language_modules[lang])  # X-Mod: this language's module"
+
+
+def usage_code(examples: dict[str, tuple[str, str]], xmod: bool = False) -> str:
+    """The card's Python example: fill-mask on each language's sentence, restricted to its ids (an X-Mod
+    student switched to each language's module)."""
     lines = "".join(f"    {lang!r}: {text!r},  # {word}\n" for lang, (text, word) in examples.items())
-    return USAGE.format(examples="{\n" + lines + "}")
+    return USAGE.format(examples="{\n" + lines + "}", xmod=XMOD_LINE if xmod else "")
 
 
 # ---- the card --------------------------------------------------------------------------------------------
@@ -198,7 +211,7 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
     lines = [
         f"# {cfg.run}: a multilingual student distilled with mergedistill",
         "",
-        f"A BERT masked LM ({s.layers} layers, hidden {s.hidden}, {s.heads} heads, vocabulary {vrec['size']:,}) distilled "
+        f"{'An X-Mod' if s.arch == 'xmod' else 'A BERT'} masked LM ({s.layers} layers, hidden {s.hidden}, {s.heads} heads, vocabulary {vrec['size']:,}) distilled "
         f"from {len(cfg.teachers)} teachers by task-agnostic knowledge distillation (MergeDistill, Khanuja et al., "
         "Findings of ACL 2021): each language learns from the teacher routed to it, through one joint vocabulary.",
         "",
@@ -211,7 +224,7 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
         "this folder (transformers, torch, numpy):",
         "",
         "```python",
-        usage_code(examples).rstrip(),
+        usage_code(examples, xmod=s.arch == "xmod").rstrip(),
         "```",
         "",
         "With mergedistill installed, `mergedistill.exported.load_student(folder, language).fill_mask(text)` does the same.",
@@ -248,3 +261,38 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
 
 def _m(metrics: dict, key: str) -> str:
     return f"{metrics[key]:.3f}" if key in metrics else "-"
+
+
+# ---- the X-Mod student's section -------------------------------------------------------------------
+def xmod_card_section(cfg: RunConfig, student, languages: list[str]) -> str:
+    """The model card's section on an X-Mod student: choosing a language's module (a fill-mask example
+    that runs), and its parameters: total, shared, and active per language (shared + its module)."""
+    s = cfg.student
+    c = parameter_counts(student)
+    first = languages[0]
+    usage = model_card_usage(student, first, f"tokenizers/{cfg.teacher_of(first)}")
+    lm = c["active"]
+    rows = [[lang, f"`{m}`", f"{c['modules'][m]:,}", f"{lm[lang]:,}"] for lang, m in
+            ((lang, student.config.language_modules[lang]) for lang in languages)]
+    return "\n".join([
+        usage,
+        "",
+        "## Parameters",
+        "",
+        f"{c['total']:,} in all: {c['shared']:,} shared (embeddings, attention, feed-forward, MLM head) and "
+        f"{len(c['modules'])} language module(s) (bottleneck hidden / {s.adapter_reduction_factor}, one per layer). "
+        "A sequence runs through the shared weights and its language's module only:",
+        "",
+        markdown_table(["language", "module", "module parameters", "active parameters"], rows),
+        "",
+        f"Layer-norm settings: ln_before_adapter={s.ln_before_adapter}, adapter_layer_norm={s.adapter_layer_norm}, "
+        f"adapter_reuse_layer_norm={s.adapter_reuse_layer_norm}, pre_norm={s.pre_norm}.",
+    ])
+
+
+def insert_section(card: str, section: str, before: str) -> str:
+    """`section` inserted before the line `before` of the card, or appended when there is none."""
+    at = card.find("\n" + before + "\n")
+    if at < 0:
+        return card.rstrip() + "\n\n" + section.strip() + "\n"
+    return card[:at + 1] + section.strip() + "\n\n" + card[at + 1:]

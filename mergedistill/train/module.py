@@ -12,6 +12,7 @@ from mergedistill.mlm_models import masked_logits
 from mergedistill.train.batches import Batch
 from mergedistill.train.losses import distill_loss
 from mergedistill.train.optim import adamw, with_schedule
+from mergedistill.train.xmod import is_xmod, lang_id_table
 
 
 class NonFiniteLoss(RuntimeError):
@@ -24,14 +25,22 @@ class DistillModule(L.LightningModule):
         self.cfg, self.student, self.languages = cfg, student, languages
         self.online = online  # an OnlineTeachers for online KD (teachers run inside the step), or None
         self._t0: float | None = None
+        # X-Mod: batch language index -> the student's module (lang_id); derived, so not checkpointed
+        self.register_buffer("lang_table", lang_id_table(student, languages) if is_xmod(student) else None, persistent=False)
+
+    def losses(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """The student's logits at the masked positions (N, V) and the loss parts (train/losses.py).
+        An X-Mod student runs each sequence through its language's module."""
+        t = self.cfg.train
+        lang_ids = self.lang_table[batch.seq_lang] if self.lang_table is not None else None  # (B,)
+        logits = masked_logits(self.student, batch.input_ids, batch.attention_mask, batch.selected, lang_ids=lang_ids)
+        return logits, distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
 
     # ---- the shared step -----------------------------------------------------------------------
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        t = self.cfg.train
         if self.online is not None and stage == "train":
             batch = self.online.predict(batch)
-        logits = masked_logits(self.student, batch.input_ids, batch.attention_mask, batch.selected)  # (N, V)
-        parts = distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
+        logits, parts = self.losses(batch)  # (N, V)
         n = batch.labels.numel()
         per_pos = parts["mlm_per_position"]  # (N,)
         with torch.no_grad():
@@ -72,6 +81,7 @@ class DistillModule(L.LightningModule):
         now = time.perf_counter()
         if self._t0 is not None:
             self.log("train/tokens_per_s", tokens / max(now - self._t0, 1e-9), batch_size=1)
+            self.log("train/step_s", now - self._t0, batch_size=1)
         self._t0 = now
         return loss
 

@@ -139,7 +139,11 @@ def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillMod
             cache[name] = load_teacher_model(name, cfg.teachers[name])
         return cache[name]
 
-    student, info = build_student(cfg, vocab, teacher)
+    student, info = build_student(cfg, vocab, teacher, languages)
+    if cfg.student.arch == "xmod":
+        from mergedistill.train.xmod import grouped_routing
+
+        grouped_routing(student)  # the same numbers as transformers' routing, without a gather per module
     online = None
     if cfg.train.mode == "online" and cfg.train.alpha > 0:
         from mergedistill.train.online import OnlineTeachers
@@ -149,6 +153,17 @@ def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillMod
         online = OnlineTeachers(vocab, {n: teacher(n) for n in routed}, {lang: cfg.teacher_of(lang) for lang in languages},
                                 languages, cfg.data.mask_prob, cfg.data.top_k, cfg.train.seed, {n: toks[n].special_ids() for n in routed})
     return DistillModule(cfg, student, languages, online=online), info
+
+
+def student_inputs(cfg: RunConfig) -> dict:
+    """The student settings a trained student depends on: a dense student's leave out the X-Mod fields,
+    so that students trained before they existed still count as complete."""
+    d = to_dict(cfg.student)
+    if cfg.student.arch == "bert":
+        from mergedistill.config import XMOD_FIELDS
+
+        d = {k: v for k, v in d.items() if k != "arch" and not (k in XMOD_FIELDS and v == XMOD_FIELDS[k])}
+    return d
 
 
 def _is_launcher() -> bool:
@@ -211,7 +226,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     # Everything that changes the trained weights: devices x batch_size is the global batch, and the
     # strategy and nodes decide how it is split (accelerator, logger and best_metric do not change them).
     inputs = {"vocab": vrec["vocab"], "data": {lang: manifest["languages"][lang]["inputs"] for lang in languages},
-              "student": to_dict(cfg.student), "train": {k: v for k, v in to_dict(cfg.train).items()
+              "student": student_inputs(cfg), "train": {k: v for k, v in to_dict(cfg.train).items()
                                                          if k not in ("accelerator", "logger", "best_metric")}}
     start_over = False  # set the earlier student aside once this one is about to train (never before)
     if _is_launcher():

@@ -1,4 +1,5 @@
-"""The student: a BERT masked LM over the joint vocabulary, so it exports as a standard folder.
+"""The student: a BERT masked LM over the joint vocabulary, so it exports as a standard folder
+(`student.arch: xmod`: an X-Mod masked LM with a module per language, built by `train/xmod.py`).
 
 Initialisation:
   - random (BERT's own init);
@@ -16,6 +17,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from mergedistill.config import RunConfig
 from mergedistill.errors import UserError
+from mergedistill.mlm_models import ROBERTA_STYLE
 from mergedistill.vocab.joint import PAD_ID, JointVocab
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def init_from_teacher_layers(student: BertForMaskedLM, teacher, name: str) -> li
     # embedding LayerNorm and the MLM head's transform come along; positions where the layout allows
     s_emb, t_emb = student.base_model.embeddings, teacher.base_model.embeddings
     s_emb.LayerNorm.load_state_dict(t_emb.LayerNorm.state_dict())
-    offset = (tc.pad_token_id + 1) if getattr(tc, "model_type", "") in ("roberta", "xlm-roberta", "camembert") else 0
+    offset = (tc.pad_token_id + 1) if getattr(tc, "model_type", "") in ROBERTA_STYLE else 0
     n = min(sc.max_position_embeddings, t_emb.position_embeddings.weight.shape[0] - offset)
     s_emb.position_embeddings.weight[:n] = t_emb.position_embeddings.weight[offset: offset + n]
     s_head, t_head = _head_transform(student), _head_transform(teacher)
@@ -116,9 +118,21 @@ def copy_embedding_rows(student: BertForMaskedLM, vocab: JointVocab, teachers: d
     return used
 
 
-def build_student(cfg: RunConfig, vocab: JointVocab, load_teacher) -> tuple[BertForMaskedLM, dict]:
+def build_student(cfg: RunConfig, vocab: JointVocab, load_teacher, languages: list[str] | None = None) -> tuple[BertForMaskedLM, dict]:
     """The initialised student and a description of its initialisation. `load_teacher(name)` returns a
-    teacher model (loaded only when needed)."""
+    teacher model (loaded only when needed). `languages`: the X-Mod student's modules, in lang_id order
+    (default: the config's languages)."""
+    if cfg.student.arch == "xmod":
+        from mergedistill.train.xmod import build_xmod_student
+
+        s = cfg.student
+        return build_xmod_student(
+            vocab=vocab, languages=languages or list(cfg.languages), modules=s.modules, hidden=s.hidden, layers=s.layers,
+            heads=s.heads, intermediate=s.intermediate, max_position=s.max_position,
+            adapter_reduction_factor=s.adapter_reduction_factor, ln_before_adapter=s.ln_before_adapter,
+            adapter_layer_norm=s.adapter_layer_norm, adapter_reuse_layer_norm=s.adapter_reuse_layer_norm, pre_norm=s.pre_norm,
+            init=s.init, embeddings_from_teachers=s.embeddings_from_teachers, load_teacher=load_teacher, seed=cfg.train.seed,
+            embedding_teachers=[n for n in vocab.teachers if n in cfg.teachers])
     torch.manual_seed(cfg.train.seed)
     student = BertForMaskedLM(student_config(cfg, vocab.size))
     info: dict = {"init": cfg.student.init}
