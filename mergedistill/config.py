@@ -129,7 +129,7 @@ class StudentConfig:
     modules: dict[str, str] = field(default_factory=dict)
     """X-Mod: language -> module name, to let languages share a module (e.g. `{es: romance, fr: romance}`);
     a language left out gets a module of its own, named after it."""
-    adapter_reduction_factor: int = 2
+    adapter_reduction_factor: Annotated[int, at_least(1)] = 2
     """X-Mod: each module's bottleneck is hidden / this (2: hidden 128 -> 64)."""
     ln_before_adapter: bool = False
     """X-Mod: the module's residual is taken after the LayerNorm that feeds it (X-Mod's published

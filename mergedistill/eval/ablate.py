@@ -109,7 +109,7 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
     return out
 
 
-@exclusive("ablate", lambda cfg: cfg.run_dir / "ablate")
+@exclusive("ablate", lambda cfg, archs=False: cfg.run_dir / ("archs" if archs else "ablate"))
 def run_ablate(cfg: RunConfig, *, archs: bool = False) -> Path:
     """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed.
     archs: the dense vs X-Mod comparison instead (eval/archs.py)."""

@@ -129,10 +129,11 @@ def step_times(cfg: RunConfig, students: dict, configs: dict[str, RunConfig], la
     training shards (train.batch_size sequences, the training precision), students alternating every 5
     steps after 3 warm-up steps each."""
     from mergedistill.data.stage import load_manifest
+    from mergedistill.precision import lightning_precision
     from mergedistill.train.batches import SampledBatches, sampling_probs
     from mergedistill.train.module import DistillModule
     from mergedistill.train.optim import adamw
-    from mergedistill.train.stage import ShardDataModule, _precision
+    from mergedistill.train.stage import ShardDataModule
     from mergedistill.train.xmod import grouped_routing, is_xmod
     from mergedistill.vocab.stage import load_vocab
 
@@ -144,7 +145,7 @@ def step_times(cfg: RunConfig, students: dict, configs: dict[str, RunConfig], la
     batches = SampledBatches(sources, sampling_probs(dm.sizes(), t.sampling_alpha), t.batch_size, 0, 1, t.seed, manifest["k"])
     data = [batches.batch(b) for b in range(steps + 3)]
     device = eval_device(cfg)
-    bf16 = _precision(cfg).startswith("bf16")
+    bf16 = lightning_precision(cfg.train.precision, cfg.train.accelerator).startswith("bf16")
     runs = {}
     for name, model in students.items():
         student = copy.deepcopy(model).float().to(device).train()

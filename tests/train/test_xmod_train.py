@@ -46,12 +46,12 @@ def test_xmod_settings_are_checked_together(run_dir, tiny_teachers, corpora):
     msg = str(e.value)
     assert "student.arch" in msg and "xmodd" in msg  # the literal is checked by the config machinery
     with pytest.raises(ConfigError) as e:
-        load_config(path, [*XMOD, "--student.modules={xx: g, de: a.b}", "--student.adapter_reduction_factor=0"])
+        load_config(path, [*XMOD, "--student.modules={xx: g, de: a.b}", "--student.adapter_reduction_factor=33"])
     msg = str(e.value)
     assert "3 problem(s)" in msg
     assert "student.modules: xx is not under languages (" in msg
     assert "de: 'a.b'" in msg and "letters, digits, _ or -" in msg
-    assert "student.adapter_reduction_factor: 0 must be from 1 to student.hidden (32)" in msg
+    assert "student.adapter_reduction_factor: 33 must be from 1 to student.hidden (32)" in msg
     cfg = load_config(path, [*XMOD, "--student.modules={en: west, de: west}"])
     assert cfg.student.modules == {"en": "west", "de": "west"}
 
