@@ -11,17 +11,21 @@ from mergedistill import __version__
 from mergedistill.config import RunConfig
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.tables import markdown_table
+from mergedistill.train.mini_head import save_mini_head
 
 
 def export_student(cfg: RunConfig, student, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
-                   init_info: dict, best: str | None, out: Path) -> Path:
+                   init_info: dict, best: str | None, out: Path, mini_head=None) -> Path:
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
-    tokenizers, languages.json (language -> tokenizer folder) and a README model card."""
+    tokenizers, languages.json (language -> tokenizer folder) and a README model card; with
+    train.mini_head_layer, the secondary head in mini_head/ (`mergedistill extend` reads it)."""
     routing = {lang: cfg.teacher_of(lang) for lang in languages}
     with atomic_dir(out) as tmp:
         student.save_pretrained(str(tmp), safe_serialization=True)
         for name in sorted(set(routing.values())):
             shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
+        if mini_head is not None:
+            save_mini_head(mini_head, tmp / "mini_head")
         (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(cfg, vrec, manifest, languages, metrics, init_info), encoding="utf-8")
         write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,

@@ -11,6 +11,7 @@ from mergedistill.config import RunConfig
 from mergedistill.mlm_models import masked_logits
 from mergedistill.train.batches import Batch
 from mergedistill.train.losses import distill_loss
+from mergedistill.train.mini_head import LayerTap, MiniHead
 from mergedistill.train.optim import adamw, with_schedule
 
 
@@ -24,6 +25,10 @@ class DistillModule(L.LightningModule):
         self.cfg, self.student, self.languages = cfg, student, languages
         self.online = online  # an OnlineTeachers for online KD (teachers run inside the step), or None
         self._t0: float | None = None
+        # MiniJoint (train.mini_head_layer = k): a secondary head on layer k's output, read off the primary pass
+        k = cfg.train.mini_head_layer
+        self.mini_head = MiniHead.from_student(student, k) if k else None
+        self._tap = LayerTap(student, k) if k else None
 
     # ---- the shared step -----------------------------------------------------------------------
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
@@ -44,6 +49,13 @@ class DistillModule(L.LightningModule):
         self.log(f"{stage}/kd_loss", parts["kd"], batch_size=n, sync_dist=sync)
         self.log(f"{stage}/acc", correct.mean(), batch_size=n, sync_dist=sync)
         self.log(f"{stage}/agree", agree.mean(), batch_size=n, sync_dist=sync)
+        loss = parts["loss"]
+        if self.mini_head is not None:  # the primary path above is unchanged; weight 0 adds exactly nothing
+            mid = self._tap.take()[batch.selected]  # (N, H): layer k's output at the masked positions
+            mini = distill_loss(self.mini_head(mid, self.student.get_input_embeddings().weight), batch.labels,
+                                batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
+            loss = loss + t.mini_head_weight * mini["loss"]
+            self.log(f"{stage}/mini_loss", mini["loss"], batch_size=n, sync_dist=sync)
         # Per-language figures: a language may be absent from one rank's part of a training batch, and
         # a synced log must be called by every rank alike, so these stay rank-local in training.
         # Validation batches are the same on every rank: synced there.
@@ -57,7 +69,7 @@ class DistillModule(L.LightningModule):
             self.log(f"{stage}/{lang}/acc", correct[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
             if stage != "train":
                 self.log(f"{stage}/{lang}/agree", agree[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
-        return parts["loss"]
+        return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
@@ -88,4 +100,7 @@ class DistillModule(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
         t = self.cfg.train
-        return with_schedule(adamw(self.student.named_parameters(), t.lr, t.weight_decay), t.warmup_steps, t.max_steps)
+        params = list(self.student.named_parameters())
+        if self.mini_head is not None:
+            params += list(self.mini_head.named_parameters())
+        return with_schedule(adamw(params, t.lr, t.weight_decay), t.warmup_steps, t.max_steps)

@@ -195,7 +195,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     state_path = out / "state.json"
     inputs = {"vocab": vrec["vocab"], "data": {lang: manifest["languages"][lang]["inputs"] for lang in languages},
               "student": to_dict(cfg.student), "train": {k: v for k, v in to_dict(cfg.train).items()
-                                                         if k not in ("devices", "accelerator", "strategy", "num_nodes", "logger")}}
+                                                         if k not in ("devices", "accelerator", "strategy", "num_nodes", "logger")
+                                                         and not (k.startswith("mini_head_") and cfg.train.mini_head_layer is None)}}
     if _is_launcher():
         if state_path.is_file() and (export / "config.json").is_file() and not force:
             if read_json(state_path).get("inputs") == inputs:
@@ -249,7 +250,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     if trainer.global_rank != 0:
         return export
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    export_student(cfg, module.student, vrec, manifest, languages, metrics, init_info, ckpt.best_model_path, out / "export")
+    export_student(cfg, module.student, vrec, manifest, languages, metrics, init_info, ckpt.best_model_path, out / "export",
+                   mini_head=module.mini_head)
     write_json_atomic(state_path, {"inputs": inputs, "status": "done", "steps": trainer.global_step, "val": metrics,
                                    "seconds": time.monotonic() - start})
     log.info("train: %d steps in %.0f s; exported to %s", trainer.global_step, time.monotonic() - start, export)
