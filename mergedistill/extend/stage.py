@@ -95,6 +95,9 @@ def preflight(cfg: RunConfig, lang: str) -> Plan:
     """Check every input (the language, its corpora, the exported student, the methods' needs); raise
     all problems at once."""
     x = cfg.extend
+    if lang in cfg.languages:
+        raise UserError(f"--language {lang}: {lang!r} is already a language of this run (languages.{lang}): the student "
+                        "was distilled on it; extend adds new ones")
     if lang not in x.languages:
         declared = ", ".join(x.languages) or "none"
         raise UserError(f"--language {lang}: no corpus for {lang!r}: it is not declared under extend.languages (declared: "
