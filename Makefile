@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all demo corpora teachers vocab select ablate bench bench-vocab bench-data bench-train clean-demo help
+.PHONY: setup test test-all demo corpora teachers vocab select ablate extend bench bench-vocab bench-data bench-train clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
 	@echo "make test      # the test suite (fast tests; make test-all adds the slow ones)"
 	@echo "make corpora teachers vocab   # single stages of the demo"
+	@echo "make extend    # add Italian to the demo student: full vs mini-model adaptation (runs/demo/extend/it/report.md)"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
 
 setup: $(STAMP)
@@ -53,6 +54,10 @@ demo: teachers
 	$(PY) -m mergedistill.demo.source_task --config configs/demo.yaml > /dev/null
 	time $(MD) run --config configs/demo.yaml
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
+
+# add Italian to the demo student (full vs the mini-model, side by side): runs/demo/extend/it/report.md
+extend: demo
+	$(MD) extend --config configs/demo.yaml --language it
 
 bench: bench-vocab bench-data bench-train
 
