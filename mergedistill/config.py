@@ -293,6 +293,15 @@ class ExtendConfig:
     """Valid lines the learning curve is measured on."""
     old_lines: int = 200
     """Test lines per old language on which the change of the old languages is measured."""
+    guard_positions: int = 0
+    """Masked positions of the old languages (the run's own shards) at which the new rows are kept from
+    outscoring the old languages' predictions among all ids: each step adds the mean increase of the old
+    gold tokens' cross-entropy that the new rows cause there (computed from the student's fixed outputs,
+    once). 0: off (predictions among each old language's own tokens never change either way)."""
+    guard_weight: float = 1.0
+    """Weight of that term."""
+    guard_batch: int = 256
+    """Old positions drawn per step for that term."""
     module_init: str | None = None
     """X-Mod students: the language whose module the new language's module starts from (null: a module
     that adds nothing, i.e. the shared body alone). Methods other than `xmod` keep it frozen."""
@@ -459,11 +468,12 @@ def _check_extend(cfg: RunConfig, problems: list[str]) -> None:
     if x.mini_layers is not None and not 1 <= x.mini_layers < cfg.student.layers:
         problems.append(f"extend.mini_layers: {x.mini_layers} must be from 1 to student.layers - 1 ({cfg.student.layers - 1}): "
                         "the mini-model is the student's first k layers")
-    for name in ("steps", "batch_size", "eval_every", "curve_lines", "old_lines", "tokenizer_vocab_size"):
+    for name in ("steps", "batch_size", "eval_every", "curve_lines", "old_lines", "tokenizer_vocab_size", "guard_batch"):
         if getattr(x, name) < 1:
             problems.append(f"extend.{name}: {getattr(x, name)} must be at least 1")
-    if x.lr <= 0 or x.warmup_steps < 0 or x.mini_align_steps < 0:
-        problems.append("extend.lr must be positive; extend.warmup_steps and extend.mini_align_steps at least 0")
+    if x.lr <= 0 or x.warmup_steps < 0 or x.mini_align_steps < 0 or x.guard_positions < 0 or x.guard_weight < 0:
+        problems.append("extend.lr must be positive; extend.warmup_steps, mini_align_steps, guard_positions and "
+                        "guard_weight at least 0")
     if x.alpha is not None and not 0.0 <= x.alpha <= 1.0:
         problems.append(f"extend.alpha: {x.alpha} must be between 0 and 1")
 

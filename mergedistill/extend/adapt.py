@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mergedistill.extend.flops import Shapes, step_flops
+from mergedistill.extend.flops import shapes_of, step_flops
+from mergedistill.extend.guard import Guard, ce_increase
 from mergedistill.extend.surgery import (
     NewRows,
     bias_at,
@@ -131,12 +132,6 @@ class TrainResult:
     curve: Curve
 
 
-def shapes_of(student) -> Shapes:
-    c = student.config
-    module = c.hidden_size // c.adapter_reduction_factor if is_xmod(student) else 0
-    return Shapes(c.hidden_size, c.intermediate_size, module)
-
-
 def train_loop(params: list[tuple[str, nn.Parameter]], step_fn: Callable[[Batch], torch.Tensor], batches: Callable[[int], Batch],
                flops_fn: Callable[[Batch], int], *, steps: int, lr: float, warmup: int, weight_decay: float, device,
                label: str, curve_fn: Callable[[], float] | None = None, eval_every: int = 0, clip: float = 1.0,
@@ -197,23 +192,32 @@ def curve_accuracy(adapter: Adapter, eval_batches: list[Batch], out_ids: torch.T
     return hits / total if total else float("nan")
 
 
-def adapter_step(adapter: Adapter, out_ids: torch.Tensor | None, alpha: float, temperature: float) -> Callable[[Batch], torch.Tensor]:
+def adapter_step(adapter: Adapter, out_ids: torch.Tensor | None, alpha: float, temperature: float,
+                 guard: Guard | None = None) -> Callable[[Batch], torch.Tensor]:
+    """The loss of one step: KD + MLM on the batch, plus the guard's term (extend.guard) when given."""
+    device = next(adapter.rows.parameters()).device
     col = columns(out_ids, adapter.rows.size)
-    dev_ids = None if out_ids is None else out_ids.to(next(adapter.rows.parameters()).device)
+    dev_ids = None if out_ids is None else out_ids.to(device)
+    draw = guard.sampler(device) if guard is not None else None
 
     def step(batch: Batch) -> torch.Tensor:
-        return loss_of(adapter.logits(batch, dev_ids), batch, col, alpha, temperature)["loss"]
+        loss = loss_of(adapter.logits(batch, dev_ids), batch, col, alpha, temperature)["loss"]
+        if guard is not None:
+            x, lse = draw()
+            loss = loss + guard.weight * ce_increase(x, lse, adapter.rows.rows, adapter.rows.bias).mean()
+        return loss
     return step
 
 
-def adapter_flops(adapter: Adapter, out_ids: torch.Tensor | None, new_out_rows: int) -> Callable[[Batch], int]:
-    """Estimated FLOPs of one step of `adapter` on a batch."""
+def adapter_flops(adapter: Adapter, out_ids: torch.Tensor | None, new_out_rows: int, guard: Guard | None = None) -> Callable[[Batch], int]:
+    """Estimated FLOPs of one step of `adapter` on a batch (the guard's share included)."""
     shapes = shapes_of(adapter.student)
     v_out = adapter.rows.size if out_ids is None else len(out_ids)
     body_trained = any(p.requires_grad for p in adapter.student.parameters())
+    extra = guard.step_flops(adapter.rows.rows.shape[0]) if guard is not None else 0
 
     def flops(batch: Batch) -> int:
         b, length = batch.input_ids.shape
-        return step_flops(shapes, batch=b, length=length, masked=int(batch.labels.numel()), layers=adapter.k, v_out=v_out,
-                          trained_out_rows=new_out_rows, body_trained=body_trained, head_trained=False, input_trained=True)
+        return extra + step_flops(shapes, batch=b, length=length, masked=int(batch.labels.numel()), layers=adapter.k, v_out=v_out,
+                                  trained_out_rows=new_out_rows, body_trained=body_trained, head_trained=False, input_trained=True)
     return flops

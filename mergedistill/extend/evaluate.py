@@ -60,11 +60,12 @@ def old_language_change(original, extended, tokenizer, texts: list[str], own: to
                         seed: int, batch_size: int) -> dict:
     """The extended student against the original on one old language's masked test set: the largest
     |logit difference| at the original's ids, how many top-1 predictions changed among the language's
-    own ids and among all ids, and the accuracy before and after."""
+    own ids and among all ids, the mean increase of the gold token's cross-entropy among all ids (nats;
+    what the new rows take), and the accuracy before and after."""
     eset = masked_eval_set(tokenizer, texts, seq_len, mask_prob, seed)
     v0 = original.get_input_embeddings().weight.shape[0]
     own_dev = own.to(next(original.parameters()).device)
-    worst, changed_own, changed_all, hits = 0.0, 0, 0, np.zeros(4, dtype=np.int64)
+    worst, changed_own, changed_all, ce_up, hits = 0.0, 0, 0, 0.0, np.zeros(4, dtype=np.int64)
     total = 0
     for start in range(0, eset["input_ids"].shape[0], batch_size):
         ids = eset["input_ids"][start:start + batch_size]
@@ -80,12 +81,14 @@ def old_language_change(original, extended, tokenizer, texts: list[str], own: to
         worst = max(worst, float((a - b[:, :v0]).abs().max()))
         a_own, b_own = _argmax_among(a, own_dev[:v0]), _argmax_among(b[:, :v0], own_dev[:v0])
         a_all, b_all = a.argmax(-1), b.argmax(-1)
+        ce_up += float((torch.logsumexp(b, -1) - torch.logsumexp(a, -1)).sum())  # gold logit unchanged: CE grows by this
         changed_own += int((a_own != b_own).sum())
         changed_all += int((a_all != b_all).sum())
         hits += np.array([int((p == gold).sum()) for p in (a_own, b_own, a_all, b_all)])
         total += int(gold.numel())
     acc = hits / max(total, 1)
     return {"max_abs_logit_diff": worst, "top1_changed_own": changed_own / max(total, 1), "top1_changed_all": changed_all / max(total, 1),
+            "ce_increase_all": ce_up / max(total, 1),
             "acc_own_before": acc[0], "acc_own_after": acc[1], "acc_all_before": acc[2], "acc_all_after": acc[3], "masked": total}
 
 

@@ -21,6 +21,13 @@ class Shapes:
     """X-Mod: the language module's bottleneck (0: none)."""
 
 
+def shapes_of(model) -> Shapes:
+    """The shapes of a student (BERT or X-Mod) that its FLOPs depend on."""
+    c = model.config
+    module = c.hidden_size // c.adapter_reduction_factor if getattr(c, "model_type", "") == "xmod" else 0
+    return Shapes(c.hidden_size, c.intermediate_size, module)
+
+
 def layer_flops(s: Shapes, positions: int, pairs: int) -> int:
     """A full encoder layer over `positions` (B x L), attention over `pairs` (sum of L^2 per sequence)."""
     h, i = s.hidden, s.intermediate

@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from mergedistill.extend.adapt import TrainResult, shapes_of, train_loop
-from mergedistill.extend.flops import step_flops
+from mergedistill.extend.adapt import TrainResult, train_loop
+from mergedistill.extend.flops import shapes_of, step_flops
 from mergedistill.extend.surgery import hidden_at, input_matrix, is_xmod
 from mergedistill.train.batches import Batch
 from mergedistill.train.losses import distill_loss

@@ -46,13 +46,14 @@ def report_md(header: str, results: dict[str, dict], old: dict[str, dict[str, di
         main.append([m + (" (exported)" if m == exported else ""), r["trainable"], r["steps"], round(r["seconds"], 1),
                      f"{r['flops']:.3g}", f"{r.get('setup_flops', 0.0):.3g}" if r.get("setup_flops") else "-",
                      t["acc_own"], t["acc_all"], t[unit_key], t.get("agreement", "-"),
-                     _max(o, "max_abs_logit_diff"), _max(o, "top1_changed_own"), _max(o, "top1_changed_all")])
+                     _max(o, "max_abs_logit_diff"), _max(o, "top1_changed_own"), _max(o, "top1_changed_all"),
+                     _max(o, "ce_increase_all")])
     header_main = ["method", "trained parameters", "steps", "train s", "train FLOPs", "setup FLOPs", "test acc (own tokens)",
                    "test acc (all ids)", unit_key.replace("_", " "), "agreement", "old: max |logit diff|",
-                   "old: top-1 changed (own)", "old: top-1 changed (all)"]
+                   "old: top-1 changed (own)", "old: top-1 changed (all)", "old: CE increase (all, nats)"]
     goal = goal_rows(results)
-    per_lang = [[m, lang, c["max_abs_logit_diff"], c["top1_changed_own"], c["top1_changed_all"], c["acc_own_before"],
-                 c["acc_own_after"], c["acc_all_before"], c["acc_all_after"], c["masked"]]
+    per_lang = [[m, lang, c["max_abs_logit_diff"], c["top1_changed_own"], c["top1_changed_all"], c["ce_increase_all"],
+                 c["acc_own_before"], c["acc_own_after"], c["acc_all_before"], c["acc_all_after"], c["masked"]]
                 for m, langs in old.items() for lang, c in langs.items()]
     parts = [header, "## Methods side by side", markdown_table(header_main, main),
              "## Goal: a mini-model reaches full's accuracy within 1 point, at what share of full's compute",
@@ -61,7 +62,7 @@ def report_md(header: str, results: dict[str, dict], old: dict[str, dict[str, di
              if goal else "_no learning curve of `full` and a mini-model method to compare (a valid split is needed)_",
              "## Old languages (extended student vs the original, test split)",
              markdown_table(["method", "language", "max |logit diff|", "top-1 changed (own)", "top-1 changed (all)",
-                             "acc own before", "acc own after", "acc all before", "acc all after", "masked"], per_lang),
+                             "CE increase (all)", "acc own before", "acc own after", "acc all before", "acc all after", "masked"], per_lang),
              "## Learning curves", "![curves](plots/curve.png)", "## What the numbers mean", definitions]
     return "\n\n".join(parts) + "\n"
 

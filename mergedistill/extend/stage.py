@@ -39,6 +39,7 @@ from mergedistill.eval.stage import student_export_dir
 from mergedistill.extend import evaluate as ev
 from mergedistill.extend.adapt import Adapter, adapter_flops, adapter_step, curve_accuracy, train_loop
 from mergedistill.extend.data import build_shards, mlm_batches, shard_batches
+from mergedistill.extend.guard import Guard, old_positions
 from mergedistill.extend.mini import align_mini_head
 from mergedistill.extend.report import curve_plot, report_md, write_results
 from mergedistill.extend.surgery import NewRows, input_matrix, output_bias, plug
@@ -51,7 +52,7 @@ from mergedistill.extend.vocab import (
     predicted_ids,
     unigram_bias,
 )
-from mergedistill.fsutil import atomic_dir, read_json_or_none, write_json_atomic, write_text_atomic
+from mergedistill.fsutil import atomic_dir, atomic_path, read_json_or_none, write_json_atomic, write_text_atomic
 from mergedistill.teachers import TeacherTokenizer, load_teacher_tokenizer, model_fingerprint
 from mergedistill.train.batches import Batch, LanguageShards, SampledBatches, sampling_probs
 from mergedistill.train.mini_head import MiniHead, load_mini_head, save_mini_head
@@ -330,6 +331,32 @@ def minipost_head(cfg: RunConfig, plan: Plan, student, device) -> tuple[MiniHead
     return head.to(device).eval(), cost
 
 
+def _guard(cfg: RunConfig, plan: Plan, student, device, work: Path) -> Guard:
+    """The guard's fixed old positions (extend.guard_positions), cached in work/guard.pt."""
+    x = cfg.extend
+    path = work / "guard.pt"
+    key = _hash({"student": plan.student_fp, "n": x.guard_positions, "seed": x.seed})
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return Guard(saved["x"], saved["lse"], x.guard_weight, x.guard_batch, x.seed, float(saved["flops"]))
+    try:
+        batches, langs, _ = _old_batches(cfg, plan, x.seed)
+    except UserError as e:
+        raise UserError(f"extend.guard_positions: the guard reads the run's data shards ({e}); or set it to 0") from None
+    table = None
+    if plan.xmod:
+        from mergedistill.train.xmod import lang_id_table
+
+        table = lang_id_table(student, langs)
+    hx, lse, flops = old_positions(student.to(device), batches, x.guard_positions, device, table)
+    log.info("extend %s: guard on %s old positions (%.3g FLOPs, once)", plan.lang, f"{len(hx):,}", flops)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"key": key, "x": hx.cpu(), "lse": lse.cpu(), "flops": flops}, tmp)
+    return Guard(hx.cpu(), lse.cpu(), x.guard_weight, x.guard_batch, x.seed, flops)
+
+
 # ---- one method ----------------------------------------------------------------------------------
 def _student_for(base, plan: Plan, method: str, init_from: str | None):
     """The student a method works on: the original (frozen, shared), or for an X-Mod student a copy with
@@ -356,7 +383,7 @@ def _load_module_state(student, name: str, state: dict[str, torch.Tensor]) -> No
 
 
 def run_method(cfg: RunConfig, plan: Plan, method: str, base, nv: NewVocab, init: tuple[torch.Tensor, torch.Tensor], batches,
-               curve_set: list[Batch], inputs: dict, work: Path, device) -> tuple[object, dict]:
+               curve_set: list[Batch], inputs: dict, work: Path, device, guard: Guard | None = None) -> tuple[object, dict]:
     """Train one method (or reuse its saved parameters when its inputs are unchanged). Returns the
     plugged student (on the CPU) and the method's figures."""
     from safetensors.torch import load_file, save_file
@@ -385,8 +412,8 @@ def run_method(cfg: RunConfig, plan: Plan, method: str, base, nv: NewVocab, init
     out_ids = pred_ids if x.softmax == "language" else None
     new_out = int((pred_ids >= nv.old_size).sum())
     adapter.train()
-    res = train_loop(adapter.trainable(), adapter_step(adapter, out_ids, _alpha(cfg, plan), cfg.train.temperature), batches,
-                     adapter_flops(adapter, out_ids, new_out), steps=x.steps, lr=x.lr, warmup=x.warmup_steps,
+    res = train_loop(adapter.trainable(), adapter_step(adapter, out_ids, _alpha(cfg, plan), cfg.train.temperature, guard), batches,
+                     adapter_flops(adapter, out_ids, new_out, guard), steps=x.steps, lr=x.lr, warmup=x.warmup_steps,
                      weight_decay=x.weight_decay, device=device, label=f"extend {plan.lang} {method}",
                      curve_fn=(lambda: curve_accuracy(adapter, curve_set, pred_ids, device)) if curve_set else None,
                      eval_every=x.eval_every, seed=x.seed)
@@ -466,10 +493,11 @@ def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
         valid = sample_lines(plan.lc.valid, f"extend.languages.{language}.valid", x.curve_lines, e.seed)
         curve_set = _batches_of(masked_eval_set(tok, valid, seq_len, e.mask_prob, e.seed), e.batch_size)
     init = initial_rows(cfg, plan, nv, base, teacher_model)
+    guard = _guard(cfg, plan, base, device, work) if x.guard_positions else None
 
     plugged, results = {}, {}
     for m in plan.methods:
-        plugged[m], results[m] = run_method(cfg, plan, m, base, nv, init, batches, curve_set, inputs, work, device)
+        plugged[m], results[m] = run_method(cfg, plan, m, base, nv, init, batches, curve_set, inputs, work, device, guard)
 
     log.info("extend %s: evaluating %s on the test split and the old languages", language, ", ".join(plan.methods))
     test = sample_lines(plan.lc.test, f"extend.languages.{language}.test", None)  # type: ignore[arg-type]
@@ -497,7 +525,7 @@ def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
         plugged[m] = model.cpu()
 
     export = _write_export(cfg, plan, nv, plugged[x.method], x.method, out / "export")
-    rep = _write_report(cfg, plan, nv, results, old, out, time.monotonic() - start)
+    rep = _write_report(cfg, plan, nv, results, old, out, time.monotonic() - start, guard)
     write_json_atomic(out / "state.json", {"inputs": state_inputs, "method": x.method, "seconds": round(time.monotonic() - start, 1),
                                            "mergedistill": __version__})
     log.info("extend %s: exported %s (method %s); report %s; %.0f s", language, export, x.method, rep, time.monotonic() - start)
@@ -581,14 +609,17 @@ DEFINITIONS = """\
   over the language's own tokens when extend.softmax is `language`. **agreement**: top-1 (own tokens) equal to
   the teacher's top-1 among the tokens the vocabulary keeps.
 - **old languages**: each old language's test split masked the same way, original student vs extended one:
-  the largest |logit difference| at the original ids, and the share of top-1 predictions that changed, among the
-  language's own tokens and among all ids (a new row may outscore an old prediction there).
+  the largest |logit difference| at the original ids, the share of top-1 predictions that changed among the
+  language's own tokens and among all ids (a new row may outscore an old prediction there), and the mean increase
+  of the gold token's cross-entropy among all ids (nats: -log of the probability mass left to the old ids), which
+  extend.guard_positions trains the new rows to keep small.
 - **goal**: target = full's final valid accuracy (learning curve) - 1 point; a mini-model method's first curve point
   at or above it, and full's total training FLOPs divided by that point's (`incl. setup`: with the alignment).
 """
 
 
-def _write_report(cfg: RunConfig, plan: Plan, nv: NewVocab, results: dict, old: dict, out: Path, seconds: float) -> Path:
+def _write_report(cfg: RunConfig, plan: Plan, nv: NewVocab, results: dict, old: dict, out: Path, seconds: float,
+                  guard: Guard | None) -> Path:
     x = cfg.extend
     header = "\n".join([
         f"# Extending `{cfg.run}` to `{plan.lang}`",
@@ -600,6 +631,9 @@ def _write_report(cfg: RunConfig, plan: Plan, nv: NewVocab, results: dict, old: 
         f"softmax over {'the language' + chr(39) + 's own tokens' if x.softmax == 'language' else 'all ids'}; {x.steps} steps of "
         f"{x.batch_size} sequences, lr {x.lr}; minipost k = {plan.k_post}"
         + (f", minijoint k = {plan.k_joint}" if plan.k_joint else ""),
+        f"- guard: {len(guard.x):,} old positions, {guard.batch} per step, weight {guard.weight} (once: {guard.setup_flops:.3g} FLOPs, "
+        "shared by the methods; its per-step share is in their train FLOPs)" if guard is not None else
+        "- guard: off (extend.guard_positions: 0)",
         f"- exported: `{x.method}` -> `{out / 'export'}`; {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
         f"{seconds:.0f} s, mergedistill {__version__}",
     ])

@@ -178,11 +178,12 @@ def test_rerun_skips_and_switching_the_method_reuses_the_trained_ones(run, tiny_
 
 
 def test_without_a_teacher_a_tokenizer_is_trained_and_the_objective_is_mlm(run, tiny_teachers):
-    cfg = write(run, tiny_teachers, compare=[], method="full", tokenizer="unigram", tokenizer_vocab_size=120, steps=6, eval_every=3)
+    cfg = write(run, tiny_teachers, compare=[], method="full", tokenizer="unigram", tokenizer_vocab_size=120, steps=6, eval_every=3,
+                guard_positions=40, guard_batch=8)
     assert main(["extend", "--config", cfg, "--language", "fr", "--extend.languages.fr.teacher=null"]) == 0
     out = run / "runs/t/extend/fr"
     report = (out / "report.md").read_text()
-    assert "objective: MLM" in report and "tokens from new-fr" in report
+    assert "objective: MLM" in report and "tokens from new-fr" in report and "guard: 40 old positions" in report
     export = out / "export"
     tok = AutoTokenizer.from_pretrained(export / "tokenizers/new-fr")
     meta = json.loads((export / "mergedistill.json").read_text())["extended"]

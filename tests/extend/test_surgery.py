@@ -199,3 +199,31 @@ def test_curve_accuracy_counts_hits_of_the_full_student():
         pred = out_ids[adapter.logits(b, out_ids, full=True).argmax(-1)]
     expected = float((pred == b.labels).float().mean())
     assert curve_accuracy(adapter, [b], out_ids, torch.device("cpu")) == pytest.approx(expected)
+
+
+def test_guard_loss_is_the_cross_entropy_increase_the_new_rows_cause():
+    """ce_increase at old positions equals CE(grown student) - CE(original) on the gold (old) token."""
+    from mergedistill.extend.guard import Guard, ce_increase, old_positions
+
+    student, rows = tiny_student(), new_rows()
+    grown = plug(student, rows.rows.detach(), rows.bias.detach())
+    b = batch(torch.randint(5, V0, (3, 10)))
+    x, lse, flops = old_positions(student, lambda i: b, int(b.selected.sum()), torch.device("cpu"))
+    assert x.shape == (int(b.selected.sum()), H) and flops > 0
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(masked_logits(student, b.input_ids, b.attention_mask, b.selected), b.labels, reduction="none")
+        after = torch.nn.functional.cross_entropy(masked_logits(grown, b.input_ids, b.attention_mask, b.selected), b.labels, reduction="none")
+        inc = ce_increase(x, lse, rows.rows, rows.bias)
+    torch.testing.assert_close(inc, after - before, atol=1e-5, rtol=1e-4)
+    assert bool((inc > 0).all())
+    # a guard's draws are seeded, and its gradient lowers the increase
+    guard = Guard(x, lse, 1.0, 4, seed=0)
+    d1, d2 = guard.sampler("cpu"), guard.sampler("cpu")
+    assert all(torch.equal(a, c) for a, c in zip(d1(), d2()))
+    opt = torch.optim.SGD(rows.parameters(), lr=0.5)
+    start = float(ce_increase(x, lse, rows.rows, rows.bias).mean().detach())
+    for _ in range(20):
+        opt.zero_grad()
+        ce_increase(x, lse, rows.rows, rows.bias).mean().backward()
+        opt.step()
+    assert float(ce_increase(x, lse, rows.rows, rows.bias).mean().detach()) < start
