@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
 	@echo "make test      # the test suite (fast tests; make test-all adds the slow ones)"
 	@echo "make corpora teachers vocab   # single stages of the demo"
 	@echo "make xmod      # dense vs X-Mod student on the demo's six languages: runs/demo/archs/report.md"
+	@echo "make extend    # add Italian to the demo student: full vs mini-model adaptation (runs/demo/extend/it/report.md)"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
 	@echo "make battery   # 85 bad inputs, full disks, read-only folders, kills and concurrent runs: a table of how each ends"
 
@@ -64,6 +65,10 @@ demo: teachers
 	$(PY) -m mergedistill.demo.source_task --config configs/demo.yaml > /dev/null
 	time $(MD) run --config configs/demo.yaml
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
+
+# add Italian to the demo student (full vs the mini-model, side by side): runs/demo/extend/it/report.md
+extend: demo
+	$(MD) extend --config configs/demo.yaml --language it
 
 bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod
 

@@ -20,8 +20,9 @@ from mergedistill.preflight import preflight
 log = logging.getLogger("mergedistill")
 
 # stage name -> (one-line summary, "module:function", flags). The function takes the config and the flags as
-# keyword-only booleans, which become the subcommand's --flags (FLAGS says what each does). Stage modules
-# load only when their stage runs: training imports Lightning, which takes seconds.
+# keyword-only arguments, which become the subcommand's --flags (FLAGS says what each does): a plain name is
+# a boolean switch, `name=METAVAR` an option that takes a value (and is required). Stage modules load only
+# when their stage runs: training imports Lightning, which takes seconds.
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab.stage:run_vocab",
               ("force",)),
@@ -32,6 +33,8 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "select": ("rank candidate teachers per language, write a routing", "mergedistill.eval.select:run_select", ()),
     "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate", ("archs",)),
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all", ("force",)),
+    "extend": ("add a language to the distilled student (mini-model adaptation)", "mergedistill.extend.stage:run_extend",
+               ("language=LANG", "force")),
 }
 
 FLAGS = {
@@ -41,7 +44,13 @@ FLAGS = {
     "restart_if_changed": "continue the last checkpoint if it was trained with these settings, else start over (what `run` does)",
     "verify": "build nothing: check that every shard is complete and that its content matches the hash in its record",
     "archs": "instead of routing variants: a dense and an X-Mod student of the same body, data and steps, one table (runs/<run>/archs/)",
+    "language": "the new language: a code declared under extend.languages in the config",
 }
+
+
+def flag_name(flag: str) -> str:
+    """`force` -> `force`; `language=LANG` -> `language` (the keyword argument of the stage function)."""
+    return flag.partition("=")[0]
 
 
 def stage_function(name: str) -> Callable:
@@ -75,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", metavar="FILE", help="the run's YAML config (e.g. configs/demo.yaml)")
         p.add_argument("-v", "--verbose", action="store_true", help="log details")
         for flag in flags:
-            p.add_argument("--" + flag.replace("_", "-"), dest=flag, action="store_true", help=FLAGS[flag])
+            name, _, metavar = flag.partition("=")
+            if metavar:
+                p.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, required=True, help=FLAGS[name])
+            else:
+                p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=FLAGS[name])
     return parser
 
 
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unrecognised arguments {' '.join(bad)}: overrides take the form --section.key=value")
         cfg = load_config(args.config, rest)
         preflight(cfg, args.stage)  # what the teachers' configs say about the settings, before any work
-        stage_function(args.stage)(cfg, **{flag: getattr(args, flag) for flag in STAGES[args.stage][2]})
+        stage_function(args.stage)(cfg, **{flag_name(f): getattr(args, flag_name(f)) for f in STAGES[args.stage][2]})
     except UserError as e:
         print(f"mergedistill {args.stage}: error: {e.render()}", file=sys.stderr)
         return 2

@@ -137,15 +137,22 @@ def masked_logits(
     return head(layer_at_positions(layers[-1], hidden, attention_mask, selected))
 
 
-def encoder_prefix(base: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_layers: int,
-                   **layer_kwargs) -> torch.Tensor:
+def encoder_prefix(base: PreTrainedModel, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, n_layers: int,
+                   embedded: torch.Tensor | None = None, **layer_kwargs) -> torch.Tensor:
     """The hidden states after the embeddings and the first `n_layers` encoder layers of a BERT-style base
     model (B, L, H): what the model's own forward computes there (the same embeddings, the same attention
-    mask for the model's attention implementation), without touching the model. `layer_kwargs` go to
-    every layer (e.g. X-Mod's `lang_ids`)."""
-    hidden = base.embeddings(input_ids=input_ids)
+    mask for the model's attention implementation), without touching the model. `embedded`: the
+    embedding layer's output (B, L, H) when the caller computed it (`extend` does, from extra rows)
+    instead of `input_ids`. `layer_kwargs` go to every layer (e.g. X-Mod's `lang_ids`)."""
+    hidden = base.embeddings(input_ids=input_ids) if embedded is None else embedded
+    return run_layers(base, hidden, attention_mask, base.encoder.layer[:n_layers], **layer_kwargs)
+
+
+def run_layers(base: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor | None, layers, **layer_kwargs) -> torch.Tensor:
+    """`hidden` (B, L, H) through `layers` (some of `base`'s encoder layers, in order), with the attention
+    mask the model's own forward would build."""
     mask = create_bidirectional_mask(config=base.config, inputs_embeds=hidden, attention_mask=attention_mask)
-    for layer in base.encoder.layer[:n_layers]:
+    for layer in layers:
         out = layer(hidden, attention_mask=mask, **layer_kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden

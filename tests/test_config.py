@@ -128,17 +128,27 @@ def test_every_stage_is_a_function_of_the_config_and_its_cli_flags():
     flags the CLI cannot set), each documented."""
     import inspect
 
-    from mergedistill.cli import FLAGS, STAGES, build_parser, stage_function
+    from mergedistill.cli import FLAGS, STAGES, build_parser, flag_name, stage_function
 
     parser = build_parser()
     for name, (_, _, flags) in STAGES.items():
         params = inspect.signature(stage_function(name)).parameters
         assert list(params)[0] == "cfg", name
         kw = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-        assert [p.name for p in kw] == list(flags) and all(p.default is False for p in kw), name
-        assert all(FLAGS[f] for f in flags)
-        args = parser.parse_args([name, *[f"--{f.replace('_', '-')}" for f in flags]])
-        assert all(getattr(args, f) is True for f in flags)
+        assert [p.name for p in kw] == [flag_name(f) for f in flags], name
+        switches = [f for f in flags if "=" not in f]  # booleans, off by default
+        options = [flag_name(f) for f in flags if "=" in f]  # take a value, required
+        assert all(params[f].default is False for f in switches), name
+        assert all(params[o].default is inspect.Parameter.empty for o in options), name
+        assert all(FLAGS[flag_name(f)] for f in flags)
+        argv = [name, *[f"--{f.replace('_', '-')}" for f in switches], *[a for o in options for a in (f"--{o.replace('_', '-')}", "xx")]]
+        args = parser.parse_args(argv)
+        assert all(getattr(args, f) is True for f in switches)
+        assert all(getattr(args, o) == "xx" for o in options)
+        if options:  # a required option left out is bad input: argparse exits 2
+            with pytest.raises(SystemExit) as exit_:
+                parser.parse_args([name])
+            assert exit_.value.code == 2
 
 
 def test_console_script_exit_code(tmp_path):

@@ -17,6 +17,7 @@ from mergedistill.config import RunConfig
 from mergedistill.corpus import iter_lines
 from mergedistill.fsutil import atomic_dir, write_json_atomic
 from mergedistill.tables import markdown_table
+from mergedistill.train.mini_head import save_mini_head
 from mergedistill.train.xmod import is_xmod, model_card_usage, parameter_counts, save_xmod_student, use_language
 
 EXAMPLE_LINES = 2000
@@ -24,9 +25,10 @@ EXAMPLE_LINES = 2000
 
 
 def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
-                   init_info: dict, best: dict | None, out: Path) -> Path:
+                   init_info: dict, best: dict | None, out: Path, mini_head=None) -> Path:
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
-    tokenizers, languages.json, token_ids/<lang>.npy and a README model card."""
+    tokenizers, languages.json, token_ids/<lang>.npy and a README model card; with
+    train.mini_head_layer, the secondary head in mini_head/ (`mergedistill extend` reads it)."""
     routing = {lang: cfg.teacher_of(lang) for lang in languages}
     if is_xmod(student):
         use_language(student, languages[0])  # the default module: the first language's
@@ -37,6 +39,8 @@ def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, l
             student.save_pretrained(str(tmp), safe_serialization=True)
         for name in sorted(set(routing.values())):
             shutil.copytree(cfg.vocab_dir / "tokenizers" / name, tmp / "tokenizers" / name)
+        if mini_head is not None:
+            save_mini_head(mini_head, tmp / "mini_head")
         (tmp / "languages.json").write_text(json.dumps({lang: f"tokenizers/{t}" for lang, t in routing.items()}, indent=2) + "\n")
         (tmp / "token_ids").mkdir()
         allowed = {}

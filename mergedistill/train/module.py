@@ -11,6 +11,7 @@ from mergedistill.config import RunConfig
 from mergedistill.mlm_models import masked_logits
 from mergedistill.train.batches import Batch
 from mergedistill.train.losses import distill_loss
+from mergedistill.train.mini_head import LayerTap, MiniHead
 from mergedistill.train.optim import adamw, with_schedule
 from mergedistill.train.xmod import is_xmod, lang_id_table
 
@@ -27,6 +28,10 @@ class DistillModule(L.LightningModule):
         self._t0: float | None = None
         # X-Mod: batch language index -> the student's module (lang_id); derived, so not checkpointed
         self.register_buffer("lang_table", lang_id_table(student, languages) if is_xmod(student) else None, persistent=False)
+        # MiniJoint (train.mini_head_layer = k): a secondary head on layer k's output, read off the primary pass
+        k = cfg.train.mini_head_layer
+        self.mini_head = MiniHead.from_student(student, k) if k else None
+        self._tap = LayerTap(student, k) if k else None
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The student's logits at the masked positions (N, V) and the loss parts (train/losses.py).
@@ -53,6 +58,14 @@ class DistillModule(L.LightningModule):
         self.log(f"{stage}/kd_loss", parts["kd"], batch_size=n, sync_dist=sync)
         self.log(f"{stage}/acc", correct.mean(), batch_size=n, sync_dist=sync)
         self.log(f"{stage}/agree", agree.mean(), batch_size=n, sync_dist=sync)
+        loss = parts["loss"]
+        if self.mini_head is not None:  # the primary path above is unchanged; weight 0 adds exactly nothing
+            t = self.cfg.train
+            mid = self._tap.take()[batch.selected]  # (N, H): layer k's output at the masked positions
+            mini = distill_loss(self.mini_head(mid, self.student.get_input_embeddings().weight), batch.labels,
+                                batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
+            loss = loss + t.mini_head_weight * mini["loss"]
+            self.log(f"{stage}/mini_loss", mini["loss"], batch_size=n, sync_dist=sync)
         # Per-language figures: a language may be absent from one rank's part of a training batch, and
         # a synced log must be called by every rank alike, so these stay rank-local in training.
         # Validation batches are the same on every rank: synced there.
@@ -66,7 +79,7 @@ class DistillModule(L.LightningModule):
             self.log(f"{stage}/{lang}/acc", correct[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
             if stage != "train":
                 self.log(f"{stage}/{lang}/agree", agree[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
-        return parts["loss"]
+        return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
@@ -98,4 +111,7 @@ class DistillModule(L.LightningModule):
     # ---- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
         t = self.cfg.train
-        return with_schedule(adamw(self.student.named_parameters(), t.lr, t.weight_decay), t.warmup_steps, t.max_steps)
+        params = list(self.student.named_parameters())
+        if self.mini_head is not None:
+            params += list(self.mini_head.named_parameters())
+        return with_schedule(adamw(params, t.lr, t.weight_decay), t.warmup_steps, t.max_steps)

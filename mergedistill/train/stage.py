@@ -227,7 +227,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     # strategy and nodes decide how it is split (accelerator, logger and best_metric do not change them).
     inputs = {"vocab": vrec["vocab"], "data": {lang: manifest["languages"][lang]["inputs"] for lang in languages},
               "student": student_inputs(cfg), "train": {k: v for k, v in to_dict(cfg.train).items()
-                                                         if k not in ("accelerator", "logger", "best_metric")}}
+                                                         if k not in ("accelerator", "logger", "best_metric")
+                                                         and not (k.startswith("mini_head_") and cfg.train.mini_head_layer is None)}}
     start_over = False  # set the earlier student aside once this one is about to train (never before)
     if _is_launcher():
         if state_path.is_file() and (export / "config.json").is_file() and not force:
@@ -297,7 +298,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     if has_val and best.best_model_path:
         best_info = {"file": os.path.relpath(best.best_model_path, out), "metric": t.best_metric,
                      "score": float(best.best_model_score) if best.best_model_score is not None else None}
-    export_student(cfg, module.student, vocab, vrec, manifest, languages, metrics, init_info, best_info, out / "export")
+    export_student(cfg, module.student, vocab, vrec, manifest, languages, metrics, init_info, best_info, out / "export",
+                   mini_head=module.mini_head)
     write_json_atomic(state_path, {"inputs": inputs, "status": "done", "steps": trainer.global_step, "val": metrics,
                                    "best": best_info, "seconds": time.monotonic() - start})
     prev_dir = previous_dir(out)
