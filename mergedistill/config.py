@@ -190,12 +190,12 @@ class TrainConfig:
     mode: Literal["offline", "online"] = "offline"
     """`offline`: teacher predictions come from the data stage's shards; `online`: the teacher runs
     inside the training step (small runs and benchmarks)."""
-    mini_head_layer: int | None = None
+    mini_head_layer: Annotated[int, at_least(1)] | None = None
     """MiniJoint (Marchisio et al., Findings of ACL 2023): a secondary MLM head on the output of the
     student's first k layers, trained with the same loss, so that those layers and the head form an
     aligned mini-model on which `mergedistill extend` (method minijoint) learns a new language cheaply.
     Exported with the student (export/mini_head/). null: no secondary head."""
-    mini_head_weight: float = 1.0
+    mini_head_weight: Annotated[float, at_least(0)] = 1.0
     """Weight of the secondary head's loss, added to the primary loss (0: the head trains nothing)."""
 
 
@@ -283,18 +283,18 @@ class ExtendConfig:
     language module, with the shared body frozen."""
     compare: list[str] = field(default_factory=list)
     """Other methods trained side by side on the same batches, for the report (not exported)."""
-    mini_layers: int | None = None
+    mini_layers: Annotated[int, at_least(1)] | None = None
     """minipost: the mini-model's depth k (the student's first k layers); null: half the student's layers
     (at least 1). minijoint uses the layer the student was trained with."""
-    mini_align_steps: int = 300
+    mini_align_steps: Annotated[int, at_least(0)] = 300
     """minipost: steps that train the mini-model's head (transform and output bias, started from the
     student's head) over the frozen first k layers on the run's own data shards, so that layer k maps
     onto the student's output embeddings. Done once per student and k, shared by every new language."""
     tokenizer: Literal["wordpiece", "unigram", "sp-bpe", "byte-bpe"] = "sp-bpe"
     """Family of the tokenizer trained on the new language's train corpus when it has no teacher."""
-    tokenizer_vocab_size: int = 8000
+    tokenizer_vocab_size: Annotated[int, at_least(1)] = 8000
     """Size of that tokenizer."""
-    tokenizer_lines: int | None = 50000
+    tokenizer_lines: Annotated[int, at_least(1)] | None = 50000
     """Train lines that tokenizer is trained on (null: all)."""
     share_tokens: bool = True
     """A token of the new language whose canonical key is already in the joint vocabulary keeps that
@@ -303,40 +303,40 @@ class ExtendConfig:
     """The new language's predictions range over `language`: the tokens its tokenizer emits (as a model
     of its own vocabulary, like the mini-model paper's new embedding matrix; cheaper), or `all`: the
     whole vocabulary. Reported accuracies say which."""
-    steps: int = 1000
+    steps: Annotated[int, at_least(1)] = 1000
     """Optimizer steps per method."""
-    batch_size: int = 32
+    batch_size: Annotated[int, at_least(1)] = 32
     """Sequences per step."""
-    lr: float = 0.003
+    lr: Annotated[float, above(0)] = 0.003
     """Peak learning rate (the mini-model's head alignment uses it too)."""
-    warmup_steps: int = 50
+    warmup_steps: Annotated[int, at_least(0)] = 50
     """Linear warmup steps, then linear decay to 0."""
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, at_least(0)] = 0.0
     """AdamW weight decay of the new parameters."""
-    alpha: float | None = None
+    alpha: Annotated[float, between(0, 1)] | None = None
     """Weight of the KD loss when the new language has a teacher (null: train.alpha); without a teacher
     the loss is MLM only."""
-    max_lines: int | None = None
+    max_lines: Annotated[int, at_least(1)] | None = None
     """Lines per split of the new language's corpora (null: data.max_lines)."""
-    eval_every: int = 100
+    eval_every: Annotated[int, at_least(1)] = 100
     """Steps between points of the learning curve (masked accuracy on the valid split, plugged student)."""
-    curve_lines: int = 200
+    curve_lines: Annotated[int, at_least(1)] = 200
     """Valid lines the learning curve is measured on."""
-    old_lines: int = 200
+    old_lines: Annotated[int, at_least(1)] = 200
     """Test lines per old language on which the change of the old languages is measured."""
-    guard_positions: int = 0
+    guard_positions: Annotated[int, at_least(0)] = 0
     """Masked positions of the old languages (the run's own shards) at which the new rows are kept from
     outscoring the old languages' predictions among all ids: each step adds the mean increase of the old
     gold tokens' cross-entropy that the new rows cause there (computed from the student's fixed outputs,
     once). 0: off (predictions among each old language's own tokens never change either way)."""
-    guard_weight: float = 1.0
+    guard_weight: Annotated[float, at_least(0)] = 1.0
     """Weight of that term."""
-    guard_batch: int = 256
+    guard_batch: Annotated[int, at_least(1)] = 256
     """Old positions drawn per step for that term."""
     module_init: str | None = None
     """X-Mod students: the language whose module the new language's module starts from (null: a module
     that adds nothing, i.e. the shared body alone). Methods other than `xmod` keep it frozen."""
-    seed: int = 0
+    seed: Annotated[int, between(0, 2**32 - 1)] = 0
     """Seed of the new rows' initialisation, the batches and the masks."""
     device: str = "auto"
     """Where extend trains and evaluates: `auto` (a GPU when there is one, else the CPU), `cpu`, `cuda`, ..."""
@@ -445,8 +445,6 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
             spec = getattr(lc, split)
             if spec and not spec.startswith(DATASETS_PREFIX) and not Path(spec).is_file():
                 problems.append(f"languages.{lang}.{split}: no file {spec!r} (resolved against {os.getcwd()})")
-    if cfg.vocab.verify_lines < 0:
-        problems.append(f"vocab.verify_lines: {cfg.vocab.verify_lines} must be 0 (no check) or more")
     for split in cfg.vocab.prune_splits:
         if split not in ("train", "valid", "test"):
             problems.append(f"vocab.prune_splits: {split!r} is not one of train, valid, test")
@@ -456,7 +454,7 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
         if split not in ("train", "valid", "test"):
             problems.append(f"data.splits: {split!r} is not one of train, valid, test")
     s = cfg.student
-    k = t.mini_head_layer
+    k = cfg.train.mini_head_layer
     if k is not None and not 1 <= k < s.layers:
         problems.append(f"train.mini_head_layer: {k} must be from 1 to student.layers - 1 ({s.layers - 1}): the mini-model "
                         "is the student's first k layers")
@@ -519,14 +517,7 @@ def _check_extend(cfg: RunConfig, problems: list[str]) -> None:
     if x.mini_layers is not None and not 1 <= x.mini_layers < cfg.student.layers:
         problems.append(f"extend.mini_layers: {x.mini_layers} must be from 1 to student.layers - 1 ({cfg.student.layers - 1}): "
                         "the mini-model is the student's first k layers")
-    for name in ("steps", "batch_size", "eval_every", "curve_lines", "old_lines", "tokenizer_vocab_size", "guard_batch"):
-        if getattr(x, name) < 1:
-            problems.append(f"extend.{name}: {getattr(x, name)} must be at least 1")
-    if x.lr <= 0 or x.warmup_steps < 0 or x.mini_align_steps < 0 or x.guard_positions < 0 or x.guard_weight < 0:
-        problems.append("extend.lr must be positive; extend.warmup_steps, mini_align_steps, guard_positions and "
-                        "guard_weight at least 0")
-    if x.alpha is not None and not 0.0 <= x.alpha <= 1.0:
-        problems.append(f"extend.alpha: {x.alpha} must be between 0 and 1")
+
 
 
 def _apply_routing(data: dict, problems: list[str]) -> None:
