@@ -31,6 +31,8 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "select": ("rank candidate teachers per language, write a routing", "mergedistill.eval.select:run_select", ()),
     "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate", ()),
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all", ("force",)),
+    "compress": ("pruning / quantization / smaller-student audit, per language", "mergedistill.compress.stage:run_compress",
+                 ("force",)),
 }
 
 FLAGS = {

@@ -232,6 +232,64 @@ class AblateConfig:
 
 
 @dataclass
+class CompressConfig:
+    sparsity: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    """Unstructured magnitude pruning: one variant per level, the share of the encoder's linear weights set
+    to zero (global ranking by |w|), each in [0, 1). Empty: no unstructured variants."""
+    recovery_steps: int = 200
+    """Optimizer steps of KD + MLM training on the run's shards after (structured) or while (unstructured:
+    gradual, cubic schedule) pruning; each pruned variant then also gets a `-rec` twin. 0: one-shot only."""
+    recovery_lr: float | None = None
+    """Peak learning rate of recovery training (warmup over a tenth of the steps, then linear decay to 0);
+    null: a tenth of train.lr (the student is trained already)."""
+    prune_until: float = 0.75
+    """Gradual pruning reaches the final sparsity after this share of recovery_steps; the rest trains at it."""
+    prune_frequency: int = 10
+    """Gradual pruning recomputes the masks every this many optimizer steps."""
+    include_embeddings: bool = False
+    """Prune the embedding tables too (the word table is tied to the decoder: a pruned entry changes a
+    token's meaning in every language that uses it). Off: embeddings stay dense."""
+    include_head: bool = False
+    """Prune the MLM head's transform dense layer too (every prediction passes through it)."""
+    heads: list[float] = field(default_factory=lambda: [0.5])
+    """Structured pruning: remove this share of all attention heads, the least important first (first-order
+    Taylor importance on shard batches); every layer keeps at least one head. One variant per value."""
+    neurons: list[float] = field(default_factory=lambda: [0.5])
+    """Structured pruning: remove this share of the feed-forward neurons of every layer (by importance).
+    One variant per value."""
+    layers: list[int] = field(default_factory=lambda: [1])
+    """Structured pruning: remove this many whole layers (the least important). One variant per value."""
+    importance_batches: int = 8
+    """Shard batches (train.batch_size sequences each) the importance of heads, neurons and layers is
+    measured on (one backward pass each)."""
+    quantize: bool = True
+    """An int8 variant: per-row symmetric int8 weights of the encoder's linear layers, the head's dense and
+    the tied word table (mergedistill's own format; load with `mergedistill.compress.quantize.load_quantized`)."""
+    small: bool = True
+    """A smaller student distilled from the same shards (the distillation point of comparison)."""
+    small_layers: int | None = None
+    """Layers of the smaller student; null: half the student's (at least 1)."""
+    small_hidden: int | None = None
+    """Hidden size of the smaller student; null: the student's."""
+    small_heads: int | None = None
+    """Attention heads of the smaller student; null: the student's."""
+    small_intermediate: int | None = None
+    """Feed-forward size of the smaller student; null: the student's."""
+    small_steps: int | None = None
+    """Training steps of the smaller student; null: train.max_steps (the student's budget)."""
+    throughput_batches: int = 4
+    """Shard batches each variant runs for the CPU throughput measurement (the same batches for every model)."""
+    throughput_batch_size: int = 8
+    """Sequences per throughput batch (data.seq_len tokens at most each)."""
+    throughput_repeats: int = 5
+    """Interleaved repeats of the throughput measurement (the median is reported)."""
+    throughput_threads: int | None = None
+    """CPU threads during the throughput measurement; null: torch's default."""
+    mild_sparsity: float = 0.5
+    """Sparsity levels up to this count as mild in the report's findings (did mild sparsity help a language?)."""
+
+
+@dataclass
 class RunConfig:
     run: str
     """Run name: outputs go to vocab/<run>/ and runs/<run>/ under the current directory."""
@@ -259,6 +317,8 @@ class RunConfig:
     """The evaluate stage."""
     ablate: AblateConfig = field(default_factory=AblateConfig)
     """The ablate stage: teacher-selection variants."""
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    """The compress stage: pruning, quantization and smaller-student variants, evaluated per language."""
     config_path: str | None = field(default=None, metadata={"internal": True})
     """The YAML file this config was read from (set by `load_config`; messages name it)."""
 
@@ -353,11 +413,56 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"train.temperature: {t.temperature} must be positive")
     if t.max_steps < 1:
         problems.append(f"train.max_steps: {t.max_steps} must be at least 1")
+    _check_compress(cfg, problems)
     s = cfg.student
     if s.hidden % max(s.heads, 1):
         problems.append(f"student.hidden: {s.hidden} must be a multiple of student.heads ({s.heads})")
     if s.init != "random" and not (s.init.startswith("teacher:") and s.init[8:] in cfg.teachers):
         problems.append(f"student.init: {s.init!r} must be `random` or `teacher:<name>` with a defined teacher")
+
+
+def _check_compress(cfg: RunConfig, problems: list[str]) -> None:
+    """compress: value ranges, and structured pruning that the configured student can take."""
+    from mergedistill.compress.schedule import check_sparsity
+    from mergedistill.errors import UserError
+
+    c, s = cfg.compress, cfg.student
+    fractions = [(f"compress.sparsity[{i}]", v) for i, v in enumerate(c.sparsity)]
+    fractions += [(f"compress.heads[{i}]", v) for i, v in enumerate(c.heads)]
+    fractions += [(f"compress.neurons[{i}]", v) for i, v in enumerate(c.neurons)]
+    fractions += [("compress.mild_sparsity", c.mild_sparsity)]
+    for where, v in fractions:
+        if v is None:  # a wrong type, reported already
+            continue
+        try:
+            check_sparsity(v, where)
+        except UserError as e:
+            problems.append(str(e))
+    total = s.heads * s.layers
+    for i, f in enumerate(c.heads):
+        if f is not None and 0.0 <= f < 1.0 and round(f * total) > total - s.layers:
+            problems.append(f"compress.heads[{i}]: {f} of the student's {total} heads is {round(f * total)}, but every layer "
+                            f"keeps one head: at most {total - s.layers} can go ({(total - s.layers) / total:.2f}); "
+                            "drop whole layers with compress.layers instead")
+    for i, n in enumerate(c.layers):
+        if n is not None and not 1 <= n < s.layers:
+            problems.append(f"compress.layers[{i}]: cannot drop {n} of the student's {s.layers} layers; choose 1..{s.layers - 1}")
+    if c.recovery_steps < 0:
+        problems.append(f"compress.recovery_steps: {c.recovery_steps} must be 0 (one-shot only) or more")
+    if c.recovery_lr is not None and c.recovery_lr <= 0:
+        problems.append(f"compress.recovery_lr: {c.recovery_lr} must be positive (or null: train.lr / 10)")
+    if not 0.0 < c.prune_until <= 1.0:
+        problems.append(f"compress.prune_until: {c.prune_until} must be in (0, 1]: the share of recovery_steps spent pruning")
+    for name in ("prune_frequency", "importance_batches", "throughput_batches", "throughput_batch_size", "throughput_repeats"):
+        if getattr(c, name) < 1:
+            problems.append(f"compress.{name}: {getattr(c, name)} must be at least 1")
+    for name in ("small_layers", "small_hidden", "small_heads", "small_intermediate", "small_steps", "throughput_threads"):
+        v = getattr(c, name)
+        if v is not None and v < 1:
+            problems.append(f"compress.{name}: {v} must be at least 1 (or null)")
+    hidden, heads = c.small_hidden or s.hidden, c.small_heads or s.heads
+    if c.small and hidden % max(heads, 1):
+        problems.append(f"compress.small_hidden: {hidden} must be a multiple of the smaller student's heads ({heads})")
 
 
 def _apply_routing(data: dict, problems: list[str]) -> None:

@@ -28,17 +28,11 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from mergedistill.compress.layout import embedding_tables, encoder_linears, head_transform_dense
-from mergedistill.errors import UserError
+from mergedistill.compress.schedule import check_sparsity  # noqa: F401  (re-exported: callers import it from here)
 
 Masks = dict[str, torch.Tensor]
 """Qualified parameter name (e.g. `bert.encoder.layer.0.attention.self.query.weight`) -> bool tensor of
 the parameter's shape, True where the weight is kept."""
-
-
-def check_sparsity(sparsity: float, field: str = "sparsity") -> None:
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
-        raise UserError(f"{field}: {sparsity!r} is outside [0, 1); it is the share of weights set to zero "
-                        "(0.5 = half), and 1 would remove them all")
 
 
 def prunable_weights(model: nn.Module, include_embeddings: bool = False, include_head: bool = False) -> dict[str, nn.Parameter]:

@@ -7,10 +7,11 @@ from typing import Iterable
 
 
 def plot_quality(rows: Iterable[dict], metric: str, x_of: dict[str, float], out: str | Path, xlabel: str,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, connect: bool = True) -> Path:
     """Line plot of `metric` (y) against x_of[variant] (x: sparsity, size in MB, ...) for each language.
     Rows of variants missing from x_of are left out (e.g. plot the unstructured sweep with the
-    uncompressed student at x = 0). Returns the PNG's path."""
+    uncompressed student at x = 0). connect=False: markers only (variants of different kinds, which a
+    line would wrongly present as one series). Returns the PNG's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +26,7 @@ def plot_quality(rows: Iterable[dict], metric: str, x_of: dict[str, float], out:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for lang in sorted(series):
         pts = sorted(series[lang])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lang)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="-" if connect else "none", label=lang)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} per language")

@@ -13,6 +13,13 @@ from __future__ import annotations
 from mergedistill.errors import UserError
 
 
+def check_sparsity(sparsity: float, field: str = "sparsity") -> None:
+    """UserError unless 0 <= sparsity < 1. Torch-free, so that config.py can check `compress.sparsity`."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise UserError(f"{field}: {sparsity!r} is outside [0, 1); it is the share of weights set to zero "
+                        "(0.5 = half), and 1 would remove them all")
+
+
 def check_schedule(final_sparsity: float, initial_sparsity: float = 0.0, begin_step: int = 0, end_step: int = 0,
                    frequency: int = 1) -> None:
     """Raise UserError listing every problem with these schedule settings."""

@@ -264,7 +264,7 @@ def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row
     rkey = f"teacher:{routed}"
     rmodel, rtok = models.teacher(routed)
     idmap = plan.vocab.idmaps[routed]
-    students = [k for k in ("student", "baseline") if k in models.for_language(lang)]
+    students = [k for k in models.for_language(lang) if not k.startswith("teacher:")]  # student, baseline
     seq_len = min([models.max_len(rkey)] + [models.max_len(k) for k in students])
     rows: list[Row] = []
 
