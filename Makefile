@@ -9,12 +9,13 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all demo corpora teachers vocab select ablate bench bench-vocab bench-data bench-train clean-demo help
+.PHONY: setup test test-all demo corpora teachers vocab select ablate compress bench bench-vocab bench-data bench-train bench-compress clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
 	@echo "make test      # the test suite (fast tests; make test-all adds the slow ones)"
 	@echo "make corpora teachers vocab   # single stages of the demo"
+	@echo "make compress  # the demo student pruned, quantized and distilled smaller, per language: runs/demo/compress/report.md"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
 
 setup: $(STAMP)
@@ -54,7 +55,12 @@ demo: teachers
 	time $(MD) run --config configs/demo.yaml
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
 
-bench: bench-vocab bench-data bench-train
+# pruning, int8 and a smaller student, each evaluated per language against the demo student (after `make demo`)
+compress: demo
+	$(MD) compress --config configs/demo.yaml
+	@echo "compress: runs/demo/compress/report.md (variants in runs/demo/compress/<variant>/)"
+
+bench: bench-vocab bench-data bench-train bench-compress
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
@@ -67,3 +73,6 @@ bench-data: corpora
 
 bench-train: corpora
 	$(PY) benchmarks/bench_train.py
+
+bench-compress: setup
+	$(PY) benchmarks/bench_compress.py

@@ -119,11 +119,12 @@ def size_correlation(drop_rows: Iterable[dict], sizes: dict[str, float], metric:
 
 
 def findings(drop_rows: Sequence[dict], sizes: dict[str, float], metric: str, sparsity: dict[str, float] | None = None,
-             mild: float = 0.5, tolerance: float = 0.005) -> list[str]:
+             mild: float = 0.5, tolerance: float = 0.005, variant_lines: bool = True) -> list[str]:
     """Plain-language findings for one metric.
 
     sparsity: variant -> sparsity for the unstructured-pruning variants (those at or below `mild` count as
-    mild). Drops within +-tolerance (relative) are called unchanged."""
+    mild). Drops within +-tolerance (relative) are called unchanged. variant_lines=False leaves out the
+    line per variant (who loses most and least in it: the spread table says the same)."""
     per_variant = _by_variant(drop_rows, metric)
     if not per_variant:
         return [f"{metric}: no variant has results to compare with the uncompressed student."]
@@ -137,7 +138,7 @@ def findings(drop_rows: Sequence[dict], sizes: dict[str, float], metric: str, sp
     order = sorted(mean, key=mean.get, reverse=True)
     lines.append(f"{metric}: averaged over {len(per_variant)} variants, {order[0]} pays most (mean drop {mean[order[0]]:+.1%}) "
                  f"and {order[-1]} least ({mean[order[-1]]:+.1%}); order: " + ", ".join(f"{lang} {mean[lang]:+.1%}" for lang in order) + ".")
-    for row in spread(drop_rows, metric):
+    for row in spread(drop_rows, metric) if variant_lines else []:
         lines.append(f"{row['variant']}: {row['worst']} loses most ({row['worst_drop']:+.1%}), {row['best']} least "
                      f"({row['best_drop']:+.1%}); spread over languages: std {row['std']:.1%}, range {row['range']:.1%}.")
     known = {lang for lang in mean if sizes.get(lang, 0) > 0}

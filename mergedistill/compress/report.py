@@ -149,7 +149,7 @@ def report_md(header: str, rows: Sequence[Row], dropped: list[dict], variants: l
     sparsity = {v.name: v.amount for v in variants if v.kind == "sparse"}
     parts = [header, "", "## Findings", ""]
     for metric in QUALITY:
-        parts += [f"- {line}" for line in findings(dropped, sizes, metric, sparsity, mild=mild)]
+        parts += [f"- {line}" for line in findings(dropped, sizes, metric, sparsity, mild=mild, variant_lines=False)]
     parts += ["", "## What each variant costs", "", variants_md(costs), ""]
     for metric in QUALITY:
         parts += [f"## {LABELS[metric][0].upper()}{LABELS[metric][1:]} per language", "",

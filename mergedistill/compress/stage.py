@@ -275,7 +275,7 @@ def write_report(cfg: RunConfig, s: Setup, rows, costs: list[dict], m: dict, out
           f"{'pruned too' if c.include_head else 'kept dense'}; importance from {c.importance_batches} shard batches",
         f"- evaluation as `evaluate`: {e.max_lines if e.max_lines is not None else 'all'} test lines per language for masked accuracy "
         f"(mask rate {e.mask_prob}, seed {e.seed}), {e.pll_lines} for PLL; dtype {e.dtype}",
-        f"- throughput: {_cpu_name()}, {m['threads']} threads, fp32 eager; {m['batches']} batches x {c.throughput_batch_size} "
+        f"- throughput: {_cpu_name()}, threads: {m['threads']}, fp32 eager; {m['batches']} batches x {c.throughput_batch_size} "
         f"sequences ({m['tokens']:,} tokens) per repeat, median of {c.throughput_repeats} interleaved repeats; load average "
         f"(1 min) {m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after (shared cores make absolute figures noisy; "
         "the ratios are measured side by side)",

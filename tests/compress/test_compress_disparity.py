@@ -75,6 +75,8 @@ def test_findings_in_words():
     none = "\n".join(findings(drops(ROWS), SIZES, "mlm_acc", sparsity={"sparse-0.3": 0.3}, tolerance=0.1))
     assert "helped no language by more than 10.0%" in none
     assert findings([], SIZES, "mlm_acc") == ["mlm_acc: no variant has results to compare with the uncompressed student."]
+    short = "\n".join(findings(drops(ROWS), SIZES, "mlm_acc", sparsity={"sparse-0.3": 0.3}, variant_lines=False))
+    assert "sw pays most" in short and "smaller languages lose more" in short and "sparse-0.9: sw loses most" not in short
 
 
 def test_plot_quality_writes_a_png(tmp_path):
