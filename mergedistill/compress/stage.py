@@ -135,6 +135,9 @@ def run_compress(cfg: RunConfig, *, force: bool = False) -> Path:
     if force and (out / "eval").exists():
         shutil.rmtree(out / "eval")
     log.info("compress: %d variants of %s: %s", len(s.variants), s.student.folder, ", ".join(v.name for v in s.variants))
+    others = sorted(p.parent.name for p in out.glob("*/mergedistill.json") if p.parent.name not in inputs)
+    if others:
+        log.info("compress: %s not in this config's variants: left as they are, not in the report", ", ".join(others))
     build_variants(cfg, s, inputs, out, force)
     rows = evaluate(cfg, s, out)
     costs, how = measure(cfg, s, out)

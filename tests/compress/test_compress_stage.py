@@ -193,6 +193,7 @@ def test_rerun_skips_and_a_new_level_builds_only_its_variants(compressed, caplog
     assert {n: os.stat(out / n / "mergedistill.json").st_mtime_ns for n in VARIANTS} == stamp  # kept, not rebuilt
     assert (out / "sparse-25" / "config.json").is_file() and (out / "sparse-25-rec" / "config.json").is_file()
     assert "evaluating sparse-25, sparse-25-rec per language" in caplog.text  # the others' scores come from the cache
+    assert "int8 not in this config's variants: left as they are" in caplog.text
     costs = [r["variant"] for r in read_csv(out / "variants.csv")]
     assert "sparse-25" in costs and "int8" not in costs
     assert cfg.compress.sparsity == [0.5]  # the config given was not changed
