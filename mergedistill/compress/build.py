@@ -45,7 +45,7 @@ def prune_one_shot(model: nn.Module, v: Variant, cfg: RunConfig, importance: Cal
 
 def recover(model: nn.Module, v: Variant, cfg: RunConfig, logs: Path) -> dict:
     """Recovery training of `model` in place (gradual pruning for unstructured variants); returns what
-    happened (steps, first and last logged training loss)."""
+    happened (steps, lr, mean training loss at the start and at the end)."""
     from mergedistill.train.stage import fit_model, read_metrics
 
     c = cfg.compress
@@ -64,8 +64,10 @@ def recover(model: nn.Module, v: Variant, cfg: RunConfig, logs: Path) -> dict:
 
 
 def _loss_ends(rows: list[dict]) -> dict:
+    """Mean logged training loss over the first and over the last quarter of the logged steps."""
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    return {"train_loss_first": loss[0], "train_loss_last": loss[-1]} if loss else {}
+    k = max(1, len(loss) // 4)
+    return {"train_loss_start": sum(loss[:k]) / k, "train_loss_end": sum(loss[-k:]) / k} if loss else {}
 
 
 def build_model(v: Variant, cfg: RunConfig, load_student: Callable[[], nn.Module], importance: Callable[[], Importance],

@@ -84,32 +84,34 @@ def preflight(cfg: RunConfig) -> Setup:
         missing = [lang for lang in cfg.languages if lang not in student.languages]
         if missing:
             problems.append(f"{student.folder}: no tokenizer for {', '.join(missing)} in languages.json; retrain with this config")
-        problems += _shape_problems(AutoConfig.from_pretrained(str(student.folder)), variants, cfg)
+        problems += _shape_problems(AutoConfig.from_pretrained(str(student.folder)), cfg)
     if problems:
         raise UserError(problems, header=f"compress: {len(problems)} problem(s); nothing was run:")
     return Setup(student, vocab, vrec, manifest, list(cfg.languages), variants)  # type: ignore[arg-type]
 
 
-def _shape_problems(config, variants: list[Variant], cfg: RunConfig) -> list[str]:
-    """What the exported student's architecture cannot take (it may differ from `student:` in the config)."""
-    problems = []
+def _shape_problems(config, cfg: RunConfig) -> list[str]:
+    """What the exported student's architecture cannot take, named by config field."""
+    c = cfg.compress
     kind = getattr(config, "model_type", "")
     if kind not in ("bert", "roberta", "xlm-roberta"):
         return [f"compress: the student is a {kind!r} model; compression supports BERT-style masked LMs (bert, roberta, xlm-roberta)"]
+    problems = []
     layers, heads = config.num_hidden_layers, config.num_attention_heads
-    for v in variants:
-        if v.kind == "heads":
-            if kind != "bert":
-                problems.append(f"compress.heads: head pruning needs a BERT student (this one is {kind}); set compress.heads: []")
-            total = heads * layers
-            if round(v.amount * total) > total - layers:
-                problems.append(f"compress.heads: {v.amount} of the student's {total} heads is {round(v.amount * total)}, more than "
-                                f"can go ({total - layers}: every layer keeps one head)")
-        if v.kind == "drop" and not int(v.amount) < layers:
-            problems.append(f"compress.layers: the student has {layers} layers; cannot drop {int(v.amount)}")
-    if any(v.kind == "small" for v in variants) and cfg.compress.small_layers and cfg.compress.small_layers >= layers \
-            and not (cfg.compress.small_hidden or cfg.compress.small_intermediate):
-        log.warning("compress: the smaller student (%d layers) is not smaller than the student (%d layers)", cfg.compress.small_layers, layers)
+    total = heads * layers
+    if c.heads and kind != "bert":
+        problems.append(f"compress.heads: head pruning needs a BERT student (this one is {kind}); set compress.heads: []")
+    for i, f in enumerate(c.heads):
+        if round(f * total) > total - layers:
+            problems.append(f"compress.heads[{i}]: {f} of the student's {total} heads is {round(f * total)}, but every layer keeps "
+                            f"one head: at most {total - layers} can go ({(total - layers) / total:.2f}); drop whole layers with "
+                            "compress.layers instead")
+    for i, n in enumerate(c.layers):
+        if n >= layers:
+            problems.append(f"compress.layers[{i}]: cannot drop {n} of the student's {layers} layers; choose 1..{layers - 1}"
+                            + (" or set compress.layers: []" if layers == 1 else ""))
+    if c.small and c.small_layers and c.small_layers >= layers and not (c.small_hidden or c.small_intermediate):
+        log.warning("compress: the smaller student (%d layers) is not smaller than the student (%d layers)", c.small_layers, layers)
     return problems
 
 

@@ -126,7 +126,7 @@ def test_recovery_lowers_the_loss(compressed):
     for name in ("sparse-50", "drop-1", "ffn-50"):
         assert costs[f"{name}-rec"] < costs[name], (name, costs[name], costs[f"{name}-rec"])
     built = json.loads((work / "runs/t/compress/drop-1-rec/mergedistill.json").read_text())["compress"]["built"]
-    assert built["recovery"]["steps"] == 12 and built["recovery"]["train_loss_last"] < built["recovery"]["train_loss_first"]
+    assert built["recovery"]["steps"] == 12 and built["recovery"]["train_loss_end"] < built["recovery"]["train_loss_start"]
 
 
 def test_variants_reload_as_documented(compressed):
@@ -202,16 +202,35 @@ def test_rerun_skips_and_a_new_level_builds_only_its_variants(compressed, caplog
 @pytest.mark.parametrize("override, message", [
     ("--compress.sparsity=[1.2, 0.5]", "compress.sparsity[0]: 1.2 is outside [0, 1)"),
     ("--compress.sparsity=[-0.1]", "compress.sparsity[0]: -0.1 is outside [0, 1)"),
-    ("--compress.heads=[0.9]", "compress.heads[0]: 0.9 of the student's 4 heads is 4"),
-    ("--compress.layers=[2]", "compress.layers[0]: cannot drop 2 of the student's 2 layers"),
+    ("--compress.layers=[0]", "compress.layers[0]: 0: the number of layers to drop must be at least 1"),
 ])
-def test_bad_input_exits_2(tmp_path, tiny_teachers, override, message, capsys):
+def test_bad_settings_exit_2_before_anything_runs(tmp_path, tiny_teachers, override, message, capsys):
     corpora = write_corpora(tmp_path)
     cfg = write_config(tmp_path, tiny_teachers, corpora)
     with in_dir(tmp_path):
         assert main(["compress", "--config", str(cfg), override, "--compress.neurons=[1.0]"]) == 2
     err = capsys.readouterr().err
     assert message in err and "compress.neurons[0]: 1.0 is outside [0, 1)" in err  # every problem at once
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pruning_more_heads_or_layers_than_the_student_has_exits_2(compressed, capsys):
+    """Checked against the exported student (2 layers x 2 heads), all problems at once, nothing built."""
+    work, cfg = compressed
+    before = sorted(p.name for p in (work / "runs/t/compress").iterdir())
+    with in_dir(work):
+        assert main(["compress", "--config", str(cfg), "--compress.heads=[0.9, 0.5]", "--compress.layers=[2]"]) == 2
+    err = capsys.readouterr().err
+    assert "compress.heads[0]: 0.9 of the student's 4 heads is 4, but every layer keeps one head: at most 2 can go" in err
+    assert "compress.layers[0]: cannot drop 2 of the student's 2 layers" in err and "compress.heads[1]" not in err
+    assert sorted(p.name for p in (work / "runs/t/compress").iterdir()) == before
+
+
+def test_defaults_never_make_another_stage_refuse_a_small_student(tmp_path, tiny_teachers):
+    """A 1-layer, 1-head student cannot lose a layer or a head, but only `compress` minds."""
+    cfg = make_config(tmp_path / "c.yaml", tiny_teachers, write_corpora(tmp_path), ROUTING,
+                      student={"hidden": 32, "heads": 1, "layers": 1, "intermediate": 64})
+    assert load_config(cfg).compress.layers == [1]
 
 
 def test_a_missing_student_exits_2(tmp_path, tiny_teachers, capsys):
