@@ -27,20 +27,25 @@ from mergedistill.config import RunConfig
 log = logging.getLogger(__name__)
 
 
-def prune_one_shot(model: nn.Module, v: Variant, cfg: RunConfig, importance: Callable[[], Importance]) -> nn.Module:
-    """The variant's pruning applied to `model` in place (no training)."""
+def prune_one_shot(model: nn.Module, v: Variant, cfg: RunConfig, importance: Callable[[], Importance]) -> dict:
+    """The variant's pruning applied to `model` in place (no training); returns what was removed."""
     c = cfg.compress
     if v.kind == "sparse":
-        prune_magnitude(model, v.amount, c.include_embeddings, c.include_head)
-    elif v.kind == "heads":
-        prune_heads(model, choose_heads(importance(), v.amount))
-    elif v.kind == "ffn":
-        prune_neurons(model, choose_neurons(importance(), v.amount))
-    elif v.kind == "drop":
-        drop_layers(model, choose_layers(importance(), int(v.amount)))
-    else:
-        raise AssertionError(f"{v.kind} is not a pruning variant")
-    return model
+        masks = prune_magnitude(model, v.amount, c.include_embeddings, c.include_head)
+        return {"zeroed": sum(int((~m).sum()) for m in masks.values()), "of": sum(m.numel() for m in masks.values())}
+    if v.kind == "heads":
+        heads = choose_heads(importance(), v.amount)
+        prune_heads(model, heads)
+        return {"heads": {str(k): h for k, h in heads.items()}}  # layer -> removed heads
+    if v.kind == "ffn":
+        neurons = choose_neurons(importance(), v.amount)
+        prune_neurons(model, neurons)
+        return {"neurons_per_layer": {str(k): len(n) for k, n in neurons.items()}}
+    if v.kind == "drop":
+        layers = choose_layers(importance(), int(v.amount))
+        drop_layers(model, layers)
+        return {"layers": layers}
+    raise AssertionError(f"{v.kind} is not a pruning variant")
 
 
 def recover(model: nn.Module, v: Variant, cfg: RunConfig, logs: Path) -> dict:
@@ -86,9 +91,9 @@ def build_model(v: Variant, cfg: RunConfig, load_student: Callable[[], nn.Module
                                                                           ("layers", "hidden", "heads", "intermediate", "init")},
                                 **_loss_ends(read_metrics(logs))}
     model = load_student()
-    if not (v.kind == "sparse" and v.recovered):  # gradual pruning starts from the dense student
-        prune_one_shot(model, v, cfg, importance)
     info: dict = {}
+    if not (v.kind == "sparse" and v.recovered):  # gradual pruning starts from the dense student
+        info["removed"] = prune_one_shot(model, v, cfg, importance)
     if v.recovered:
         info["recovery"] = recover(model, v, cfg, logs)
     return model.eval(), info

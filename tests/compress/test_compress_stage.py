@@ -149,6 +149,8 @@ def test_variants_reload_as_documented(compressed):
         assert AutoModelForMaskedLM.from_pretrained(str(out / "small")).config.num_hidden_layers == 1
         heads = load_variant(out / "heads-50")
         assert sum(layer.attention.self.num_attention_heads for layer in heads.bert.encoder.layer) == 2
+        removed = json.loads((out / "heads-50" / "mergedistill.json").read_text())["compress"]["built"]["removed"]["heads"]
+        assert {int(k): v for k, v in removed.items()} == {int(k): v for k, v in heads.config.pruned_heads.items()}
         with pytest.raises(Exception, match="size mismatch|ignore_mismatched_sizes"):  # refused, never loaded wrongly
             AutoModelForMaskedLM.from_pretrained(str(out / "heads-50"))
         q = load_variant(out / "int8")
