@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -17,6 +17,7 @@ help:
 	@echo "make corpora teachers vocab   # single stages of the demo"
 	@echo "make xmod      # dense vs X-Mod student on the demo's six languages: runs/demo/archs/report.md"
 	@echo "make extend    # add Italian to the demo student: full vs mini-model adaptation (runs/demo/extend/it/report.md)"
+	@echo "make compress  # the demo student pruned, quantized and distilled smaller, per language: runs/demo/compress/report.md"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
 	@echo "make battery   # 85 bad inputs, full disks, read-only folders, kills and concurrent runs: a table of how each ends"
 
@@ -70,7 +71,12 @@ demo: teachers
 extend: demo
 	$(MD) extend --config configs/demo.yaml --language it
 
-bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod
+# pruning, int8 and a smaller student, each evaluated per language against the demo student (after `make demo`)
+compress: demo
+	$(MD) compress --config configs/demo.yaml
+	@echo "compress: runs/demo/compress/report.md (variants in runs/demo/compress/<variant>/)"
+
+bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
@@ -89,3 +95,6 @@ bench-shard-hash: corpora
 
 bench-xmod: setup
 	$(PY) benchmarks/bench_xmod.py
+
+bench-compress: setup
+	$(PY) benchmarks/bench_compress.py

@@ -35,6 +35,8 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all", ("force",)),
     "extend": ("add a language to the distilled student (mini-model adaptation)", "mergedistill.extend.stage:run_extend",
                ("language=LANG", "force")),
+    "compress": ("pruning / quantization / smaller-student audit, per language", "mergedistill.compress.stage:run_compress",
+                 ("force",)),
 }
 
 FLAGS = {

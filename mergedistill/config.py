@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 import yaml
 
-from mergedistill.configlib import above, apply_overrides, at_least, between, from_dict, read_yaml_mapping
+from mergedistill.configlib import Range, above, apply_overrides, at_least, between, from_dict, read_yaml_mapping
 from mergedistill.errors import ConfigError
 
 
@@ -343,6 +343,64 @@ class ExtendConfig:
 
 
 @dataclass
+class CompressConfig:
+    sparsity: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    """Unstructured magnitude pruning: one variant per level, the share of the encoder's linear weights set
+    to zero (global ranking by |w|), each in [0, 1). Empty: no unstructured variants."""
+    recovery_steps: Annotated[int, at_least(0)] = 200
+    """Optimizer steps of KD + MLM training on the run's shards after (structured) or while (unstructured:
+    gradual, cubic schedule) pruning; each pruned variant then also gets a `-rec` twin. 0: one-shot only."""
+    recovery_lr: Annotated[float, above(0)] | None = None
+    """Peak learning rate of recovery training (warmup over a tenth of the steps, then linear decay to 0);
+    null: a tenth of train.lr (the student is trained already)."""
+    prune_until: Annotated[float, Range(low=0, high=1, low_open=True)] = 0.75
+    """Gradual pruning reaches the final sparsity after this share of recovery_steps; the rest trains at it."""
+    prune_frequency: Annotated[int, at_least(1)] = 10
+    """Gradual pruning recomputes the masks every this many optimizer steps."""
+    include_embeddings: bool = False
+    """Prune the embedding tables too (the word table is tied to the decoder: a pruned entry changes a
+    token's meaning in every language that uses it). Off: embeddings stay dense."""
+    include_head: bool = False
+    """Prune the MLM head's transform dense layer too (every prediction passes through it)."""
+    heads: list[float] = field(default_factory=lambda: [0.5])
+    """Structured pruning: remove this share of all attention heads, the least important first (first-order
+    Taylor importance on shard batches); every layer keeps at least one head. One variant per value."""
+    neurons: list[float] = field(default_factory=lambda: [0.5])
+    """Structured pruning: remove this share of the feed-forward neurons of every layer (by importance).
+    One variant per value."""
+    layers: list[int] = field(default_factory=lambda: [1])
+    """Structured pruning: remove this many whole layers (the least important). One variant per value."""
+    importance_batches: Annotated[int, at_least(1)] = 8
+    """Shard batches (train.batch_size sequences each) the importance of heads, neurons and layers is
+    measured on (one backward pass each)."""
+    quantize: bool = True
+    """An int8 variant: per-row symmetric int8 weights of the encoder's linear layers, the head's dense and
+    the tied word table (mergedistill's own format; load with `mergedistill.compress.quantize.load_quantized`)."""
+    small: bool = True
+    """A smaller student distilled from the same shards (the distillation point of comparison)."""
+    small_layers: Annotated[int, at_least(1)] | None = None
+    """Layers of the smaller student; null: half the student's (at least 1)."""
+    small_hidden: Annotated[int, at_least(1)] | None = None
+    """Hidden size of the smaller student; null: the student's."""
+    small_heads: Annotated[int, at_least(1)] | None = None
+    """Attention heads of the smaller student; null: the student's."""
+    small_intermediate: Annotated[int, at_least(1)] | None = None
+    """Feed-forward size of the smaller student; null: the student's."""
+    small_steps: Annotated[int, at_least(1)] | None = None
+    """Training steps of the smaller student; null: train.max_steps (the student's budget)."""
+    throughput_batches: Annotated[int, at_least(1)] = 4
+    """Shard batches each variant runs for the CPU throughput measurement (the same batches for every model)."""
+    throughput_batch_size: Annotated[int, at_least(1)] = 8
+    """Sequences per throughput batch (data.seq_len tokens at most each)."""
+    throughput_repeats: Annotated[int, at_least(1)] = 5
+    """Interleaved repeats of the throughput measurement (the median is reported)."""
+    throughput_threads: Annotated[int, at_least(1)] | None = None
+    """CPU threads during the throughput measurement; null: torch's default."""
+    mild_sparsity: Annotated[float, Range(low=0, high=1, high_open=True)] = 0.5
+    """Sparsity levels up to this count as mild in the report's findings (did mild sparsity help a language?)."""
+
+
+@dataclass
 class RunConfig:
     run: str
     """Run name: outputs go to vocab/<run>/ and runs/<run>/ under the current directory."""
@@ -372,6 +430,8 @@ class RunConfig:
     """The ablate stage: teacher-selection variants."""
     extend: ExtendConfig = field(default_factory=ExtendConfig)
     """The extend stage: new languages on the distilled student (mini-model adaptation)."""
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    """The compress stage: pruning, quantization and smaller-student variants, evaluated per language."""
     config_path: str | None = field(default=None, metadata={"internal": True})
     """The YAML file this config was read from (set by `load_config`; messages name it)."""
 
@@ -453,6 +513,7 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
     for split in d.splits:
         if split not in ("train", "valid", "test"):
             problems.append(f"data.splits: {split!r} is not one of train, valid, test")
+    _check_compress(cfg, problems)
     s = cfg.student
     k = cfg.train.mini_head_layer
     if k is not None and not 1 <= k < s.layers:
@@ -518,6 +579,31 @@ def _check_extend(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"extend.mini_layers: {x.mini_layers} must be from 1 to student.layers - 1 ({cfg.student.layers - 1}): "
                         "the mini-model is the student's first k layers")
 
+
+
+def _check_compress(cfg: RunConfig, problems: list[str]) -> None:
+    """compress: value ranges. What the student's shape allows (heads, layers) is checked by the compress
+    stage against the exported student, so that the defaults never make another stage's config invalid."""
+    from mergedistill.compress.schedule import check_sparsity
+    from mergedistill.errors import UserError
+
+    c, s = cfg.compress, cfg.student
+    fractions = [(f"compress.sparsity[{i}]", v) for i, v in enumerate(c.sparsity)]
+    fractions += [(f"compress.heads[{i}]", v) for i, v in enumerate(c.heads)]
+    fractions += [(f"compress.neurons[{i}]", v) for i, v in enumerate(c.neurons)]
+    for where, v in fractions:
+        if v is None:  # a wrong type, reported already
+            continue
+        try:
+            check_sparsity(v, where)
+        except UserError as e:
+            problems.append(str(e))
+    for i, n in enumerate(c.layers):
+        if n is not None and n < 1:
+            problems.append(f"compress.layers[{i}]: {n}: the number of layers to drop must be at least 1")
+    hidden, heads = c.small_hidden or s.hidden, c.small_heads or s.heads
+    if c.small and hidden % max(heads, 1):
+        problems.append(f"compress.small_hidden: {hidden} must be a multiple of the smaller student's heads ({heads})")
 
 
 def _apply_routing(data: dict, problems: list[str]) -> None:

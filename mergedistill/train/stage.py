@@ -308,3 +308,38 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
         log.info("train: the new student is exported; removed the previous one (%s)", prev_dir)
     log.info("train: %d steps in %.0f s; exported to %s", trainer.global_step, time.monotonic() - start, export)
     return export
+
+
+def fit_model(cfg: RunConfig, out: Path, student=None, callbacks: list | tuple = (), label: str = "train"):
+    """Train `student` (an existing masked LM, trained in place) or, when None, a new student built as the
+    train stage builds it from `cfg.student`, with this run's loss on its shards for cfg.train.max_steps steps
+    (warmup and decay sized to them), adding Lightning `callbacks`. The hook `compress` uses for recovery
+    training and for its smaller student: one process, offline shards, no validation, no checkpoints and
+    no export (the caller saves the model); CSV logs in out/logs. Returns the DistillModule (`.student`)."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = cfg.train
+    vocab, vrec = load_vocab(cfg)
+    manifest = load_manifest(cfg, vrec["vocab"])
+    languages = [lang for lang in cfg.languages if lang in manifest["languages"]]
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    if student is None:
+        module, _ = make_module(replace(cfg, train=replace(t, mode="offline")), vocab, languages)
+    else:
+        module = DistillModule(cfg, student.train(), languages)  # Lightning keeps the modes it finds: dropout on, as in training
+    dm = ShardDataModule(cfg, manifest, vrec["vocab"], languages)
+    if student is None and cfg.student.init_output_bias:
+        init_output_bias(module.student, dm, t.sampling_alpha)
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=1, precision=lightning_precision(t.precision, t.accelerator), max_steps=t.max_steps,
+        accumulate_grad_batches=t.grad_accum, gradient_clip_val=t.grad_clip or None, val_check_interval=None,
+        check_val_every_n_epoch=None, limit_val_batches=0, num_sanity_val_steps=0, logger=CSVLogger(out, name="logs"),
+        callbacks=[*callbacks, TrainProgress(label, every_s=20, logger=log)], default_root_dir=str(out),
+        enable_checkpointing=False, enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+        log_every_n_steps=max(1, min(10, t.max_steps // 10)), use_distributed_sampler=False,
+    )
+    try:
+        trainer.fit(module, datamodule=dm)
+    except NonFiniteLoss as e:
+        raise UserError(f"{label}: {e}") from None
+    return module.cpu().eval()
