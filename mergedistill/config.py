@@ -344,7 +344,7 @@ class ExtendConfig:
 
 @dataclass
 class CompressConfig:
-    sparsity: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
+    sparsity: Annotated[list[float], Range(low=0, high=1, high_open=True)] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     """Unstructured magnitude pruning: one variant per level, the share of the encoder's linear weights set
     to zero (global ranking by |w|), each in [0, 1). Empty: no unstructured variants."""
     recovery_steps: Annotated[int, at_least(0)] = 200
@@ -362,13 +362,13 @@ class CompressConfig:
     token's meaning in every language that uses it). Off: embeddings stay dense."""
     include_head: bool = False
     """Prune the MLM head's transform dense layer too (every prediction passes through it)."""
-    heads: list[float] = field(default_factory=lambda: [0.5])
+    heads: Annotated[list[float], Range(low=0, high=1, high_open=True)] = field(default_factory=lambda: [0.5])
     """Structured pruning: remove this share of all attention heads, the least important first (first-order
     Taylor importance on shard batches); every layer keeps at least one head. One variant per value."""
-    neurons: list[float] = field(default_factory=lambda: [0.5])
+    neurons: Annotated[list[float], Range(low=0, high=1, high_open=True)] = field(default_factory=lambda: [0.5])
     """Structured pruning: remove this share of the feed-forward neurons of every layer (by importance).
     One variant per value."""
-    layers: list[int] = field(default_factory=lambda: [1])
+    layers: Annotated[list[int], at_least(1)] = field(default_factory=lambda: [1])
     """Structured pruning: remove this many whole layers (the least important). One variant per value."""
     importance_batches: Annotated[int, at_least(1)] = 8
     """Shard batches (train.batch_size sequences each) the importance of heads, neurons and layers is
@@ -584,23 +584,7 @@ def _check_extend(cfg: RunConfig, problems: list[str]) -> None:
 def _check_compress(cfg: RunConfig, problems: list[str]) -> None:
     """compress: value ranges. What the student's shape allows (heads, layers) is checked by the compress
     stage against the exported student, so that the defaults never make another stage's config invalid."""
-    from mergedistill.compress.schedule import check_sparsity
-    from mergedistill.errors import UserError
-
     c, s = cfg.compress, cfg.student
-    fractions = [(f"compress.sparsity[{i}]", v) for i, v in enumerate(c.sparsity)]
-    fractions += [(f"compress.heads[{i}]", v) for i, v in enumerate(c.heads)]
-    fractions += [(f"compress.neurons[{i}]", v) for i, v in enumerate(c.neurons)]
-    for where, v in fractions:
-        if v is None:  # a wrong type, reported already
-            continue
-        try:
-            check_sparsity(v, where)
-        except UserError as e:
-            problems.append(str(e))
-    for i, n in enumerate(c.layers):
-        if n is not None and n < 1:
-            problems.append(f"compress.layers[{i}]: {n}: the number of layers to drop must be at least 1")
     hidden, heads = c.small_hidden or s.hidden, c.small_heads or s.heads
     if c.small and hidden % max(heads, 1):
         problems.append(f"compress.small_hidden: {hidden} must be a multiple of the smaller student's heads ({heads})")

@@ -71,7 +71,8 @@ def between(low: float, high: float, exclusive: bool = False) -> Range:
 
 
 def field_range(tp: Any) -> Range | None:
-    """The Range declared in an annotation (`Annotated[int, Range(...)]`, also inside `... | None`)."""
+    """The Range declared in an annotation (`Annotated[int, Range(...)]`, also inside `... | None`; on a
+    list, `Annotated[list[float], Range(...)]`, it holds for every element)."""
     if typing.get_origin(tp) is Annotated:
         return next((m for m in tp.__metadata__ if isinstance(m, Range)), None)
     if typing.get_origin(tp) in (Union, types.UnionType):
@@ -216,7 +217,14 @@ def from_dict(cls: type, data: dict, where: str, problems: list[str]):
 def _in_range(cls: type, name: str, value: Any, where: str, problems: list[str]) -> Any:
     """`value`, or None (the default stands in) with a problem when it is outside the field's Range."""
     rng = field_ranges(cls).get(name)
-    if rng is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)) or value in rng:
+    if rng is None:
+        return value
+    if isinstance(value, list):  # a list of numbers (`Annotated[list[float], Range]`): every element
+        bad = [f"{where}[{i}]: {_num(v)} is out of range; allowed: {rng}" for i, v in enumerate(value)
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in rng]
+        problems.extend(bad)
+        return None if bad else value
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)) or value in rng:
         return value
     problems.append(f"{where}: {_num(value)} is out of range; allowed: {rng}")
     return None

@@ -202,9 +202,9 @@ def test_rerun_skips_and_a_new_level_builds_only_its_variants(compressed, caplog
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--compress.sparsity=[1.2, 0.5]", "compress.sparsity[0]: 1.2 is outside [0, 1)"),
-    ("--compress.sparsity=[-0.1]", "compress.sparsity[0]: -0.1 is outside [0, 1)"),
-    ("--compress.layers=[0]", "compress.layers[0]: 0: the number of layers to drop must be at least 1"),
+    ("--compress.sparsity=[1.2, 0.5]", "compress.sparsity[0]: 1.2 is out of range; allowed: in [0, 1)"),
+    ("--compress.sparsity=[-0.1]", "compress.sparsity[0]: -0.1 is out of range; allowed: in [0, 1)"),
+    ("--compress.layers=[0]", "compress.layers[0]: 0 is out of range; allowed: >= 1"),
 ])
 def test_bad_settings_exit_2_before_anything_runs(tmp_path, tiny_teachers, override, message, capsys):
     corpora = write_corpora(tmp_path)
@@ -212,7 +212,7 @@ def test_bad_settings_exit_2_before_anything_runs(tmp_path, tiny_teachers, overr
     with in_dir(tmp_path):
         assert main(["compress", "--config", str(cfg), override, "--compress.neurons=[1.0]"]) == 2
     err = capsys.readouterr().err
-    assert message in err and "compress.neurons[0]: 1.0 is outside [0, 1)" in err  # every problem at once
+    assert message in err and "compress.neurons[0]: 1 is out of range; allowed: in [0, 1)" in err  # every problem at once
     assert not (tmp_path / "runs").exists()
 
 
