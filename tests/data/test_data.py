@@ -422,3 +422,16 @@ def test_allowed_ids_restrict_the_decoder(tiny_teachers, name):
         assert set(f_ids[:, :2].reshape(-1).tolist()) <= {7, 9}
     finally:
         hook.remove()
+
+
+def test_a_teacher_line_cap_limits_the_lines_it_labels(workdir, tiny_teachers, corpora):
+    """teachers.<name>.max_lines caps its languages' lines (below data.max_lines); other languages keep theirs."""
+    build(workdir, tiny_teachers, corpora, extra=["--teachers.wp.max_lines=12", "--data.max_lines=30"])
+    cfg = load_config(workdir / "c.yaml", ["--teachers.wp.max_lines=12", "--data.max_lines=30"])
+    manifest = load_manifest(cfg, load_vocab(cfg)[1]["vocab"])
+    lines = {lang: entry["splits"]["train"]["lines"] for lang, entry in manifest["languages"].items()}
+    total = {lang: sum(1 for t in corpora[lang].read_text(encoding="utf-8").splitlines() if t.strip()) for lang in ROUTING}
+    assert lines["en"] == lines["de"] == 12  # routed to wp
+    assert all(lines[lang] == min(30, total[lang]) for lang in ("ru", "fr", "zh", "ja")) and min(total.values()) > 12
+    with pytest.raises(UserError, match=r"teachers\.wp\.max_lines: 0 must be at least 1"):
+        load_config(workdir / "c.yaml", ["--teachers.wp.max_lines=0"])
