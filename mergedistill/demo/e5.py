@@ -38,7 +38,7 @@ import zipfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -326,16 +326,6 @@ class FitConfig:
     """Training text per language (a fixed random subset of lines); null: all of it."""
     subset_max_lines: int | None = None
     """Lines per language scanned for the kept token set (null: the whole train split)."""
-    head_scale: float = 1.0
-    """Initial weight of the head's LayerNorm (transformers: 1). Small values start the logits near the
-    output bias (the log unigram frequencies) instead of adding large random logits of a fresh head
-    through the tied decoder, which the first steps then have to unlearn."""
-    identity_transform: bool = False
-    """Start the head's dense layer as the identity (logits ~ similarity of the last hidden state to the
-    word embeddings) instead of at random."""
-    mask_embedding: Literal["file", "mean"] = "file"
-    """The <mask> token's input embedding: the file's row (e5 was never trained with <mask>), or `mean`:
-    the mean of the training tokens' embeddings weighted by their frequency (written into the model)."""
     bf16: bool = False
     """bf16 autocast on CPU. Measure first: on an AVX2-only CPU (no AVX512-BF16/AMX) a fitting step took
     ~34x as long as in fp32 (benchmarks/e5_fit_probe.py speed)."""
@@ -526,13 +516,6 @@ def fit_head(
     embed = model.get_input_embeddings()
     with torch.no_grad():
         head.bias.copy_(prior)
-        head.transform.LayerNorm.weight.fill_(cfg.head_scale)
-        if cfg.mask_embedding == "mean":
-            freq = sum(counts).float()  # (V,)
-            embed.weight[tokenizer.mask_token_id] = (freq / freq.sum()) @ embed.weight
-        if cfg.identity_transform:
-            head.transform.dense.weight.copy_(torch.eye(*head.transform.dense.weight.shape))
-            head.transform.dense.bias.zero_()
     decoder = SubsetDecoder(head.decoder.weight, head.bias, kept_ids, train_weight=not cfg.tie_decoder)
     state = FitState(decoder, cfg.outside_margin, cfg.tie_decoder)
 
