@@ -29,7 +29,8 @@ class TeacherConfig:
     """Allow model code from the hub. Off by default: only standard transformers classes load."""
     max_lines: int | None = None
     """The data stage labels at most this many lines of each corpus split routed to this teacher (and no
-    more than data.max_lines): a large teacher's labelling costs more per token. Null: data.max_lines."""
+    more than data.max_lines): a large teacher's labelling costs more per token; with vocab.prune its
+    tokens are counted on as many lines (the vocabulary keeps what it labels). Null: data.max_lines."""
 
 
 @dataclass
