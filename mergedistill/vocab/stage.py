@@ -110,6 +110,9 @@ def inputs_fingerprint(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) ->
         inputs["prune_corpora"] = {
             f"{lang}.{s}": corpus_fingerprint(getattr(lc, s)) for lang, lc in cfg.languages.items() for s in cfg.vocab.prune_splits
         }
+        capped = {n: t.max_lines for n, t in cfg.teachers.items() if t.max_lines is not None}
+        if capped:
+            inputs["prune_teacher_lines"] = capped
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -155,7 +158,7 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
         names = [cfg.teacher_of(lang)] + (lc.candidates if cfg.vocab.prune_candidates else [])
         for t, split in ((teachers[n], split) for n in dict.fromkeys(names) for split in cfg.vocab.prune_splits):
             spec = getattr(lc, split)
-            key = hashlib.sha256(f"{t.fingerprint}|{corpus_fingerprint(spec)}|{cfg.vocab.max_lines}".encode()).hexdigest()[:16]
+            key = hashlib.sha256(f"{t.fingerprint}|{corpus_fingerprint(spec)}|{_prune_lines(cfg, t.name)}".encode()).hexdigest()[:16]
             jobs.append((t, spec, f"prune scan {lang}/{split} ({t.name})", cache / f"counts-{t.name}-{lang}-{split}-{key}.npy"))
 
     def task(t, spec, label, path):
@@ -165,7 +168,7 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
                     log.info("%s: cached", label)
                     return None
                 log.warning("%s: the cached counts %s are unreadable; scanning again", label, path)
-            counts, _ = _scan(t, spec, label, cfg.vocab.max_lines)
+            counts, _ = _scan(t, spec, label, _prune_lines(cfg, t.name))
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, counts)
             return None
@@ -184,6 +187,13 @@ def _readable_counts(path: Path, size: int) -> bool:
     except (OSError, ValueError, EOFError):
         return False
     return counts.shape == (size,)
+
+
+def _prune_lines(cfg: RunConfig, teacher: str) -> int | None:
+    """Lines per corpus the pruning scan of `teacher` reads: vocab.max_lines, capped by the teacher's
+    max_lines (the lines the data stage lets it label: the vocabulary keeps what it labels)."""
+    caps = [n for n in (cfg.vocab.max_lines, cfg.teachers[teacher].max_lines) if n is not None]
+    return min(caps) if caps else None
 
 
 def _fertility_task(cfg: RunConfig, teachers: dict[str, TeacherTokenizer], lang: str):

@@ -22,6 +22,7 @@ from mergedistill.data.shards import open_shard
 from mergedistill.data.stage import ShardBuilder, load_manifest
 from mergedistill.data.topk import topk_at_masked, topk_naive
 from mergedistill.errors import UserError
+from mergedistill.mlm_models import masked_logits
 from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 from mergedistill.vocab.stage import load_vocab
 
@@ -388,3 +389,49 @@ def test_whole_word_masking_and_dupe_factor(workdir, tiny_teachers, corpora):
     pairs = [v for v in by_input.values() if len(v) == 2]
     # each copy draws its own mask: with a few words per sequence some copies coincide, most do not
     assert len(pairs) >= 20 and sum(a != b for a, b in pairs) >= len(pairs) // 2, "copies share their masks"
+
+
+@pytest.mark.parametrize("name", ["wp", "bbpe"])
+def test_allowed_ids_restrict_the_decoder(tiny_teachers, name):
+    """With `allowed`, the decoder computes the allowed rows only (its full forward never runs), with the
+    full head's numbers at those ids; with fewer allowed ids than k, the full head pads with -inf."""
+    model = AutoModelForMaskedLM.from_pretrained(str(tiny_teachers[name])).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, model.config.vocab_size, (2, 11), generator=g)
+    att = torch.ones_like(ids)
+    sel = torch.rand(ids.shape, generator=g) < 0.4
+    allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    allowed[torch.randperm(model.config.vocab_size, generator=g)[:40]] = True
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        r_ids, r_val = topk_at_masked(model, ids, att, sel, 5, allowed)
+        assert not calls, "the full decoder ran although the allowed ids restrict it"
+        columns = allowed.nonzero().squeeze(1)
+        sub = masked_logits(model, ids, att, sel, columns=columns)
+        full = masked_logits(model, ids, att, sel)
+        assert sub.shape == (int(sel.sum()), 40)
+        torch.testing.assert_close(sub, full[:, columns], rtol=1e-5, atol=1e-5)
+        n_ids, n_val = topk_naive(model, ids, att, sel, 5, allowed)
+        assert torch.equal(r_ids, n_ids) and allowed[r_ids].all()
+        torch.testing.assert_close(r_val, n_val, rtol=1e-5, atol=1e-5)
+        few = torch.zeros_like(allowed)
+        few[[7, 9]] = True
+        f_ids, f_val = topk_at_masked(model, ids, att, sel, 5, few)
+        assert f_ids.shape == (int(sel.sum()), 5) and torch.isinf(f_val[:, 2:]).all()
+        assert set(f_ids[:, :2].reshape(-1).tolist()) <= {7, 9}
+    finally:
+        hook.remove()
+
+
+def test_a_teacher_line_cap_limits_the_lines_it_labels(workdir, tiny_teachers, corpora):
+    """teachers.<name>.max_lines caps its languages' lines (below data.max_lines); other languages keep theirs."""
+    build(workdir, tiny_teachers, corpora, extra=["--teachers.wp.max_lines=12", "--data.max_lines=30"])
+    cfg = load_config(workdir / "c.yaml", ["--teachers.wp.max_lines=12", "--data.max_lines=30"])
+    manifest = load_manifest(cfg, load_vocab(cfg)[1]["vocab"])
+    lines = {lang: entry["splits"]["train"]["lines"] for lang, entry in manifest["languages"].items()}
+    total = {lang: sum(1 for t in corpora[lang].read_text(encoding="utf-8").splitlines() if t.strip()) for lang in ROUTING}
+    assert lines["en"] == lines["de"] == 12  # routed to wp
+    assert all(lines[lang] == min(30, total[lang]) for lang in ("ru", "fr", "zh", "ja")) and min(total.values()) > 12
+    with pytest.raises(UserError, match=r"teachers\.wp\.max_lines: 0 must be at least 1"):
+        load_config(workdir / "c.yaml", ["--teachers.wp.max_lines=0"])

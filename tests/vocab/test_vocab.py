@@ -378,3 +378,21 @@ def test_vocab_prints_the_student_size_and_warns_when_embeddings_dominate(workdi
     caplog.clear()
     build(workdir, tiny_teachers, tiny_corpora, student={**small, "hidden": 64, "heads": 2, "intermediate": 256, "layers": 4})
     assert "parameters: body" in caplog.text and "embeddings are" not in caplog.text
+
+
+def test_a_teacher_line_cap_limits_its_pruning_scan(workdir, tiny_teachers, tiny_corpora):
+    """teachers.<name>.max_lines: the vocabulary keeps what that teacher produces on the lines the data
+    stage lets it label (the first max_lines of each corpus), and the vocabulary's inputs change with it."""
+    n = 2
+    sections = {"vocab": {"prune": True, "keep_single_chars": False}}
+    _, _, full = build(workdir, tiny_teachers, tiny_corpora, **sections)
+    _, vocab, capped = build(workdir, tiny_teachers, tiny_corpora, extra=[f"--teachers.wp.max_lines={n}"], **sections)
+    assert capped["inputs"] != full["inputs"]
+    teacher = AutoTokenizer.from_pretrained(str(tiny_teachers["wp"]))
+    first = {i for lang in ("en", "de") for line in SENTENCES[lang][:n] for i in teacher(line, add_special_tokens=False)["input_ids"]}
+    every = {i for lang in ("en", "de") for line in SENTENCES[lang] for i in teacher(line, add_special_tokens=False)["input_ids"]}
+    assert first < every
+    assert set(np.flatnonzero(vocab.idmaps["wp"] >= 0).tolist()) == first | set(teacher.all_special_ids)
+    other = AutoTokenizer.from_pretrained(str(tiny_teachers["uni"]))  # uncapped: every line of ru
+    ru = {i for line in SENTENCES["ru"] for i in other(line, add_special_tokens=False)["input_ids"]}
+    assert ru <= set(np.flatnonzero(vocab.idmaps["uni"] >= 0).tolist())
