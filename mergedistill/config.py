@@ -27,7 +27,7 @@ class TeacherConfig:
     """Hub revision (branch, tag or commit) when `path` is a hub id."""
     trust_remote_code: bool = False
     """Allow model code from the hub. Off by default: only standard transformers classes load."""
-    max_lines: int | None = None
+    max_lines: Annotated[int, at_least(1)] | None = None
     """The data stage labels at most this many lines of each corpus split routed to this teacher (and no
     more than data.max_lines): a large teacher's labelling costs more per token; with vocab.prune its
     tokens are counted on as many lines (the vocabulary keeps what it labels). Null: data.max_lines."""
