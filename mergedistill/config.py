@@ -453,6 +453,12 @@ class RunConfig:
         caps = [n for n in (self.data.max_lines, self.teachers[self.teacher_of(lang)].max_lines) if n is not None]
         return min(caps) if caps else None
 
+    def prune_lines_of(self, teacher: str) -> int | None:
+        """Lines per corpus the vocabulary's pruning scan of `teacher` reads: vocab.max_lines, capped by the
+        teacher's max_lines (the lines the data stage lets it label: the vocabulary keeps what it labels)."""
+        caps = [n for n in (self.vocab.max_lines, self.teachers[teacher].max_lines) if n is not None]
+        return min(caps) if caps else None
+
     def languages_of(self, teacher: str) -> list[str]:
         """Languages routed to `teacher`, in config order."""
         return [lang for lang in self.languages if self.teacher_of(lang) == teacher]

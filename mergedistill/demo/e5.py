@@ -578,7 +578,7 @@ def fit_head(
             history.append({"step": step, "elapsed_s": round(fit_s, 2), "loss": round(sum(losses) / len(losses), 4),
                             "cpu_s": round(time.process_time() - cpu0, 2)})  # shared cores: CPU time next to wall time
             log.info(f"e5 fit: step {step}  loss {history[-1]['loss']:.3f}  {fit_s / step:.2f} s/step  "
-                     f"{seen / fit_s:,.0f} tok/s  {fit_s / 60:.1f} min (budget {cfg.minutes or math.inf:g})")
+                     f"{seen / fit_s:,.0f} tok/s  {fit_s / 60:.1f} min" + (f" (budget {cfg.minutes:g} min)" if cfg.minutes > 0 else ""))
             losses.clear()
         while marks and fit_s >= marks[0]:
             marks.pop(0)
@@ -627,7 +627,8 @@ def model_card(cfg: FitConfig, result: FitResult, languages: Sequence[str], para
         "",
         f"Fitted locally: {fitted}, by masked-LM on the train splits of {', '.join(languages)}, "
         f"{result.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens in {result.wall_s / 60:.1f} minutes on "
-        f"{available_cores()} CPU cores (budget {cfg.minutes:g} min / {cfg.max_steps} steps; lr {cfg.lr_head:g} head, "
+        f"{available_cores()} CPU cores (budget: {cfg.max_steps} steps" + (f", at most {cfg.minutes:g} min" if cfg.minutes > 0 else "")
+        + f"; lr {cfg.lr_head:g} head, "
         f"{cfg.lr_layers:g} layers; output bias started at log unigram frequencies). The decoder is "
         f"{'tied to the word embeddings' if cfg.tie_decoder else 'untied (started from the word embeddings)'}"
         + (f" and was fitted over the {result.kept_tokens:,} tokens the corpora use; every other token has a bias "

@@ -158,7 +158,7 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
         names = [cfg.teacher_of(lang)] + (lc.candidates if cfg.vocab.prune_candidates else [])
         for t, split in ((teachers[n], split) for n in dict.fromkeys(names) for split in cfg.vocab.prune_splits):
             spec = getattr(lc, split)
-            key = hashlib.sha256(f"{t.fingerprint}|{corpus_fingerprint(spec)}|{_prune_lines(cfg, t.name)}".encode()).hexdigest()[:16]
+            key = hashlib.sha256(f"{t.fingerprint}|{corpus_fingerprint(spec)}|{cfg.prune_lines_of(t.name)}".encode()).hexdigest()[:16]
             jobs.append((t, spec, f"prune scan {lang}/{split} ({t.name})", cache / f"counts-{t.name}-{lang}-{split}-{key}.npy"))
 
     def task(t, spec, label, path):
@@ -168,7 +168,7 @@ def _prune_counts(cfg: RunConfig, teachers: dict[str, TeacherTokenizer]) -> dict
                     log.info("%s: cached", label)
                     return None
                 log.warning("%s: the cached counts %s are unreadable; scanning again", label, path)
-            counts, _ = _scan(t, spec, label, _prune_lines(cfg, t.name))
+            counts, _ = _scan(t, spec, label, cfg.prune_lines_of(t.name))
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 np.save(f, counts)
             return None
@@ -187,13 +187,6 @@ def _readable_counts(path: Path, size: int) -> bool:
     except (OSError, ValueError, EOFError):
         return False
     return counts.shape == (size,)
-
-
-def _prune_lines(cfg: RunConfig, teacher: str) -> int | None:
-    """Lines per corpus the pruning scan of `teacher` reads: vocab.max_lines, capped by the teacher's
-    max_lines (the lines the data stage lets it label: the vocabulary keeps what it labels)."""
-    caps = [n for n in (cfg.vocab.max_lines, cfg.teachers[teacher].max_lines) if n is not None]
-    return min(caps) if caps else None
 
 
 def _fertility_task(cfg: RunConfig, teachers: dict[str, TeacherTokenizer], lang: str):

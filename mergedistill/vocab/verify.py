@@ -17,11 +17,12 @@ from mergedistill.vocab.joint import UNK_ID
 def samples(cfg: RunConfig, teacher: str) -> list[tuple[str, int, str]]:
     """(corpus field, position among its non-blank texts, text) drawn from the train split of every language
     whose corpora the teacher's tokens were kept for: the routed ones (and, with vocab.prune_candidates,
-    those naming it as a candidate). With pruning, only from the lines the pruning scan read."""
+    those naming it as a candidate). With pruning, only from the lines the pruning scan of this teacher
+    read (vocab.max_lines, capped by the teacher's max_lines)."""
     n = cfg.vocab.verify_lines
     if n <= 0:
         return []
-    cap = cfg.vocab.max_lines if cfg.vocab.prune and cfg.vocab.max_lines else SAMPLE_POOL
+    cap = (cfg.prune_lines_of(teacher) if cfg.vocab.prune else None) or SAMPLE_POOL
     out = []
     for lang, lc in cfg.languages.items():
         uses = cfg.teacher_of(lang) == teacher or (cfg.vocab.prune_candidates and teacher in lc.candidates)

@@ -118,3 +118,14 @@ def test_mecab_teacher_round_trip(workdir, tiny_teachers, tiny_corpora):
     for text in SENTENCES["ja"]:
         assert student(text)["input_ids"] == vocab.student_ids("mecab", np.array(teacher(text)["input_ids"])).tolist()
     assert all(max(student(t)["input_ids"] or [0]) < vocab.size for t in PROBE_TEXTS)
+
+
+def test_the_check_reads_only_the_lines_a_capped_teachers_pruning_scan_read(workdir, tiny_teachers, tiny_corpora, caplog):
+    """teachers.<name>.max_lines caps that teacher's pruning scan (the vocabulary keeps what it labels):
+    a pruned SentencePiece student tokenizer cannot segment text beyond those lines as the teacher does,
+    so the check samples only the lines the scan read (the demo's e5 teacher failed on de line 3500)."""
+    caplog.set_level("INFO")
+    cfg = make_config(workdir / "c.yaml", tiny_teachers, tiny_corpora, {"ru": "uni"},
+                      vocab={"prune": True, "keep_single_chars": False})
+    assert main(["vocab", "--config", str(cfg), "--teachers.uni.max_lines=2"]) == 0
+    assert "uni's student tokenizer has the student's" in caplog.text and "on 2 sample texts" in caplog.text
