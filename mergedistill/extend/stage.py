@@ -555,7 +555,7 @@ def _old_languages(cfg: RunConfig, plan: Plan, original, extended, lines: int, d
 
 def _write_export(cfg: RunConfig, plan: Plan, nv: NewVocab, model, method: str, folder: Path) -> Path:
     """The extended student: weights, old tokenizers padded to the grown size, the new one, languages.json,
-    mergedistill.json and a model card."""
+    token_ids/<lang>.npy for every language, mergedistill.json and a model card."""
     src = plan.export.folder
     sub = f"tokenizers/new-{plan.lang}"
     with atomic_dir(folder) as tmp:
@@ -569,6 +569,11 @@ def _write_export(cfg: RunConfig, plan: Plan, nv: NewVocab, model, method: str, 
         for old_sub in sorted(set(plan.export.languages.values())):
             pad_tokenizer_folder(src / old_sub, tmp / old_sub, nv.vocab.size)
         shutil.copytree(nv.folder, tmp / sub)
+        # the ids each language predicts among (exported.load_student): the old languages' as they were
+        if (src / "token_ids").is_dir():
+            shutil.copytree(src / "token_ids", tmp / "token_ids")
+        (tmp / "token_ids").mkdir(exist_ok=True)
+        np.save(tmp / "token_ids" / f"{plan.lang}.npy", nv.vocab.producible_ids(nv.source))
         (tmp / "languages.json").write_text(json.dumps({**plan.export.languages, plan.lang: sub}, indent=2) + "\n")
         meta = {**plan.export.meta, "extended": {"language": plan.lang, "method": method, "tokenizer": sub, "source": nv.source,
                                                  "old_vocab_size": nv.old_size, "vocab_size": nv.vocab.size,

@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -129,6 +130,16 @@ def test_extend_adds_the_language_and_leaves_the_old_ones_exactly_as_they_were(r
     assert len(fr_tok) == v1
     fill = pipeline("fill-mask", model=new_model, tokenizer=fr_tok)
     assert len(fill(f"Les élèves apprennent le {fr_tok.mask_token} à l'école.")) == 5
+
+    # exported.load_student serves the new language (its ids: what the new tokenizer writes) and the old ones
+    from mergedistill.exported import load_student
+
+    assert len(load_student(export, "fr").fill_mask(f"Les élèves apprennent le {fr_tok.mask_token} à l'école.")[0]) == 5
+    fr_ids = np.load(export / "token_ids/fr.npy")
+    written = {i for s in SENTENCES["fr"] for i in fr_tok(s, add_special_tokens=False)["input_ids"]}
+    assert written - {fr_tok.unk_token_id} <= set(fr_ids.tolist()) and fr_ids.max() < v1 and (fr_ids >= v0).any()
+    for lang in json.loads((original / "languages.json").read_text()):
+        assert np.array_equal(np.load(export / f"token_ids/{lang}.npy"), np.load(original / f"token_ids/{lang}.npy"))
 
     # the new tokenizer emits ids the new rows serve (and no id outside the grown vocabulary)
     ids = [i for s in SENTENCES["fr"] for i in fr_tok(s)["input_ids"]]
