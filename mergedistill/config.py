@@ -501,8 +501,6 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
     for name, t in cfg.teachers.items():
         if t is None:
             continue
-        if t.max_lines is not None and t.max_lines < 1:
-            problems.append(f"teachers.{name}.max_lines: {t.max_lines} must be at least 1 (or null: data.max_lines)")
         if not looks_like_hub_id(t.path) and not Path(t.path).is_dir():
             problems.append(
                 f"teachers.{name}.path: no folder {t.path!r} (resolved against {os.getcwd()}); "

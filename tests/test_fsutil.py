@@ -209,8 +209,9 @@ def test_cli_turns_a_write_failure_anywhere_into_exit_2(tmp_path, monkeypatch, c
 
 
 def test_ctrl_c_while_reading_the_command_line_exits_130(tmp_path):
-    code = ("import signal, os, mergedistill.cli as c\n"
-            "c.build_parser = lambda: os.kill(os.getpid(), signal.SIGINT)\n"
+    # the handler runs at the interpreter's next check, which the sleep gives it even on a loaded machine
+    code = ("import signal, os, time, mergedistill.cli as c\n"
+            "c.build_parser = lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30))\n"
             "c.entry()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)))

@@ -433,5 +433,5 @@ def test_a_teacher_line_cap_limits_the_lines_it_labels(workdir, tiny_teachers, c
     total = {lang: sum(1 for t in corpora[lang].read_text(encoding="utf-8").splitlines() if t.strip()) for lang in ROUTING}
     assert lines["en"] == lines["de"] == 12  # routed to wp
     assert all(lines[lang] == min(30, total[lang]) for lang in ("ru", "fr", "zh", "ja")) and min(total.values()) > 12
-    with pytest.raises(UserError, match=r"teachers\.wp\.max_lines: 0 must be at least 1"):
+    with pytest.raises(UserError, match=r"teachers\.wp\.max_lines: 0 is out of range; allowed: >= 1"):
         load_config(workdir / "c.yaml", ["--teachers.wp.max_lines=0"])
