@@ -252,6 +252,14 @@ def load_teacher_tokenizer(name: str, tc: TeacherConfig) -> TeacherTokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(tc.path, **kwargs)
     except Exception as e:  # transformers raises OSError, ValueError, ImportError, ... depending on what is wrong
+        for fname in ("tokenizer.json", "tokenizer_config.json"):  # name the broken file rather than transformers' error
+            f = Path(tc.path) / fname
+            if local and f.is_file():
+                try:
+                    json.loads(f.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as bad:
+                    raise UserError(f"{where}: {f} is not valid JSON ({type(bad).__name__}: {str(bad).splitlines()[0][:120]}); "
+                                    "restore it, e.g. with tokenizer.save_pretrained(folder)") from None
         hint = "its tokenizer files could not be read" if local else "the hub copy could not be loaded"
         raise UserError(f"{where}: cannot load the tokenizer from {tc.path!r}: {type(e).__name__}: "
                         f"{' '.join(str(e).split())[:400]} ({hint})") from None

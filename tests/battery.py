@@ -407,7 +407,7 @@ def _(c: Ctx):
     return cli(c.d, "vocab", "--config", "c.yaml")
 
 
-@case("data.seq_len longer than a teacher's positions", words=("data.seq_len: 128 is longer than teacher wp accepts: 64 positions",),
+@case("data.seq_len longer than a teacher's positions", words=("data.seq_len: 128 tokens per sequence, but teacher wp accepts at most 64",),
       check=lambda c: "the data stage wrote shards" if list((c.d / "runs/b/data").rglob("*.arrow")) else None)
 def _(c: Ctx):
     shutil.rmtree(c.d / "runs/b/data")
@@ -887,7 +887,7 @@ def _(c: Ctx):
 @case("two data runs on one run at once", words=("another mergedistill data is running on runs/b (pid",))
 def _(c: Ctx):
     big = c.d / "big.txt"
-    big.write_text((c.root / "corpora/de/train.txt").read_text() * 40)
+    big.write_text((c.root / "corpora/de/train.txt").read_text() * 400)  # long enough to outlast the second run's start-up
     c.config(**{"languages.de.train": str(big)})
     proc, log = spawn_logged(c, "data", "--config", "c.yaml", "--force")
     try:

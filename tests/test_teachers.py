@@ -65,3 +65,14 @@ def test_relative_path_of_a_missing_folder_is_not_a_hub_id(workdir, tiny_teacher
     err = capsys.readouterr().err
     assert "teachers.x.path: no folder 'teachers/xlmr'" in err
     assert hub == []
+
+
+@pytest.mark.parametrize("fname", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_broken_tokenizer_file_is_named(tmp_path, tiny_teachers, fname):
+    import shutil
+
+    folder = tmp_path / "wp"
+    shutil.copytree(tiny_teachers["wp"], folder)
+    (folder / fname).write_text("{ not json")
+    with pytest.raises(UserError, match=rf"teachers\.wp: .*{fname} is not valid JSON \(JSONDecodeError"):
+        teachers.load_teacher_tokenizer("wp", TeacherConfig(path=str(folder)))
