@@ -209,8 +209,10 @@ def test_cli_turns_a_write_failure_anywhere_into_exit_2(tmp_path, monkeypatch, c
 
 
 def test_ctrl_c_while_reading_the_command_line_exits_130(tmp_path):
-    # the handler runs at the interpreter's next check, which the sleep gives it even on a loaded machine
+    # SIGINT as a terminal delivers it: a background job (nohup, `&`) starts with it ignored, so the handler is set
+    # here; it runs at the interpreter's next check, which the sleep gives it even on a loaded machine
     code = ("import signal, os, time, mergedistill.cli as c\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "c.build_parser = lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(30))\n"
             "c.entry()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
