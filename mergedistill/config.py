@@ -512,15 +512,11 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
         teacher = lc.teacher or cfg.default_teacher
         if teacher is None:
             problems.append(f"languages.{lang}: no teacher assigned; add `teacher: <name>` or a top-level `default_teacher`")
-        elif teacher not in cfg.teachers:
-            problems.append(f"languages.{lang}.teacher: {teacher!r} is not defined under teachers ({', '.join(cfg.teachers)})")
+        else:
+            _teacher_problem(cfg, f"languages.{lang}.teacher", teacher, problems)
         for cand in lc.candidates:
-            if cand not in cfg.teachers:
-                problems.append(f"languages.{lang}.candidates: {cand!r} is not defined under teachers ({', '.join(cfg.teachers)})")
-        for split in ("train", "valid", "test"):
-            spec = getattr(lc, split)
-            if spec and not spec.startswith(DATASETS_PREFIX) and not Path(spec).is_file():
-                problems.append(f"languages.{lang}.{split}: no file {spec!r} (resolved against {os.getcwd()})")
+            _teacher_problem(cfg, f"languages.{lang}.candidates", cand, problems)
+        _corpus_file_problems(lc, f"languages.{lang}", problems)
     for split in cfg.vocab.prune_splits:
         if split not in ("train", "valid", "test"):
             problems.append(f"vocab.prune_splits: {split!r} is not one of train, valid, test")
@@ -568,9 +564,23 @@ def _check_xmod(cfg: RunConfig, problems: list[str]) -> None:
     if bad:
         problems.append(f"student.modules: module names (a language's own code unless mapped) must be letters, digits, "
                         f"_ or - (they name weights); got {', '.join(bad)}; map those languages to plain names")
-    if not 1 <= s.adapter_reduction_factor <= max(s.hidden, 1):
+    if s.adapter_reduction_factor > s.hidden:  # >= 1: its declared range
         problems.append(f"student.adapter_reduction_factor: {s.adapter_reduction_factor} must be from 1 to student.hidden "
                         f"({s.hidden}): the module bottleneck is hidden / it")
+
+
+def _teacher_problem(cfg: RunConfig, where: str, name: str, problems: list[str]) -> None:
+    """A routing or candidate field that names a teacher `teachers:` does not define."""
+    if name not in cfg.teachers:
+        problems.append(f"{where}: {name!r} is not defined under teachers ({', '.join(cfg.teachers)})")
+
+
+def _corpus_file_problems(lc: LanguageConfig, where: str, problems: list[str]) -> None:
+    """The train/valid/test files of a language entry (`languages.<x>`, `extend.languages.<x>`) that do not exist."""
+    for split in ("train", "valid", "test"):
+        spec = getattr(lc, split)
+        if spec and not spec.startswith(DATASETS_PREFIX) and not Path(spec).is_file():
+            problems.append(f"{where}.{split}: no file {spec!r} (resolved against {os.getcwd()})")
 
 
 def _check_extend(cfg: RunConfig, problems: list[str]) -> None:
@@ -582,12 +592,9 @@ def _check_extend(cfg: RunConfig, problems: list[str]) -> None:
         where = f"extend.languages.{lang}"
         if lang in cfg.languages:
             problems.append(f"{where}: {lang!r} is already a language of this run (languages.{lang}); extend adds new ones")
-        if lc.teacher is not None and lc.teacher not in cfg.teachers:
-            problems.append(f"{where}.teacher: {lc.teacher!r} is not defined under teachers ({', '.join(cfg.teachers)})")
-        for split in ("train", "valid", "test"):
-            spec = getattr(lc, split)
-            if spec and not spec.startswith(DATASETS_PREFIX) and not Path(spec).is_file():
-                problems.append(f"{where}.{split}: no file {spec!r} (resolved against {os.getcwd()})")
+        if lc.teacher is not None:
+            _teacher_problem(cfg, f"{where}.teacher", lc.teacher, problems)
+        _corpus_file_problems(lc, where, problems)
     for i, m in enumerate(x.compare):
         if m not in EXTEND_METHODS:
             problems.append(f"extend.compare[{i}]: {m!r} is not one of {', '.join(EXTEND_METHODS)}")

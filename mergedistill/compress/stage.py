@@ -77,13 +77,7 @@ def preflight(cfg: RunConfig) -> Setup:
     problems += split_problems(cfg.languages, "test", "compress evaluates every variant on the held-out test split; add `test: <file>`")
     variants = plan_variants(cfg)
     if student is not None:
-        fp = student.meta.get("vocab")
-        if vrec is not None and fp is not None and fp != vrec["vocab"]:
-            problems.append(f"{student.folder}: trained on vocabulary {fp}, but {cfg.vocab_dir} is {vrec['vocab']}; "
-                            f"retrain it (`{cfg.command('train')} --force`)")
-        missing = [lang for lang in cfg.languages if lang not in student.languages]
-        if missing:
-            problems.append(f"{student.folder}: no tokenizer for {', '.join(missing)} in languages.json; retrain with this config")
+        problems += student.mismatch_problems(cfg, vrec)
         problems += _shape_problems(AutoConfig.from_pretrained(str(student.folder)), cfg)
     if problems:
         raise UserError(problems, header=f"compress: {len(problems)} problem(s); nothing was run:")

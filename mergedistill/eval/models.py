@@ -58,6 +58,19 @@ class Export:
     _model: object = None
     _toks: dict = field(default_factory=dict)
 
+    def mismatch_problems(self, cfg, vrec: dict | None) -> list[str]:
+        """What makes this export unusable with `cfg`: trained on another vocabulary than vocab/<run>'s
+        (`vrec`, its record), or without a tokenizer for one of cfg's languages."""
+        problems = []
+        fp = self.meta.get("vocab")
+        if vrec is not None and fp is not None and fp != vrec["vocab"]:
+            problems.append(f"{self.folder}: trained on vocabulary {fp}, but {cfg.vocab_dir} is {vrec['vocab']}; "
+                            f"retrain it (`{cfg.command('train')} --force`)")
+        missing = [lang for lang in cfg.languages if lang not in self.languages]
+        if missing:
+            problems.append(f"{self.folder}: no tokenizer for {', '.join(missing)} in languages.json; retrain with this config")
+        return problems
+
     @classmethod
     def open(cls, key: str, folder: Path, problems: list[str], command: str, device: torch.device | str = "cpu") -> "Export | None":
         if not (folder / "config.json").is_file():

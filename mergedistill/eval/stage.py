@@ -156,13 +156,7 @@ def preflight(cfg: RunConfig) -> Plan:
     for exp in (student, baseline):
         if exp is None:
             continue
-        fp = exp.meta.get("vocab")
-        if vrec is not None and fp is not None and fp != vrec["vocab"]:
-            problems.append(f"{exp.folder}: trained on vocabulary {fp}, but {cfg.vocab_dir} is {vrec['vocab']}; "
-                            f"retrain it (`{train_cmd} --force`)")
-        missing = [lang for lang in cfg.languages if lang not in exp.languages]
-        if missing:
-            problems.append(f"{exp.folder}: no tokenizer for {', '.join(missing)} in languages.json; retrain with this config")
+        problems += exp.mismatch_problems(cfg, vrec)
         moved = [f"{lang} ({exp.languages[lang]}, config: tokenizers/{cfg.teacher_of(lang)})" for lang in cfg.languages
                  if lang in exp.languages and exp.languages[lang] != f"tokenizers/{cfg.teacher_of(lang)}"]
         if moved:
