@@ -186,7 +186,7 @@ def curve(args) -> None:
 
 def speed(args) -> None:
     langs = args.languages.split(",")
-    cfg0 = et.FitConfig(num_threads=args.threads, max_train_chars=300_000)
+    cfg0 = et.FitConfig(num_threads=args.threads, max_train_chars=300_000, bf16=False)
     kept_path = OUT / "kept.npy"
     wheel, e5, tok, base, docs, kept_sample = load(args.corpora, langs, et.FitConfig(**{**cfg0.__dict__, "subset_max_lines": 3000}))
     # the kept set of the whole train splits (written by a curve run) sizes the restricted decoder realistically
@@ -204,7 +204,7 @@ def speed(args) -> None:
     for label, change in configs:
         if label.split()[2] == "bf16" and (args.skip_bf16 or args.skip_bf16_fit):
             continue
-        steps = 1 if cfg0.bf16 or change.get("bf16") else args.steps  # bf16 is ~6x slower here (AVX2 only)
+        steps = 1 if et.uses_bf16(et.FitConfig(**{**cfg0.__dict__, **change})) and not torch.cpu._is_avx512_bf16_supported() else args.steps  # emulated bf16 (AVX2 only) is ~34x slower
         cfg = et.FitConfig(**{**cfg0.__dict__, **change, "minutes": 0, "max_steps": steps + 1})
         model = copy.deepcopy(base)
         result, _ = et.fit_head(model, tok, docs, cfg, kept_ids=kept if cfg.restrict_decoder else None, log_every=1)

@@ -216,6 +216,11 @@ class DownstreamTask:
     """Field holding the text (JSON lines / datasets)."""
     label_field: str = "label"
     """Field holding the label (JSON lines / datasets)."""
+    tune: Literal["full", "head"] = "full"
+    """`full`: the encoder and the head are fine-tuned; `head`: a linear probe: the encoder stays frozen, its
+    features are computed once and only the head trains (one forward pass per example instead of a
+    forward and backward per epoch: the choice for large teachers on a CPU; give it more epochs and a
+    higher `lr`, as a fresh head alone learns slowly)."""
     epochs: Annotated[int, at_least(1)] = 2
     """Fine-tuning epochs per language."""
     lr: Annotated[float, above(0)] = 0.0005

@@ -64,6 +64,7 @@ from mergedistill.demo.pretrain import (
 )
 from mergedistill.errors import ConfigError, UserError
 from mergedistill.fsutil import read_json, write_json_atomic, write_text_atomic
+from mergedistill.precision import torch_dtype
 from mergedistill.progress import format_duration
 from mergedistill.tables import dict_rows, markdown_table, write_csv
 
@@ -147,6 +148,9 @@ class EvalSpec:
     """Languages written without spaces: their pseudo-perplexity is per character, not per word."""
     batch_size: int = 128
     """Masked copies per forward pass when computing the PLL."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Forward passes in bfloat16 (autocast) or float32; `auto`: bfloat16 where the CPU computes it natively
+    (AVX512-BF16 or AMX), as `mergedistill evaluate`'s eval.dtype, else float32."""
 
 
 @dataclass
@@ -296,7 +300,7 @@ def train_fingerprint(name: str, spec: TeacherSpec, corpora: str) -> str:
 
 
 def eval_fingerprint(train_fp: str, ev: EvalSpec, corpora: str, langs: list[str], extra: dict | None = None) -> str:
-    ident = {"train": train_fp, "eval": to_dict(ev), **({"extra": extra} if extra else {}),
+    ident = {"train": train_fp, "eval": to_dict(ev), "dtype": str(torch_dtype(ev.dtype, "cpu")), **({"extra": extra} if extra else {}),
              "corpora": {lang: corpus_fingerprint(str(Path(corpora) / lang / f"{ev.split}.txt")) for lang in langs}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -399,17 +403,19 @@ def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, plan: EvalPla
     tokenizer = AutoTokenizer.from_pretrained(folder)
     seq_len = plan.seq_len
     out: dict[str, Any] = {}
+    bf16 = torch_dtype(ev.dtype, "cpu") == torch.bfloat16
     for lang in plan.languages:
         t1 = time.perf_counter()
         unigram = UnigramBaseline.from_texts(tokenizer, plan.unigram_text(lang))
         held = read_split(cfg.corpora, lang, ev.split)
         unit = "char" if lang in ev.char_languages else "word"
         eval_set = masked_eval_set(tokenizer, held, seq_len, ev.mask_prob, ev.seed, max_sequences=plan.acc_sequences)
-        acc = masked_token_accuracy(model, eval_set)
-        uacc = unigram.accuracy(eval_set)
         subset = pll_subset(held, ev.pll_lines, ev.seed, unit)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            acc = masked_token_accuracy(model, eval_set)
+            pll = sum(pseudo_log_likelihoods(model, tokenizer, subset, max_len=seq_len, batch_size=ev.batch_size))
+        uacc = unigram.accuracy(eval_set)
         units = sum(count_units(t, unit) for t in subset)
-        pll = sum(pseudo_log_likelihoods(model, tokenizer, subset, max_len=seq_len, batch_size=ev.batch_size))
         ull = sum(unigram.log_likelihoods(tokenizer, subset))
         n_tokens = sum(len(ids) for ids in tokenizer(subset, add_special_tokens=False)["input_ids"])
         out[lang] = {
@@ -475,7 +481,8 @@ def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
         f"units are whitespace words, characters for {', '.join(ev.char_languages)}. PLL is costly (one forward pass per token), "
         f"so it is computed on a fixed random subset of {ev.pll_lines} lines per language, the same lines for every "
         "teacher; per-word figures are comparable across tokenizers. The unigram baseline uses add-one-smoothed token "
-        "frequencies of the training text in the teacher's own tokenizer.",
+        "frequencies of the training text in the teacher's own tokenizer. Forward passes in "
+        f"{'bfloat16 (autocast: this CPU computes it natively)' if torch_dtype(ev.dtype, 'cpu') == torch.bfloat16 else 'float32'}.",
         "",
         markdown_table(
             ["teacher", "lang", "family", "params", "steps", "train", "total", "masked acc", "unigram acc", "PPPL / unit",

@@ -229,19 +229,32 @@ class TaskModel(nn.Module):
         self.kind = kind
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(mlm.config.hidden_size, n_labels)
+        # what the head reads is (features - shift) / scale: a linear probe standardises the frozen features
+        # with the training set's statistics; full fine-tuning keeps 0 and 1
+        self.register_buffer("shift", torch.zeros(mlm.config.hidden_size))
+        self.register_buffer("scale", torch.ones(mlm.config.hidden_size))
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """What the head reads: (B, H) pooled (classify) or (B, L, H) per token (tag)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        return mean_pool(hidden, keep) if self.kind == "classify" else hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        if self.kind == "classify":
-            return self.head(self.dropout(mean_pool(hidden, keep)))  # (B, C)
-        return self.head(self.dropout(hidden))  # (B, L, C)
+        return self.head(self.dropout(self.standardise(self.features(input_ids, attention_mask, keep))))  # (B, C) / (B, L, C)
+
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (features - self.shift.to(features.dtype)) / self.scale.to(features.dtype)
 
 
 def fine_tune(mlm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: Sequence[Example], labels: Sequence[str],
               kind: str, epochs: int, lr: float, batch_size: int, max_len: int, seed: int = 0, joiner: str = " ",
-              warmup: float = 0.1, weight_decay: float = 0.01) -> TaskModel:
+              warmup: float = 0.1, weight_decay: float = 0.01, tune: str = "full") -> TaskModel:
     """Fine-tune a copy of `mlm`'s encoder and a new head on `train` (AdamW, linear warmup over
-    `warmup` of the steps then linear decay, gradient norm clipped at 1). `mlm` is left as it was."""
+    `warmup` of the steps then linear decay, gradient norm clipped at 1). `tune="head"`: a linear probe,
+    the encoder frozen and its features computed once; the head takes as many steps as full
+    fine-tuning would. `mlm` is left as it was."""
+    if tune not in ("full", "head"):
+        raise ValueError(f"tune must be 'full' or 'head', got {tune!r}")
     label_ids = {lab: i for i, lab in enumerate(labels)}
     enc = encode(tokenizer, train, kind, label_ids, max_len, joiner)
     device = next(mlm.parameters()).device
@@ -249,25 +262,56 @@ def fine_tune(mlm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: S
         torch.manual_seed(seed)
         model = TaskModel(mlm, len(labels), kind).to(device)
         gen = torch.Generator().manual_seed(seed)
-        steps = max(1, epochs * math.ceil(len(train) / batch_size))
+        batches_per_epoch = math.ceil(len(train) / batch_size)
+        steps = max(1, epochs * batches_per_epoch)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if tune == "head":
+            model.encoder.requires_grad_(False)
+            feats, y = _frozen_features(model, enc, kind, pad, device, batch_size)  # (M, H), (M,)
+            model.shift.copy_(feats.mean(0))
+            model.scale.copy_(feats.std(0).clamp(min=1e-6) if len(feats) > 1 else torch.ones_like(model.scale))
+            feats = model.standardise(feats)
         opt = adamw(model.named_parameters(), lr, weight_decay)
         sched = linear_schedule(opt, max(1, int(warmup * steps)), steps)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         model.train()
         for _ in range(epochs):
-            order = torch.randperm(len(train), generator=gen).tolist()
-            for start in range(0, len(order), batch_size):
-                x, att, keep, y = _batch(enc, order[start:start + batch_size], kind, pad, device)
-                logits = model(x, att, keep)
-                if not (y != IGNORE).any():
+            if tune == "head":
+                # the same number of steps per epoch as full fine-tuning, over the kept rows (texts or tagged tokens)
+                order = torch.randperm(len(y), generator=gen)
+                batches = [(None, None, None, rows) for rows in order.tensor_split(min(batches_per_epoch, max(1, len(y))))]
+            else:
+                order = torch.randperm(len(train), generator=gen).tolist()
+                batches = [_batch(enc, order[start:start + batch_size], kind, pad, device)
+                           for start in range(0, len(order), batch_size)]
+            for x, att, keep, target in batches:
+                if tune == "head":
+                    logits, target = model.head(model.dropout(feats[target])), y[target]
+                else:
+                    logits = model(x, att, keep)
+                if not (target != IGNORE).any():
                     continue
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=IGNORE)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
                 sched.step()
     return model.eval()
+
+
+@torch.no_grad()  # not inference_mode: the head's backward saves these features
+def _frozen_features(model: TaskModel, enc: Encoded, kind: str, pad: int, device,
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen encoder's features of every training row, once: (M, H) float32 and their targets (M,):
+    one row per text (classify) or per tagged token (tag). Rows without a target are left out."""
+    model.eval()
+    feats, targets = [], []
+    for start in range(0, len(enc.ids), batch_size):
+        x, att, keep, y = _batch(enc, list(range(start, min(start + batch_size, len(enc.ids)))), kind, pad, device)
+        f = model.features(x, att, keep).float()  # (B, H) or (B, L, H)
+        feats.append(f[y != IGNORE])  # tag: (T, H), the tagged tokens only
+        targets.append(y[y != IGNORE])
+    return torch.cat(feats), torch.cat(targets)
 
 
 @torch.inference_mode()

@@ -107,7 +107,8 @@ DEFINITIONS = f"""\
   layer, specials excluded, each side centred). Pairs: languages sharing >= {MIN_SHARED} paragraph keys,
   at most eval.retrieval_pairs paragraphs each.
 - **downstream** (`<task>/acc`, `<task>/acc_from_<lang>`): accuracy of a copy of the encoder fine-tuned with a
-  linear head on the language's training set (classify: mean-pooled text; tag: first token of each word),
+  linear head on the language's training set (classify: mean-pooled text; tag: first token of each word;
+  with eval.downstream.<task>.tune: head, a linear probe: the encoder frozen, only the head trained),
   tested on the same language, and for eval.downstream.<task>.zero_shot_from on every other language.
 """
 
@@ -388,7 +389,7 @@ def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
             t0 = time.monotonic()
             tok = models.tokenizer(key, src)
             ft = fine_tune(with_language(models.model(key), src), tok, exs, labels, task.kind, task.epochs, task.lr, e.batch_size,
-                           models.max_len(key), e.seed, joiner(src))
+                           models.max_len(key), e.seed, joiner(src), tune=task.tune)
             done = []
             targets = [src] + ([t for t in test if t != src] if src in task.zero_shot_from else [])
             for tgt in targets:
@@ -404,8 +405,8 @@ def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
                 metric = f"{name}/acc" if tgt == src else f"{name}/acc_from_{src}"
                 rows.append(Row("downstream", tgt, key, models.role(key, tgt), metric, acc, n))
                 done.append(f"{tgt} {acc:.3f}")
-            log.info("evaluate %s / %s: %s fine-tuned on %s examples (%d epochs): %s, %.1f s", src, key, name, f"{len(exs):,}",
-                     task.epochs, "; ".join(done) or "no test set", time.monotonic() - t0)
+            log.info("evaluate %s / %s: %s %s on %s examples (%d epochs): %s, %.1f s", src, key, name,
+                     "fine-tuned" if task.tune == "full" else "linear probe", f"{len(exs):,}", task.epochs, "; ".join(done) or "no test set", time.monotonic() - t0)
             del ft
     return rows
 

@@ -27,7 +27,8 @@ from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 from mergedistill.vocab.stage import load_vocab
 
 ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe", "zh": "spbpe", "ja": "multi"}
-DATA = {"seq_len": 32, "shard_lines": 10, "splits": ["train"], "batch_size": 4}
+# float32 teachers: the shards are compared with a float32 forward (`auto` is bfloat16 on CPUs with native bf16)
+DATA = {"seq_len": 32, "shard_lines": 10, "splits": ["train"], "batch_size": 4, "teacher_dtype": "float32"}
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import SingleModelPool, patterned_texts, tiny_model, tiny_tokenizer
 from mergedistill.config import DownstreamTask, load_config
@@ -114,6 +115,26 @@ def test_a_tagger_learns_word_classes():
     model = fine_tune(mlm, tok, tag_task(60, seed=1), labels, "tag", epochs=5, lr=3e-3, batch_size=8, max_len=32, seed=0)
     acc, n = task_accuracy(model, tok, tag_task(20, seed=2), labels, max_len=32)
     assert n == 120 and acc >= 0.9  # the most frequent tag alone gets 1/3
+
+
+@pytest.mark.parametrize("kind", ["classify", "tag"])
+def test_a_linear_probe_trains_the_head_only_and_learns(kind):
+    tok, mlm = tiny_tokenizer("wordpiece"), tiny_model("wordpiece")
+    if kind == "classify":
+        labels, train, test = ["cat", "dog"], subject_task(64, seed=1), subject_task(40, seed=2)
+    else:
+        labels, train, test = ["ADP", "DET", "N", "V"], tag_task(60, seed=1), tag_task(20, seed=2)
+    probe = fine_tune(mlm, tok, train, labels, kind, epochs=30, lr=3e-2, batch_size=8, max_len=32, seed=0, tune="head")
+    # the encoder is the model's, untouched; only the head moved away from its initialisation
+    enc, ref = probe.encoder.state_dict(), mlm.base_model.state_dict()
+    assert enc.keys() == ref.keys() and all(torch.equal(enc[k], ref[k]) for k in enc)
+    fresh = fine_tune(mlm, tok, train, labels, kind, epochs=1, lr=1e-12, batch_size=8, max_len=32, seed=0, tune="head")
+    assert not torch.allclose(probe.head.weight, fresh.head.weight)
+    acc, _ = task_accuracy(probe, tok, test, labels, max_len=32)
+    majority = 0.5 if kind == "classify" else 1 / 3
+    assert acc >= 0.8 > majority + 0.1, acc
+    with pytest.raises(ValueError, match="tune"):
+        fine_tune(mlm, tok, train, labels, kind, epochs=1, lr=1e-3, batch_size=8, max_len=32, tune="partial")
 
 
 def test_zero_shot_rows_for_every_other_language(tmp_path, monkeypatch):
