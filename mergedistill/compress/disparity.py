@@ -118,6 +118,15 @@ def size_correlation(drop_rows: Iterable[dict], sizes: dict[str, float], metric:
     return out
 
 
+def relation_words(rho: float) -> str:
+    """A rank correlation between training size and drop, in words: below 0.3 in magnitude there is no
+    clear relation (a handful of languages cannot show one), below 0.6 it is weak."""
+    if abs(rho) < 0.3:
+        return "no clear relation"
+    who = "smaller languages lose more" if rho < 0 else "larger languages lose more"
+    return who if abs(rho) >= 0.6 else f"weakly: {who}"
+
+
 def findings(drop_rows: Sequence[dict], sizes: dict[str, float], metric: str, sparsity: dict[str, float] | None = None,
              mild: float = 0.5, tolerance: float = 0.005, variant_lines: bool = True) -> list[str]:
     """Plain-language findings for one metric.
@@ -149,7 +158,7 @@ def findings(drop_rows: Sequence[dict], sizes: dict[str, float], metric: str, sp
         if math.isnan(rho):
             lines.append("Training data size: the drops do not vary, so they cannot follow it.")
         else:
-            who = "smaller languages lose more" if rho < 0 else "larger languages lose more" if rho > 0 else "no relation"
+            who = relation_words(rho)
             lines.append(f"Training data size vs mean drop: Spearman {rho:+.2f} over {len(agg)} languages ({who}); "
                          "per variant: " + ", ".join(f"{v} {c['spearman_size']:+.2f}" for v, c in corr.items()) + ".")
     else:

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from mergedistill.compress.disparity import drops, findings, pearson, ranks, relative_drop, size_correlation, spearman, spread
+from mergedistill.compress.disparity import (drops, findings, pearson, ranks, relation_words, relative_drop, size_correlation,
+                                            spearman, spread)
 from mergedistill.compress.plots import plot_quality
 
 
@@ -77,6 +78,12 @@ def test_findings_in_words():
     assert findings([], SIZES, "mlm_acc") == ["mlm_acc: no variant has results to compare with the uncompressed student."]
     short = "\n".join(findings(drops(ROWS), SIZES, "mlm_acc", sparsity={"sparse-0.3": 0.3}, variant_lines=False))
     assert "sw pays most" in short and "smaller languages lose more" in short and "sparse-0.9: sw loses most" not in short
+
+
+def test_a_weak_size_correlation_is_not_called_a_relation():
+    assert relation_words(-0.09) == "no clear relation" and relation_words(0.2) == "no clear relation"
+    assert relation_words(-0.37) == "weakly: smaller languages lose more"
+    assert relation_words(0.8) == "larger languages lose more" and relation_words(-1.0) == "smaller languages lose more"
 
 
 def test_plot_quality_writes_a_png(tmp_path):
