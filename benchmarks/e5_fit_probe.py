@@ -44,6 +44,7 @@ from mergedistill.demo.pretrain import Documents, available_cores  # noqa: E402
 from mergedistill.demo.q4 import read_e5_file  # noqa: E402
 from mergedistill.eval.metrics import masked_eval_set  # noqa: E402
 from mergedistill.mlm_models import masked_logits  # noqa: E402
+from mergedistill.precision import cpu_has_fast_bf16  # noqa: E402
 
 log = logging.getLogger("e5_fit_probe")
 OUT = ROOT / ".cache" / "e5probe"
@@ -204,7 +205,8 @@ def speed(args) -> None:
     for label, change in configs:
         if label.split()[2] == "bf16" and (args.skip_bf16 or args.skip_bf16_fit):
             continue
-        steps = 1 if et.uses_bf16(et.FitConfig(**{**cfg0.__dict__, **change})) and not torch.cpu._is_avx512_bf16_supported() else args.steps  # emulated bf16 (AVX2 only) is ~34x slower
+        emulated_bf16 = et.uses_bf16(et.FitConfig(**{**cfg0.__dict__, **change})) and not cpu_has_fast_bf16()
+        steps = 1 if emulated_bf16 else args.steps  # emulated bf16 (AVX2 only) is ~34x slower
         cfg = et.FitConfig(**{**cfg0.__dict__, **change, "minutes": 0, "max_steps": steps + 1})
         model = copy.deepcopy(base)
         result, _ = et.fit_head(model, tok, docs, cfg, kept_ids=kept if cfg.restrict_decoder else None, log_every=1)

@@ -64,7 +64,7 @@ from mergedistill.demo.pretrain import (
 )
 from mergedistill.errors import ConfigError, UserError
 from mergedistill.fsutil import read_json, write_json_atomic, write_text_atomic
-from mergedistill.precision import torch_dtype
+from mergedistill.precision import autocast, torch_dtype
 from mergedistill.progress import format_duration
 from mergedistill.tables import dict_rows, markdown_table, write_csv
 
@@ -403,7 +403,6 @@ def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, plan: EvalPla
     tokenizer = AutoTokenizer.from_pretrained(folder)
     seq_len = plan.seq_len
     out: dict[str, Any] = {}
-    bf16 = torch_dtype(ev.dtype, "cpu") == torch.bfloat16
     for lang in plan.languages:
         t1 = time.perf_counter()
         unigram = UnigramBaseline.from_texts(tokenizer, plan.unigram_text(lang))
@@ -411,7 +410,7 @@ def evaluate_teacher(name: str, folder: Path, cfg: TeachersConfig, plan: EvalPla
         unit = "char" if lang in ev.char_languages else "word"
         eval_set = masked_eval_set(tokenizer, held, seq_len, ev.mask_prob, ev.seed, max_sequences=plan.acc_sequences)
         subset = pll_subset(held, ev.pll_lines, ev.seed, unit)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(ev.dtype, "cpu"):
             acc = masked_token_accuracy(model, eval_set)
             pll = sum(pseudo_log_likelihoods(model, tokenizer, subset, max_len=seq_len, batch_size=ev.batch_size))
         uacc = unigram.accuracy(eval_set)

@@ -274,20 +274,21 @@ def fine_tune(mlm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, train: S
         opt = adamw(model.named_parameters(), lr, weight_decay)
         sched = linear_schedule(opt, max(1, int(warmup * steps)), steps)
         model.train()
-        for _ in range(epochs):
+
+        def epoch():
+            """(logits, targets) per step of one epoch; the head's rows are texts or tagged tokens, split into
+            as many steps as full fine-tuning takes."""
             if tune == "head":
-                # the same number of steps per epoch as full fine-tuning, over the kept rows (texts or tagged tokens)
-                order = torch.randperm(len(y), generator=gen)
-                batches = [(None, None, None, rows) for rows in order.tensor_split(min(batches_per_epoch, max(1, len(y))))]
-            else:
-                order = torch.randperm(len(train), generator=gen).tolist()
-                batches = [_batch(enc, order[start:start + batch_size], kind, pad, device)
-                           for start in range(0, len(order), batch_size)]
-            for x, att, keep, target in batches:
-                if tune == "head":
-                    logits, target = model.head(model.dropout(feats[target])), y[target]
-                else:
-                    logits = model(x, att, keep)
+                for rows in torch.randperm(len(y), generator=gen).tensor_split(min(batches_per_epoch, max(1, len(y)))):
+                    yield model.head(model.dropout(feats[rows])), y[rows]
+                return
+            order = torch.randperm(len(train), generator=gen).tolist()
+            for start in range(0, len(order), batch_size):
+                x, att, keep, target = _batch(enc, order[start:start + batch_size], kind, pad, device)
+                yield model(x, att, keep), target
+
+        for _ in range(epochs):
+            for logits, target in epoch():
                 if not (target != IGNORE).any():
                     continue
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=IGNORE)

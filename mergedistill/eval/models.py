@@ -3,7 +3,6 @@ with per-language tokenizers) and teachers; also used by `select` and `ablate`. 
 `eval.device` (auto: a GPU when there is one), in `eval.dtype`."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from mergedistill.config import RunConfig, TeacherConfig
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json, sha256_file
 from mergedistill.mlm_models import usable_positions
-from mergedistill.precision import torch_dtype
+from mergedistill.precision import autocast as precision_autocast
 from mergedistill.teachers import load_teacher_model, source_kwargs
 
 
@@ -30,10 +29,7 @@ def autocast(cfg: RunConfig):
     """Forward passes in bfloat16 when `eval.dtype` resolves to it (`auto`: where bfloat16 is fast, see
     `mergedistill.precision`; on CPUs with AVX512-BF16 measured 2.4x faster for a 256 x 4 model, with
     metrics that move in the third digit), on the evaluation device; float32 otherwise."""
-    device_type = eval_device(cfg).type
-    if torch_dtype(cfg.eval.dtype, device_type) == torch.bfloat16:
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return precision_autocast(cfg.eval.dtype, eval_device(cfg).type)
 
 
 def load_teacher(name: str, tc: TeacherConfig, device: torch.device | str = "cpu"):

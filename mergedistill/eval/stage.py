@@ -406,7 +406,8 @@ def downstream(cfg: RunConfig, models: Models, name: str) -> list[Row]:
                 rows.append(Row("downstream", tgt, key, models.role(key, tgt), metric, acc, n))
                 done.append(f"{tgt} {acc:.3f}")
             log.info("evaluate %s / %s: %s %s on %s examples (%d epochs): %s, %.1f s", src, key, name,
-                     "fine-tuned" if task.tune == "full" else "linear probe", f"{len(exs):,}", task.epochs, "; ".join(done) or "no test set", time.monotonic() - t0)
+                     "fine-tuned" if task.tune == "full" else "linear probe", f"{len(exs):,}", task.epochs,
+                     "; ".join(done) or "no test set", time.monotonic() - t0)
             del ft
     return rows
 

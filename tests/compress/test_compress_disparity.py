@@ -5,8 +5,17 @@ import math
 
 import pytest
 
-from mergedistill.compress.disparity import (drops, findings, pearson, ranks, relation_words, relative_drop, size_correlation,
-                                            spearman, spread)
+from mergedistill.compress.disparity import (
+    drops,
+    findings,
+    pearson,
+    ranks,
+    relation_words,
+    relative_drop,
+    size_correlation,
+    spearman,
+    spread,
+)
 from mergedistill.compress.plots import plot_quality
 
 
