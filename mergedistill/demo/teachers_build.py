@@ -52,6 +52,7 @@ from mergedistill.corpus import (
     iter_lines,
     spread_subset,
 )
+from mergedistill.cpu_memory import keep_freed_memory
 from mergedistill.demo.e5 import FitConfig
 from mergedistill.demo.e5 import build_teacher as build_pretrained
 from mergedistill.demo.pretrain import (
@@ -601,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain and re-evaluate even if complete")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     args, rest = parser.parse_known_args(argv)
+    keep_freed_memory()  # mergedistill/cpu_memory.py: large CPU tensors reuse freed memory
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:

@@ -41,7 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mergedistill.data.masking import IGNORE_INDEX, fixed_masked_set
 from mergedistill.data.packing import SpecialLayout, pack_texts, tokenize_documents
-from mergedistill.mlm_models import masked_logits, usable_positions
+from mergedistill.mlm_models import masked_logits, top1, usable_positions
 from mergedistill.vocab.joint import UNK_ID
 
 Unit = Literal["word", "char"]
@@ -95,7 +95,7 @@ def masked_token_accuracy(model: PreTrainedModel, eval_set: dict[str, torch.Tens
         if not selected.any():
             continue
         device = next(model.parameters()).device
-        pred = masked_logits(model, ids.to(device), att.to(device), selected.to(device)).argmax(-1).cpu()  # (n,)
+        pred = top1(masked_logits(model, ids.to(device), att.to(device), selected.to(device))).cpu()  # (n,)
         hits += int((pred == labels[selected]).sum())
         total += int(selected.sum())
     return Score(hits / total if total else float("nan"), total)
@@ -246,10 +246,10 @@ def masked_top1(
             continue
         logits = masked_logits(model, input_ids[sl, :width].long().to(device),
                                attention_mask[sl, :width].long().to(device), sel.to(device)).float()  # (m, V)
-        top.append(logits.argmax(-1).cpu())
+        top.append(top1(logits).cpu())
         if allowed is not None:
             assert allowed.shape == logits.shape[1:], f"allowed has {allowed.shape[0]} ids, the model {logits.shape[1]}"
-            top_ok.append(logits.masked_fill(~allowed.to(device), float("-inf")).argmax(-1).cpu())
+            top_ok.append(top1(logits.masked_fill(~allowed.to(device), float("-inf"))).cpu())
     empty = torch.zeros(0, dtype=torch.long)
     return (torch.cat(top) if top else empty), ((torch.cat(top_ok) if top_ok else empty) if allowed is not None else None)
 

@@ -24,7 +24,7 @@ from mergedistill.eval.metrics import (
     pseudo_perplexity,
 )
 from mergedistill.extend.surgery import is_xmod, outputs_restricted
-from mergedistill.mlm_models import masked_logits
+from mergedistill.mlm_models import masked_logits, top1
 
 
 def new_language_metrics(model, tokenizer, acc_texts: list[str], pll_texts: list[str], own: torch.Tensor, *, seq_len: int,
@@ -80,7 +80,7 @@ def old_language_change(original, extended, tokenizer, texts: list[str], own: to
         gold = labels[sel].to(dev)
         worst = max(worst, float((a - b[:, :v0]).abs().max()))
         a_own, b_own = _argmax_among(a, own_dev[:v0]), _argmax_among(b[:, :v0], own_dev[:v0])
-        a_all, b_all = a.argmax(-1), b.argmax(-1)
+        a_all, b_all = top1(a), top1(b)
         ce_up += float((torch.logsumexp(b, -1) - torch.logsumexp(a, -1)).sum())  # gold logit unchanged: CE grows by this
         changed_own += int((a_own != b_own).sum())
         changed_all += int((a_all != b_all).sum())
@@ -93,7 +93,7 @@ def old_language_change(original, extended, tokenizer, texts: list[str], own: to
 
 
 def _argmax_among(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    return logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+    return top1(logits.masked_fill(~allowed, float("-inf")))
 
 
 def with_language(model, lang: str):

@@ -1,16 +1,90 @@
 """Distillation losses as pure tensor functions (no batches, no models).
 
 All of them work on the N masked positions only: student_logits (N, V) over the joint vocabulary,
-the teacher's top-k as ids (N, k) into that vocabulary and logits (N, k)."""
+the teacher's top-k as ids (N, k) into that vocabulary and logits (N, k).
+
+`distill_loss` is what training uses: one fused soft cross-entropy (`sparse_target_ce`) whose backward
+writes the (N, V) gradient once, chunk by chunk, instead of autograd's log-softmax output, its
+backward and a zero-filled (N, V) tensor per gather (on the demo student, V = 55k, that path was
+about half of a training step; `make bench-loss` measures both side by side). `sparse_kd_loss` and
+`mlm_loss` are the plain log-softmax formulations; the tests hold the fused loss to them."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+_CHUNK_ELEMENTS = 1 << 20
+"""Rows per chunk in the fused loss: about 1M float32 logits (4 MB), so a chunk's exp, scale and
+scatter run while it is in cache."""
+
+
+def _chunks(n_rows: int, width: int):
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    for a in range(0, n_rows, step):
+        yield a, min(a + step, n_rows)
+
+
+def row_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: log sum_v exp(logits[i, v]) in float32 whatever the logits' dtype, and the argmax
+    (the top-1 prediction, which the same pass finds). (N, V) -> (N,) float32, (N,) long.
+    Chunk by chunk: whole-tensor temporaries of this size cost more in page faults than in arithmetic,
+    and torch's argmax over bf16 rows is several times slower than this."""
+    n, width = logits.shape
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    top = torch.empty(n, dtype=torch.long, device=logits.device)
+    for a, b in _chunks(n, width):
+        part = logits[a:b].to(torch.float32, copy=True)  # a copy: the in-place steps must not touch the logits
+        m, top[a:b] = part.max(dim=-1)
+        lse[a:b] = part.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
+    return lse, top
+
+
+class _SparseTargetCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ids, weights):
+        lse, top = row_stats(logits)  # (N,) float32, (N,) long
+        at = logits.gather(1, ids).float()  # (N, m)
+        per_pos = (weights * (lse[:, None] - at)).sum(1)  # (N,)
+        ctx.save_for_backward(logits, ids, weights, lse)
+        ctx.mark_non_differentiable(lse, top)
+        return per_pos, lse, top
+
+    @staticmethod
+    def backward(ctx, grad_per_pos, _grad_lse, _grad_top):
+        logits, ids, weights, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        g = grad_per_pos.float()  # (N,)
+        scale = g * weights.sum(1)  # (N,): d/dz of s_i * lse_i is s_i * softmax(z_i)
+        for a, b in _chunks(*logits.shape):
+            part = logits[a:b].to(torch.float32, copy=True)
+            part.sub_(lse[a:b, None]).exp_().mul_(scale[a:b, None])  # s_i * softmax rows, float32
+            part.scatter_add_(1, ids[a:b], -(weights[a:b] * g[a:b, None]))  # minus w at each target id
+            grad[a:b] = part  # cast to the logits' dtype
+        return grad, None, None
+
+
+def sparse_target_ce(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft cross-entropy of each row against a few weighted target ids, fused.
+
+    per_pos[i] = sum_j weights[i, j] * (logsumexp(logits[i]) - logits[i, ids[i, j]]), i.e.
+    -sum_j w_ij log softmax(logits_i)[ids_ij]; the same id may appear twice in a row (its weights add).
+    logits: (N, V), any float dtype (bf16 under autocast: the arithmetic is float32, the gradient comes
+    back in the logits' dtype); ids: (N, m) long, valid indices; weights: (N, m) float, no gradient.
+    Returns per_pos (N,) float32, and without gradient the rows' logsumexp (N,) float32 and argmax (N,)."""
+    return _SparseTargetCE.apply(logits, ids.long(), weights.float().detach())
+
+
+def teacher_probs(teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's distribution over its k ids: softmax(teacher_logits / T), float32 (N, k).
+    -inf logits (ids the vocabulary dropped) get 0; a row with no id at all gets all zeros."""
+    p = torch.softmax(teacher_logits.float() / temperature, dim=-1)
+    return torch.nan_to_num(p, nan=0.0)
+
 
 def sparse_kd_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logits: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
-    """Soft cross-entropy of the student against the teacher's top-k distribution, scaled by T^2.
+    """Soft cross-entropy of the student against the teacher's top-k distribution, scaled by T^2
+    (the plain formulation, the reference for `distill_loss`).
 
     The teacher distribution is softmax(teacher_logits / T) renormalised over its k ids (-inf logits
     count as absent); the student's is log_softmax(student_logits / T) over the whole vocabulary.
@@ -18,14 +92,8 @@ def sparse_kd_loss(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teac
     student_logits: (N, V); teacher_ids: (N, k) long; teacher_logits: (N, k). Returns a scalar (mean over N)."""
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
-    return sparse_kd_from_log_probs(log_q, teacher_ids, teacher_logits, temperature)
-
-
-def sparse_kd_from_log_probs(log_q: torch.Tensor, teacher_ids: torch.Tensor, teacher_logits: torch.Tensor,
-                             temperature: float) -> torch.Tensor:
-    """`sparse_kd_loss` given the student's log-probabilities at temperature T, log_q (N, V)."""
     t = temperature
+    log_q = torch.log_softmax(student_logits.float() / t, dim=-1)  # (N, V)
     p_teacher = torch.softmax(teacher_logits.float() / t, dim=-1)  # (N, k), sums to 1 over the k ids
     log_q_at = log_q.gather(1, teacher_ids.long())  # (N, k)
     per_pos = -(p_teacher * log_q_at).nansum(dim=-1)  # 0 * -inf (absent ids) would be nan: dropped
@@ -41,7 +109,8 @@ def dense_kd_reference(student_logits: torch.Tensor, teacher_full_logits: torch.
 
 
 def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the gold token at each masked position. student_logits (N, V), labels (N,)."""
+    """Cross-entropy on the gold token at each masked position (the plain formulation). student_logits
+    (N, V), labels (N,)."""
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
     return F.cross_entropy(student_logits.float(), labels.long())
@@ -49,20 +118,37 @@ def mlm_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_ids: torch.Tensor | None,
                  teacher_logits: torch.Tensor | None, alpha: float, temperature: float) -> dict[str, torch.Tensor]:
-    """alpha * KD + (1 - alpha) * MLM, both parts, and the MLM loss of each position (detached, for
-    per-language figures). One log-softmax over the vocabulary serves both losses when T = 1.
-    alpha = 0: MLM only, no teacher needed."""
-    if student_logits.shape[0] == 0:
+    """alpha * KD + (1 - alpha) * MLM (= alpha * sparse_kd_loss + (1 - alpha) * mlm_loss), both parts,
+    the MLM loss of each position and the student's top-1 prediction at each position (both detached,
+    for per-language figures and accuracy; the top-1 comes from the loss's own pass over the logits).
+    At T = 1 the gold token and the teacher's k ids are one fused soft cross-entropy (one pass over the
+    logits forward, one backward). alpha = 0: MLM only, no teacher needed."""
+    n = student_logits.shape[0]
+    if n == 0:
         zero = student_logits.sum() * 0.0
-        return {"loss": zero, "mlm": zero, "kd": zero, "mlm_per_position": zero.detach().reshape(0)}
-    log_p = torch.log_softmax(student_logits.float(), dim=-1)  # (N, V)
-    per_pos = -log_p.gather(1, labels.long()[:, None]).squeeze(1)  # (N,) cross-entropy on the gold token
-    mlm = per_pos.mean()
+        return {"loss": zero, "mlm": zero, "kd": zero, "mlm_per_position": student_logits.new_zeros(0, dtype=torch.float32),
+                "top1": torch.zeros(0, dtype=torch.long, device=student_logits.device)}
+    gold = labels.long()[:, None]  # (N, 1)
+    one = torch.ones(n, 1, device=student_logits.device)
     if alpha == 0.0 or teacher_ids is None:
-        kd = torch.zeros_like(mlm)
-        loss = mlm
+        per_pos, _, top1 = sparse_target_ce(student_logits, gold, one)
+        mlm = per_pos.mean()
+        return {"loss": mlm, "mlm": mlm, "kd": torch.zeros_like(mlm), "mlm_per_position": per_pos.detach(), "top1": top1}
+    t = temperature
+    ids = teacher_ids.long()
+    p = teacher_probs(teacher_logits, t)  # (N, k)
+    if t == 1.0:
+        mixed, lse, top1 = sparse_target_ce(student_logits, torch.cat([gold, ids], 1),
+                                            torch.cat([(1.0 - alpha) * one, alpha * p], 1))
+        with torch.no_grad():
+            z = student_logits.detach()
+            mlm_pp = lse - z.gather(1, gold).float().squeeze(1)  # (N,)
+            kd = (p * (lse[:, None] - z.gather(1, ids).float())).sum(1).mean()
+        loss = mixed.mean()
     else:
-        log_q = log_p if temperature == 1.0 else torch.log_softmax(student_logits.float() / temperature, dim=-1)
-        kd = sparse_kd_from_log_probs(log_q, teacher_ids, teacher_logits, temperature)
-        loss = alpha * kd + (1.0 - alpha) * mlm
-    return {"loss": loss, "mlm": mlm, "kd": kd, "mlm_per_position": per_pos.detach()}
+        mlm_pp, _, top1 = sparse_target_ce(student_logits, gold, one)
+        kd_pp, _, _ = sparse_target_ce(student_logits / t, ids, p)
+        kd = kd_pp.mean() * (t * t)
+        loss = alpha * kd + (1.0 - alpha) * mlm_pp.mean()
+        mlm_pp, kd = mlm_pp.detach(), kd.detach()
+    return {"loss": loss, "mlm": mlm_pp.mean(), "kd": kd, "mlm_per_position": mlm_pp, "top1": top1}

@@ -49,7 +49,7 @@ class DistillModule(L.LightningModule):
         n = batch.labels.numel()
         per_pos = parts["mlm_per_position"]  # (N,)
         with torch.no_grad():
-            top1 = logits.argmax(-1)
+            top1 = parts["top1"]  # the loss's pass found it (argmax over bf16 rows costs a sixth of a step)
             correct = (top1 == batch.labels).float()
             agree = (top1 == batch.topk_ids[:, 0]).float()
         sync = True  # means over ranks: a DDP run logs the same curve as one process with the global batch
