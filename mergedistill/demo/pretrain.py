@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
@@ -106,11 +106,6 @@ class PretrainConfig:
     precision: str = "auto"
     """Lightning precision: `auto` (bf16-mixed where bfloat16 is fast: GPUs, CPUs with AVX512-BF16 or AMX,
     about 1.7x faster there; else 32-true), or any Lightning value such as 32-true or bf16-mixed."""
-    attention: Literal["eager", "sdpa"] = "eager"
-    """The attention implementation while training (`transformers`' attn_implementation; the saved model
-    loads with the library's default). `eager`: measured 10-15% faster steps for the demo's 2 x 128
-    teachers on 2 CPU cores at 16-64 tokens (torch's CPU SDPA backward costs more than the small
-    (L x L) score matrices it avoids); `sdpa` for long sequences or GPUs."""
 
     def problems(self) -> list[str]:
         """Every problem with the settings, each naming its field."""
@@ -439,9 +434,6 @@ def pretrain(
         else:
             log.warning(f"{name or 'pretrain'}: init_output_bias is set but the model has no output bias of vocabulary size; skipped")
 
-    loaded_attention = getattr(model.config, "_attn_implementation", None)  # what from_pretrained will give
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(cfg.attention)
     model.train()  # Lightning keeps the mode it finds; a model fresh from evaluation would train without dropout
     module = MLMModule(model, cfg)
     progress = TrainProgress(name or "pretrain", every_steps=cfg.log_every, every_s=None, logger=log)
@@ -479,8 +471,6 @@ def pretrain(
         result = PretrainResult(steps=steps, wall_s=round(wall, 1), setup_s=round(setup, 1), train_tokens=progress.total_tokens,
                                 val=dict(module.last_val))
         model = module.model.cpu().eval()
-        if loaded_attention and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(loaded_attention)  # the returned model computes as the saved one loads
         model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "pretrain.json", {
