@@ -16,7 +16,7 @@ random weights and tokens (the cost is what is measured). bf16 autocast where th
 natively (as train.precision: auto), else float32. Within a process the repeats alternate between the
 two losses; the allocator needs a process of its own, so the two run one after the other, twice.
 
-usage: python benchmarks/bench_loss.py [--steps 12] [--repeats 3]
+usage: python benchmarks/bench_loss.py [--steps 12] [--repeats 2]
 """
 from __future__ import annotations
 
