@@ -40,8 +40,11 @@ test-all: setup
 battery: setup
 	$(PY) tests/battery.py
 
+# the languages configs/demo.yaml names (its six, and it for `make extend`); `python -m mergedistill.demo.corpora
+# --out corpora --langs pl,en` adds the others it knows (a build keeps the languages already built)
+DEMO_LANGS := de,fr,es,ru,ja,zh,it
 corpora: setup
-	$(PY) -m mergedistill.demo.corpora --out corpora
+	$(PY) -m mergedistill.demo.corpora --out corpora --langs $(DEMO_LANGS)
 
 teachers: corpora
 	$(PY) -m mergedistill.demo.teachers_build --config configs/teachers.yaml --out teachers

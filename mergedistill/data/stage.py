@@ -87,6 +87,8 @@ def _language_inputs(cfg: RunConfig, lang: str, vrec: dict, tok_fp: str, model_f
         "max_lines": cfg.max_lines_of(lang),
         "corpora": {s: corpus_fingerprint(getattr(lc, s)) for s in d.splits if getattr(lc, s)},
     }
+    if d.valid_max_sequences is not None:  # only when set: shards built before the setting existed stay valid
+        inputs["valid_max_sequences"] = d.valid_max_sequences
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -220,6 +222,10 @@ class ShardBuilder:
         enc = self.t.backend.encode_batch(lines, add_special_tokens=False)
         words = [[-1 if w is None else w for w in e.word_ids] for e in enc] if d.whole_word_mask else None
         packed = pack_documents([e.ids for e in enc], d.seq_len, self.layout, self.pad, words)
+        corpus_tokens = int(sum(len(e.ids) for e in enc))
+        if shard.split == "valid" and d.valid_max_sequences is not None and len(packed) > d.valid_max_sequences:
+            packed = packed.head(d.valid_max_sequences)  # what validation reads; the rest would be labelled unread
+            corpus_tokens = int((packed.attention_mask & ~torch.isin(packed.input_ids.long(), self.special_ids)).sum())
         copies = d.dupe_factor if shard.split == "train" else 1
         rows: dict[str, list[np.ndarray]] = {c: [] for c in ("input_ids", "positions", "labels", "topk_ids", "topk_logits")}
         n_tok = int(packed.attention_mask.sum())
@@ -261,7 +267,6 @@ class ShardBuilder:
                     rows["topk_logits"].append(tv.reshape(-1))
                 prog.update(0, int(n_tok))
         masked = int(sum(len(p) for p in rows["positions"]))
-        corpus_tokens = int(sum(len(e.ids) for e in enc))
         record = {
             "inputs": shard.inputs, "vocab": self.vrec["vocab"], "language": shard.lang, "split": shard.split,
             "teacher": self.t.name, "lines": len(lines), "sequences": len(rows["input_ids"]), "corpus_tokens": corpus_tokens,

@@ -44,8 +44,8 @@ from mergedistill.precision import lightning_precision
 from mergedistill.progress import format_duration
 from mergedistill.train.batches import log_unigram_prior
 from mergedistill.train.batches import sampling_probs as language_sampling_probs
-from mergedistill.train.optim import adamw, with_schedule
-from mergedistill.train.progress import TrainProgress
+from mergedistill.train.optim import adamw, clip_gradients, scales_gradients, with_schedule
+from mergedistill.train.progress import TrainProgress, writes_logs
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +330,9 @@ class MLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _, n = mlm_loss_and_hits(self.model, batch)
         self.log("train/loss", loss, batch_size=n)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        self.log("seq_len", float(batch["input_ids"].shape[1]), batch_size=n)
+        if writes_logs(self):
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+            self.log("seq_len", float(batch["input_ids"].shape[1]), batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -350,8 +351,12 @@ class MLMModule(L.LightningModule):
         self._val.clear()
 
     def configure_optimizers(self):
-        opt = adamw(self.model.named_parameters(), self.cfg.lr, self.cfg.weight_decay, betas=(0.9, self.cfg.adam_beta2), eps=1e-6)
+        opt = adamw(self.model.named_parameters(), self.cfg.lr, self.cfg.weight_decay, betas=(0.9, self.cfg.adam_beta2), eps=1e-6,
+                    fuse=not scales_gradients(self))
         return with_schedule(opt, self.cfg.warmup, self.cfg.max_steps)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -436,3 +436,45 @@ def test_a_teacher_line_cap_limits_the_lines_it_labels(workdir, tiny_teachers, c
     assert all(lines[lang] == min(30, total[lang]) for lang in ("ru", "fr", "zh", "ja")) and min(total.values()) > 12
     with pytest.raises(UserError, match=r"teachers\.wp\.max_lines: 0 is out of range; allowed: >= 1"):
         load_config(workdir / "c.yaml", ["--teachers.wp.max_lines=0"])
+
+
+def test_valid_max_sequences_keeps_the_first_valid_sequences_only(tmp_path, tiny_teachers, corpora, monkeypatch):
+    """data.valid_max_sequences: each valid shard keeps (and labels) its first N packed sequences; the
+    train shards are untouched; the setting is part of the shards' inputs."""
+    import yaml
+
+    def run(folder: Path, cap: int | None) -> tuple[dict, dict]:
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        path = make_config(folder / "c.yaml", tiny_teachers, corpora, ROUTING,
+                           data=dict(DATA, splits=["train", "valid"], valid_max_sequences=cap))
+        cfg = yaml.safe_load(path.read_text())
+        for lang in ROUTING:
+            cfg["languages"][lang]["valid"] = str(corpora[lang])
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["vocab", "--config", str(path)]) == 0
+        assert main(["data", "--config", str(path)]) == 0
+        c = load_config(path)
+        man = load_manifest(c, load_vocab(c)[1]["vocab"])
+        rows = {lang: [list(open_shard(p).with_format("numpy")) for p in shards_of(folder, lang, "valid")] for lang in ROUTING}
+        return man, rows
+
+    full_man, full = run(tmp_path / "all", None)
+    capped_man, capped = run(tmp_path / "capped", 3)
+    for lang in ROUTING:
+        assert len(capped[lang]) == len(full[lang]) >= 2
+        assert max(len(shard) for shard in full[lang]) > 3
+        for cap_rows, full_rows in zip(capped[lang], full[lang]):
+            assert len(cap_rows) == min(3, len(full_rows))
+            for a, b in zip(cap_rows, full_rows):  # the same first sequences (own masks: compare where neither masks)
+                assert len(a["input_ids"]) == len(b["input_ids"])
+                keep = np.ones(len(a["input_ids"]), bool)
+                keep[a["positions"]] = keep[b["positions"]] = False
+                assert (a["input_ids"][keep] == b["input_ids"][keep]).all()
+        v_full, v_cap = full_man["languages"][lang]["splits"]["valid"], capped_man["languages"][lang]["splits"]["valid"]
+        assert v_cap["sequences"] == sum(map(len, capped[lang])) < v_full["sequences"]
+        assert 0 < v_cap["corpus_tokens"] < v_full["corpus_tokens"]
+        assert v_cap["lines"] == v_full["lines"]  # every line is read; the sequences past the cap are not labelled
+        assert capped_man["languages"][lang]["splits"]["train"] == full_man["languages"][lang]["splits"]["train"]
+        for p, q in zip(shards_of(tmp_path / "capped", lang), shards_of(tmp_path / "all", lang)):
+            assert p.read_bytes() == q.read_bytes()

@@ -121,6 +121,30 @@ def test_ranks_split_the_same_global_batch():
         assert (l2 == lang).all() and (r2 == row).all()  # same draw; rank r keeps rows r, r + 2, ...
 
 
+def test_rows_read_in_one_take_per_shard_equal_row_by_row_reads(run_dir, tiny_teachers, corpora):
+    from mergedistill.data.stage import load_manifest
+    from mergedistill.train.batches import LanguageShards, collate
+    from mergedistill.vocab.stage import load_vocab
+
+    cfg = load_config(write_config(run_dir, tiny_teachers, corpora))
+    _, vrec = load_vocab(cfg)
+    man = load_manifest(cfg, vrec["vocab"])
+    src = LanguageShards([run_dir / "runs/t/data" / p for p in man["languages"]["de"]["splits"]["train"]["shards"]], vrec["vocab"], man["k"])
+    assert len(src.sets) >= 2, "the test needs rows from several shards"
+    n = len(src)
+    idx = [n - 1, 0, 3, int(src.offsets[1]), 3, int(src.offsets[1]) - 1, n // 2]  # shard borders, repeats, any order
+    got, want = src.rows(idx), [src[i] for i in idx]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for c in w:
+            assert np.array_equal(g[c], w[c]), c  # the stored dtypes (uint16, float16); self[i] widens them
+    a, b = collate(got, [0] * len(idx), man["k"]), collate(want, [0] * len(idx), man["k"])
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dict__)
+    assert src.rows([]) == []
+    with pytest.raises(IndexError):
+        src.rows([n])
+
+
 # ---- the step ----------------------------------------------------------------------------------
 def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpora, monkeypatch):
     from mergedistill import mlm_models
@@ -167,6 +191,11 @@ def test_a_few_steps_lower_the_loss_and_export_works(run_dir, tiny_teachers, cor
     val = series(rows, "val/loss")
     assert len(val) >= 2 and val[-1][1] < val[0][1]
     assert series(rows, "val/de/acc") and series(rows, "lr")
+    # the detail figures are logged only on the steps the loggers write, and every written step has them
+    steps = [s for s, _ in series(rows, "train/loss")]
+    assert len(steps) == 6  # 60 steps, a row every 10
+    for key in ("train/acc", "train/kd_loss", "train/de/acc", "train/fr/mlm_loss", "train/tokens_per_s", "lr"):
+        assert [s for s, _ in series(rows, key)] == steps, key
     export = run_dir / "runs/t/train/export"
     model = AutoModelForMaskedLM.from_pretrained(str(export))
     tok = AutoTokenizer.from_pretrained(str(export / "tokenizers" / "wp"))
