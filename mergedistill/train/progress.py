@@ -15,8 +15,8 @@ log = logging.getLogger("mergedistill")
 def writes_logs(module) -> bool:
     """Whether Lightning hands a LightningModule's values logged in this training step to the loggers:
     every `log_every_n_steps` optimizer steps (and when the run stops); what is logged on the other steps
-    is replaced unseen by the next step's, so figures only the loggers read can skip those steps (each
-    `self.log` costs ~0.3 ms). True outside a Trainer."""
+    is replaced unseen by the next step's, so figures only the loggers read can skip those steps (Lightning's
+    `self.log` is a long Python path). True outside a Trainer."""
     trainer = module._trainer
     if trainer is None:
         return True

@@ -212,3 +212,52 @@ def test_teachers_build_end_to_end_and_idempotent(tmp_path, caplog):
         build(cfg, out)
     assert (out / "de" / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
     assert sum("complete, skipped" in r.message for r in caplog.records) == 2
+
+
+def test_teachers_train_two_at_a_time_in_worker_processes(tmp_path, caplog):
+    """--jobs 2: the teachers train side by side, each in a process of its own with cores // 2 threads;
+    the folders are the same standard ones, with the configured settings' fingerprint (a rerun skips them)."""
+    from transformers import AutoModelForMaskedLM
+
+    from mergedistill.demo.pretrain import available_cores
+    from mergedistill.demo.teachers_build import build, is_trained, load_teachers_config, train_fingerprint
+
+    _, cfg_path = _tiny_teachers_config(tmp_path)
+    cfg_path.write_text(cfg_path.read_text().replace(" num_threads: 1,", ""))  # the worker picks the threads
+    cfg = load_teachers_config(str(cfg_path))
+    assert cfg.teachers["de"].train.num_threads is None
+    out = tmp_path / "teachers"
+    with caplog.at_level(logging.INFO):
+        build(cfg, out, jobs=2)
+    assert any("multi, de: 2 at a time" in r.message for r in caplog.records)  # the most steps x languages first
+    for name in ("de", "multi"):
+        assert AutoModelForMaskedLM.from_pretrained(out / name) is not None
+        assert is_trained(out / name, train_fingerprint(name, cfg.teachers[name], cfg.corpora))
+        meta = json.loads((out / name / "pretrain.json").read_text())
+        assert meta["teacher"]["train"]["num_threads"] == max(1, available_cores() // 2)
+        assert (out / name / "eval.json").is_file()
+    assert (out / "report.md").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        build(cfg, out, jobs=1)
+    assert sum("complete, skipped" in r.message for r in caplog.records) == 2
+
+
+def test_a_failing_teacher_stops_the_workers_and_keeps_the_finished_ones(tmp_path):
+    from mergedistill.demo.teachers_build import build, is_trained, train_fingerprint
+
+    cfg, _ = _tiny_teachers_config(tmp_path)
+    (tmp_path / "corpora" / "ja" / "train.txt").write_text("\n")  # emptied after the config was checked
+    cfg.teachers["multi"].languages = ["ja"]
+    with pytest.raises(ValueError, match="positive sum"):  # multi's worker: no text to build a tokenizer from
+        build(cfg, tmp_path / "teachers", jobs=2)
+    assert is_trained(tmp_path / "teachers" / "de", train_fingerprint("de", cfg.teachers["de"], cfg.corpora))
+    assert not (tmp_path / "teachers" / "multi").exists() and not (tmp_path / "teachers" / "report.md").exists()
+
+
+def test_jobs_below_one_is_refused(tmp_path, capsys):
+    from mergedistill.demo.teachers_build import main
+
+    _, cfg_path = _tiny_teachers_config(tmp_path)
+    assert main(["--config", str(cfg_path), "--out", str(tmp_path / "t"), "--jobs", "0"]) == 2
+    assert "--jobs 0: need at least 1" in capsys.readouterr().err
