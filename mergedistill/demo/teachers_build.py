@@ -468,6 +468,17 @@ def build_rows(out: Path, cfg: TeachersConfig, names: list[str]) -> list[dict[st
     return rows
 
 
+def _side_by_side(metas: dict[str, dict], cfg: TeachersConfig) -> str:
+    """The note that the trained-from-scratch teachers' times overlap, where `train_teachers` ran them side by side."""
+    threads = {n: metas[n].get("teacher", {}).get("train", {}).get("num_threads") for n in metas if n not in cfg.pretrained}
+    shared = sorted(n for n, t in threads.items() if t is not None and t < available_cores())
+    if not shared:
+        return ""
+    counts = {threads[n] for n in shared}
+    each = f"{counts.pop()} thread(s) each" if len(counts) == 1 else ", ".join(f"{n} {threads[n]} thread(s)" for n in shared)
+    return f"; {', '.join(shared)} trained side by side ({each}): their times overlap, so they add up to more than it took"
+
+
 def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
     rows = build_rows(out, cfg, names)
     write_csv(out / "report.csv", REPORT_COLUMNS,
@@ -522,7 +533,7 @@ def write_report(out: Path, cfg: TeachersConfig, names: list[str]) -> None:
               + (f" ({format_duration(trained)} training from scratch, {format_duration(fitted)} fitting pretrained ones)"
                  if pretrained else "")
               + f"; with tokenizers, packing, loading and evaluation: {format_duration(all_total)} "
-              f"(on {available_cores()} CPU cores at build time).", ""]
+              f"(on {available_cores()} CPU cores at build time)" + _side_by_side(metas, cfg) + ".", ""]
     write_text_atomic(out / "report.md", "\n".join(lines))
 
 
