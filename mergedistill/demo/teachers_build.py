@@ -636,9 +636,30 @@ def train_teachers(todo: list[tuple[str, str]], cfg: TeachersConfig, out: Path, 
 
 
 def _job_init(verbose: bool) -> None:
-    """A training worker: the parent's logging (one line per event, the teacher's name first) and memory setting."""
+    """A training worker: it dies with the build, and has the parent's logging (one line per event, the
+    teacher's name first) and memory setting."""
+    _die_with_parent()
     keep_freed_memory()
     _setup_logging(verbose)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the build that started it dies (killed, even with -9), so that no
+    teacher goes on training unseen and racing a rerun for its folder (SIGTERM would not do: Lightning
+    catches it to stop at the next step). A teacher folder is written atomically, so nothing is left that
+    looks complete. Elsewhere a worker finishes its teacher and then exits (its task queue is gone)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
 
 def _train_job(name: str, why: str, spec: dict, cfg: dict, folder: str, fingerprint: str) -> None:

@@ -2,6 +2,8 @@ import csv
 import json
 import logging
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,3 +266,49 @@ def test_jobs_below_one_is_refused(tmp_path, capsys):
     _, cfg_path = _tiny_teachers_config(tmp_path)
     assert main(["--config", str(cfg_path), "--out", str(tmp_path / "t"), "--jobs", "0"]) == 2
     assert "--jobs 0: need at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers die with the build through Linux's PR_SET_PDEATHSIG")
+def test_killing_the_build_kills_its_training_workers(tmp_path):
+    """kill -9 of teachers_build during a two-at-a-time training: its workers go too, no teacher is left
+    half-built looking complete, and a rerun starts them again."""
+    import signal
+    import subprocess
+    import time
+
+    from mergedistill.demo.pretrain import available_cores
+    from mergedistill.demo.teachers_build import is_trained, train_fingerprint
+
+    if available_cores() < 2:
+        pytest.skip("one core: no workers")
+    cfg, cfg_path = _tiny_teachers_config(tmp_path)
+    out = tmp_path / "teachers"
+    proc = subprocess.Popen([sys.executable, "-m", "mergedistill.demo.teachers_build", "--config", str(cfg_path), "--out",
+                             str(out), "-j", "2", "--defaults.train.max_steps=1000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def children() -> set[int]:
+        try:
+            return {int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()}
+        except FileNotFoundError:
+            return set()
+
+    deadline = time.monotonic() + 120
+    started: list[str] = []
+    while len(started) < 2 and time.monotonic() < deadline:  # both workers are training
+        line = proc.stdout.readline()
+        if "training (not built yet)" in line:
+            started.append(line)
+    assert len(started) == 2, "the workers did not start"
+    workers = children()
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = {p for p in alive if Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()}
+    assert not alive, f"workers {sorted(alive)} outlived the build"
+    for name in ("de", "multi"):
+        assert not is_trained(out / name, train_fingerprint(name, cfg.teachers[name], cfg.corpora))
