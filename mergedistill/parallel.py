@@ -20,7 +20,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def die_with_parent(parent: int) -> None:
-    """Make this (forked) process die when `parent` does: the kernel sends it SIGKILL on Linux
+    """Make this worker process die when `parent` does: the kernel sends it SIGKILL on Linux
     (prctl PR_SET_PDEATHSIG; the pool forks from the thread that calls it, which lives as long as the
     parent needs its workers); elsewhere a thread watches the parent's pid."""
     armed = False

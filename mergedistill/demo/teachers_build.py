@@ -71,6 +71,7 @@ from mergedistill.demo.pretrain import (
 )
 from mergedistill.errors import ConfigError, UserError
 from mergedistill.fsutil import read_json, write_json_atomic, write_text_atomic
+from mergedistill.parallel import die_with_parent
 from mergedistill.precision import autocast, torch_dtype
 from mergedistill.progress import format_duration
 from mergedistill.tables import dict_rows, markdown_table, write_csv
@@ -619,7 +620,7 @@ def train_teachers(todo: list[tuple[str, str]], cfg: TeachersConfig, out: Path, 
     order = sorted(todo, key=lambda t: -cfg.teachers[t[0]].train.max_steps * len(cfg.teachers[t[0]].languages))
     log.info(f"== training {', '.join(n for n, _ in order)}: {jobs} at a time, {threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # a fork of a process that has run OpenMP can hang
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_job_init, initargs=(verbose,)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_job_init, initargs=(os.getpid(), verbose)) as pool:
         futures = {}
         for name, why in order:
             spec = cfg.teachers[name]
@@ -635,31 +636,14 @@ def train_teachers(todo: list[tuple[str, str]], cfg: TeachersConfig, out: Path, 
             raise
 
 
-def _job_init(verbose: bool) -> None:
-    """A training worker: it dies with the build, and has the parent's logging (one line per event, the
-    teacher's name first) and memory setting."""
-    _die_with_parent()
+def _job_init(parent: int, verbose: bool) -> None:
+    """A training worker: it dies with the build, however the build dies (`kill -9` included: SIGKILL,
+    since Lightning catches SIGTERM), so that no teacher goes on training unseen and racing a rerun for
+    its folder (folders are written atomically: nothing is left that looks complete); and it has the
+    parent's logging (one line per event, the teacher's name first) and memory setting."""
+    die_with_parent(parent)
     keep_freed_memory()
     _setup_logging(verbose)
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the build that started it dies (killed, even with -9), so that no
-    teacher goes on training unseen and racing a rerun for its folder (SIGTERM would not do: Lightning
-    catches it to stop at the next step). A teacher folder is written atomically, so nothing is left that
-    looks complete. Elsewhere a worker finishes its teacher and then exits (its task queue is gone)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(1)
 
 
 def _train_job(name: str, why: str, spec: dict, cfg: dict, folder: str, fingerprint: str) -> None:
