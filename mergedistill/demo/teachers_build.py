@@ -568,20 +568,18 @@ def build(cfg: TeachersConfig, out: Path, only: list[str] | None = None, force: 
         names = [n for n in names if n in only]
     torch.set_num_threads(available_cores())
     t_all = time.perf_counter()
+    fps = {name: train_fingerprint(name, cfg.teachers[name], cfg.corpora) for name in names if name in cfg.teachers}
     todo = []
-    for name in names:
-        if name in cfg.teachers:
-            folder, spec = out / name, cfg.teachers[name]
-            if force or not is_trained(folder, train_fingerprint(name, spec, cfg.corpora)):
-                why = "forced" if force else ("settings or corpora changed" if folder.exists() else "not built yet")
-                todo.append((name, why))
+    for name, fp in fps.items():
+        folder = out / name
+        if force or not is_trained(folder, fp):
+            why = "forced" if force else ("settings or corpora changed" if folder.exists() else "not built yet")
+            todo.append((name, why, fp))
     train_teachers(todo, cfg, out, jobs, verbose)
     for name in names:
         folder = out / name
         if name in cfg.teachers:
-            spec = cfg.teachers[name]
-            fp = train_fingerprint(name, spec, cfg.corpora)
-            efp = eval_fingerprint(fp, cfg.eval, cfg.corpora, spec.languages)
+            efp = eval_fingerprint(fps[name], cfg.eval, cfg.corpora, cfg.teachers[name].languages)
         else:
             p = cfg.pretrained[name]
             log.info(f"== {name}: pretrained ({p.wheel}), MLM head fitted on {', '.join(p.languages)}")
@@ -602,32 +600,31 @@ def build(cfg: TeachersConfig, out: Path, only: list[str] | None = None, force: 
     return names
 
 
-def train_teachers(todo: list[tuple[str, str]], cfg: TeachersConfig, out: Path, jobs: int, verbose: bool = False) -> None:
-    """Train the (name, why) teachers of `todo`: one after the other with every core (jobs 1), or `jobs`
+def train_teachers(todo: list[tuple[str, str, str]], cfg: TeachersConfig, out: Path, jobs: int, verbose: bool = False) -> None:
+    """Train the (name, why, fingerprint) teachers of `todo`: one after the other with every core (jobs 1), or `jobs`
     at a time in worker processes of cores // jobs torch threads each, the most steps first. A tiny
     model leaves much of a second core idle (small ops, Python between them): measured on 2 cores, de
-    for 800 steps took 32-41 s alone with 2 threads and 52 s with 1, and de and ru side by side with 1
+    for 800 steps took 31-41 s alone with 2 threads and 52 s with 1, and de and ru side by side with 1
     thread each 55 and 57 s, i.e. two teachers in about the time of 1.3. A failure stops the rest;
     teachers finished before it are kept (each folder is written atomically)."""
     jobs = max(1, min(jobs, len(todo), available_cores()))
     if jobs == 1:
-        for name, why in todo:
+        for name, why, fp in todo:
             spec = cfg.teachers[name]
             log.info(f"== {name}: training ({why}) on {', '.join(spec.languages)}")
-            train_teacher(name, spec, cfg, out / name, train_fingerprint(name, spec, cfg.corpora))
+            train_teacher(name, spec, cfg, out / name, fp)
         return
     threads = max(1, available_cores() // jobs)
     order = sorted(todo, key=lambda t: -cfg.teachers[t[0]].train.max_steps * len(cfg.teachers[t[0]].languages))
-    log.info(f"== training {', '.join(n for n, _ in order)}: {jobs} at a time, {threads} thread(s) each")
+    log.info(f"== training {', '.join(t[0] for t in order)}: {jobs} at a time, {threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # a fork of a process that has run OpenMP can hang
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_job_init, initargs=(os.getpid(), verbose)) as pool:
         futures = {}
-        for name, why in order:
+        for name, why, fp in order:
             spec = cfg.teachers[name]
             if spec.train.num_threads is None:  # how fast, not what: the fingerprint stays the configured spec's
                 spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, num_threads=threads))
-            futures[pool.submit(_train_job, name, why, to_dict(spec), to_dict(cfg), str(out / name),
-                                train_fingerprint(name, cfg.teachers[name], cfg.corpora))] = name
+            futures[pool.submit(_train_job, name, why, to_dict(spec), to_dict(cfg), str(out / name), fp)] = name
         try:
             for fut in concurrent.futures.as_completed(futures):
                 fut.result()  # re-raises a worker's error here
