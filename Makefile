@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss bench-relations clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -79,7 +79,7 @@ compress: demo
 	$(MD) compress --config configs/demo.yaml
 	@echo "compress: runs/demo/compress/report.md (variants in runs/demo/compress/<variant>/)"
 
-bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss
+bench: bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss bench-relations
 
 bench-vocab: setup
 	$(PY) benchmarks/bench_vocab.py
@@ -104,3 +104,6 @@ bench-compress: setup
 
 bench-loss: setup
 	$(PY) benchmarks/bench_loss.py
+
+bench-relations: setup
+	$(PY) benchmarks/bench_relations.py

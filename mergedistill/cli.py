@@ -22,8 +22,9 @@ log = logging.getLogger("mergedistill")
 
 # stage name -> (one-line summary, "module:function", flags). The function takes the config and the flags as
 # keyword-only arguments, which become the subcommand's --flags (FLAGS says what each does): a plain name is
-# a boolean switch, `name=METAVAR` an option that takes a value (and is required). Stage modules load only
-# when their stage runs: training imports Lightning, which takes seconds.
+# a boolean switch, `name=METAVAR` an option that takes a value (and is required), `name=METAVAR...` one that
+# may be given several times (at least once; the function gets the list). Stage modules load only when their
+# stage runs: training imports Lightning, which takes seconds.
 STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "vocab": ("joint vocabulary, teacher->student id maps, per-teacher tokenizers", "mergedistill.vocab.stage:run_vocab",
               ("force",)),
@@ -33,6 +34,8 @@ STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "evaluate": ("student vs teachers vs baselines, per language", "mergedistill.eval.stage:run_evaluate", ("force",)),
     "select": ("rank candidate teachers per language, write a routing", "mergedistill.eval.select:run_select", ()),
     "ablate": ("teacher-selection variants end to end, one table", "mergedistill.eval.ablate:run_ablate", ("archs",)),
+    "sweep": ("recipe variants end to end (--vary section.key=v1,v2), one table", "mergedistill.eval.sweep:run_sweep",
+              ("vary=KEY=V1,V2...",)),
     "run": ("all stages in order, skipping what is already done", "mergedistill.run_all:run_all", ("force",)),
     "extend": ("add a language to the distilled student (mini-model adaptation)", "mergedistill.extend.stage:run_extend",
                ("language=LANG", "force")),
@@ -48,12 +51,19 @@ FLAGS = {
     "verify": "build nothing: check that every shard is complete and that its content matches the hash in its record",
     "archs": "instead of routing variants: a dense and an X-Mod student of the same body, data and steps, one table (runs/<run>/archs/)",
     "language": "the new language: a code declared under extend.languages in the config",
+    "vary": "a config field and the values to try, e.g. train.temperature=1,2 (values as YAML, comma-separated); "
+            "repeat for more fields: every combination is a variant",
 }
 
 
 def flag_name(flag: str) -> str:
     """`force` -> `force`; `language=LANG` -> `language` (the keyword argument of the stage function)."""
     return flag.partition("=")[0]
+
+
+def repeats(flag: str) -> bool:
+    """`vary=KEY=V1,V2...`: an option that may be given several times."""
+    return flag.endswith("...")
 
 
 def stage_function(name: str) -> Callable:
@@ -88,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true", help="log details")
         for flag in flags:
             name, _, metavar = flag.partition("=")
-            if metavar:
+            if repeats(flag):
+                p.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar[:-3], required=True, action="append",
+                               help=FLAGS[name] + " (may be repeated)")
+            elif metavar:
                 p.add_argument("--" + name.replace("_", "-"), dest=name, metavar=metavar, required=True, help=FLAGS[name])
             else:
                 p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=FLAGS[name])

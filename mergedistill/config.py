@@ -80,6 +80,14 @@ class DataConfig:
     """Fraction of (non-special) tokens selected for prediction (80% [MASK], 10% random, 10% kept)."""
     top_k: Annotated[int, at_least(1)] = 8
     """Teacher predictions kept per masked position (ids mapped to the student vocabulary)."""
+    lse_temperatures: Annotated[list[float], Range(low=0, low_open=True)] = field(default_factory=lambda: [1.0, 2.0])
+    """Temperatures at which the teacher's log-normaliser (logsumexp of its logits over the ids the student
+    vocabulary keeps) is stored with each labelled position, 4 bytes each: with it the top-k are exact
+    probabilities and the mass outside them is known (train.kd_target: exact, at a train.temperature listed here)."""
+    unmasked_kd_prob: Annotated[float, between(0, 1)] = 0.0
+    """Share of the unmasked (non-special) tokens whose teacher top-k is stored too, for distillation at
+    unmasked positions (the KD loss covers them, the MLM loss and accuracy do not). Each costs what a
+    masked position costs (k x 4 bytes + 4 per lse temperature) and teacher time only for its top-k."""
     whole_word_mask: bool = False
     """Mask all pieces of a word together."""
     dupe_factor: Annotated[int, at_least(1)] = 1
@@ -156,7 +164,12 @@ class TrainConfig:
     alpha: Annotated[float, between(0, 1)] = 0.5
     """Weight of the KD loss; 1 - alpha weighs the MLM loss on gold tokens (0 = MLM-only baseline)."""
     temperature: Annotated[float, above(0)] = 1.0
-    """Softmax temperature of the KD loss."""
+    """Softmax temperature of the KD loss (the loss is scaled by its square)."""
+    kd_target: Literal["exact", "renormalised"] = "exact"
+    """The KD target at each labelled position: `exact`, the teacher's exact probabilities of its stored
+    top-k (from the log-normaliser the data stage stores at data.lse_temperatures, which must list
+    train.temperature) and the rest of its mass on everything else, as one more outcome; `renormalised`,
+    softmax over the top-k alone (the mass outside them is dropped and the k scaled up to sum to 1)."""
     sampling_alpha: Annotated[float, at_least(0)] = 0.3
     """Language sampling exponent: p(lang) proportional to size**sampling_alpha."""
     max_steps: Annotated[int, at_least(1)] = 1000
@@ -205,6 +218,35 @@ class TrainConfig:
     Exported with the student (export/mini_head/). null: no secondary head."""
     mini_head_weight: Annotated[float, at_least(0)] = 1.0
     """Weight of the secondary head's loss, added to the primary loss (0: the head trains nothing)."""
+    relation_weight: Annotated[float, at_least(0)] = 0.0
+    """MiniLMv2 self-attention relation distillation (Wang et al., 2021; train/relations.py): the weight of
+    the KL between each teacher's and the student's query-query, key-key and value-value relations at one
+    layer each, added to the loss (logged as train/relation_loss; train/loss includes the weighted term).
+    Needs train.mode: online (the teachers' attention is read during the step). 0: off."""
+    relation_heads: Annotated[int, at_least(1)] = 8
+    """Relation heads: queries, keys and values (concatenated over attention heads) are split into this many
+    equal slices on both sides, whatever the attention head counts. Must divide the student's and every
+    routed teacher's hidden size; 8 divides all the common ones (32 ... 1024, 312, 384) and gives the demo's
+    128-wide student slices of 16, as MiniLMv2's 48 heads do on a 768-wide teacher."""
+    relation_teacher_layer: Annotated[int, Range()] = -1
+    """The teacher layer whose attention is distilled (0-based; negative counts from the end: -1, the last),
+    checked against each routed teacher when training starts. ALBERT counts its shared layer once per pass."""
+    relation_student_layer: Annotated[int, Range()] = -1
+    """The student layer that learns it (0-based; negative counts from the end: -1, the last; from
+    -student.layers to student.layers - 1)."""
+    export: Literal["best", "last"] = "best"
+    """Which weights `train` exports: `best`, the checkpoint with the best train.best_metric among the
+    validations (the last step's weights when the run has no validation split); `last`, the last step's.
+    The model card and train/state.json say which was exported, from which step, with what score."""
+    divergence_nats: Annotated[float, above(0)] = 0.5
+    """The divergence watch: the training loss (an exponential moving average over ~50 steps) rising this
+    many nats above its lowest point and staying there for train.divergence_patience steps counts as a
+    divergence: said at once in the log (step, loss, what to try), in train/state.json and the model card."""
+    divergence_patience: Annotated[int, at_least(1)] = 100
+    """Steps the smoothed training loss must stay train.divergence_nats above its minimum to count as diverged."""
+    on_divergence: Literal["warn", "stop"] = "warn"
+    """What a divergence does: `warn` (say so and train on: the exported weights are the best checkpoint's
+    with train.export: best), or `stop` (end training at once and export as train.export says)."""
 
 
 @dataclass
@@ -250,7 +292,10 @@ class EvalConfig:
     mask_prob: Annotated[float, between(0, 1, exclusive=True)] = 0.15
     """Masking rate for masked-token accuracy (fixed seed, [MASK] only)."""
     seed: Annotated[int, at_least(0)] = 0
-    """Seed of the evaluation masks."""
+    """Seed of the evaluation masks (and of the bootstrap resamples)."""
+    bootstrap: Annotated[int, between(100, 100_000)] = 1000
+    """Resamples of the test lines for the 95% intervals on student - routed teacher (and baseline -
+    teacher) differences in masked accuracy and masked cross-entropy (paired: both models on each resample)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Model dtype during evaluation: `auto` is bfloat16 where it is fast (GPUs, CPUs with AVX512-BF16
     or AMX: ~2.4x faster than float32 there), else float32 (emulated bfloat16 is several times slower)."""
@@ -277,6 +322,19 @@ class AblateConfig:
     runs/<run>/select/routing.yaml exists."""
     train_steps: Annotated[int, at_least(1)] | None = None
     """Training steps per variant (null: train.max_steps)."""
+
+
+@dataclass
+class SweepConfig:
+    seeds: Annotated[list[int], between(0, 2**32 - 1)] = field(default_factory=list)
+    """Training seeds (train.seed) each variant of `mergedistill sweep` is trained with: one student per
+    variant and seed, and the report gives each figure's mean and spread over the seeds. Empty: train.seed."""
+    metric: str = "mlm_acc"
+    """The student metric (a name in evaluate's results.csv, e.g. mlm_acc, agreement, pppl) that the
+    sweep's main table and plot show per language; the report's other tables hold every metric."""
+    name: str | None = None
+    """The sweep's folder, runs/<run>/sweep/<name>/ (null: the varied keys joined by `+`, e.g.
+    `train.lr+data.top_k`), so that sweeps over different keys keep their own tables."""
 
 
 EXTEND_METHODS = ("full", "minipost", "minijoint", "xmod")
@@ -441,6 +499,8 @@ class RunConfig:
     """The evaluate stage."""
     ablate: AblateConfig = field(default_factory=AblateConfig)
     """The ablate stage: teacher-selection variants."""
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    """The sweep stage: recipe variants (`--vary section.key=v1,v2`) end to end."""
     extend: ExtendConfig = field(default_factory=ExtendConfig)
     """The extend stage: new languages on the distilled student (mini-model adaptation)."""
     compress: CompressConfig = field(default_factory=CompressConfig)
@@ -540,6 +600,18 @@ def _check(cfg: RunConfig, problems: list[str]) -> None:
     if k is not None and not 1 <= k < s.layers:
         problems.append(f"train.mini_head_layer: {k} must be from 1 to student.layers - 1 ({s.layers - 1}): the mini-model "
                         "is the student's first k layers")
+    tr = cfg.train
+    if tr.relation_weight > 0:  # relation distillation reads the teachers' attention inside the step
+        if tr.mode != "online" or tr.alpha == 0:
+            problems.append(f"train.relation_weight: {tr.relation_weight} needs train.mode: online with train.alpha > 0 (now "
+                            f"mode {tr.mode}, alpha {tr.alpha}): the teachers' attention is read while they run in the step; "
+                            "set train.mode: online (and train.alpha > 0) or train.relation_weight: 0")
+        if s.hidden % tr.relation_heads:
+            problems.append(f"train.relation_heads: {tr.relation_heads} must divide student.hidden ({s.hidden}) (and every "
+                            "routed teacher's hidden size)")
+        if not -s.layers <= tr.relation_student_layer < s.layers:
+            problems.append(f"train.relation_student_layer: {tr.relation_student_layer} must be from -{s.layers} to "
+                            f"{s.layers - 1} (student.layers: {s.layers}; -1 is the last)")
     _check_extend(cfg, problems)
     if s.hidden % s.heads:
         problems.append(f"student.hidden: {s.hidden} must be a multiple of student.heads ({s.heads})")

@@ -128,7 +128,7 @@ def test_every_stage_is_a_function_of_the_config_and_its_cli_flags():
     flags the CLI cannot set), each documented."""
     import inspect
 
-    from mergedistill.cli import FLAGS, STAGES, build_parser, flag_name, stage_function
+    from mergedistill.cli import FLAGS, STAGES, build_parser, flag_name, repeats, stage_function
 
     parser = build_parser()
     for name, (_, _, flags) in STAGES.items():
@@ -144,7 +144,12 @@ def test_every_stage_is_a_function_of_the_config_and_its_cli_flags():
         argv = [name, *[f"--{f.replace('_', '-')}" for f in switches], *[a for o in options for a in (f"--{o.replace('_', '-')}", "xx")]]
         args = parser.parse_args(argv)
         assert all(getattr(args, f) is True for f in switches)
-        assert all(getattr(args, o) == "xx" for o in options)
+        assert all(getattr(args, flag_name(f)) == (["xx"] if repeats(f) else "xx") for f in flags if "=" in f)
+        repeated = [flag_name(f) for f in flags if repeats(f)]  # given twice: the function gets both
+        if repeated:
+            opts = {o: "--" + o.replace("_", "-") for o in repeated}
+            args = parser.parse_args([name, *[a for o in repeated for a in (opts[o], "xx", f"{opts[o]}=yy")]])
+            assert all(getattr(args, o) == ["xx", "yy"] for o in repeated)
         if options:  # a required option left out is bad input: argparse exits 2
             with pytest.raises(SystemExit) as exit_:
                 parser.parse_args([name])

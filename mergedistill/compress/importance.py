@@ -106,11 +106,11 @@ def distill_loss_fn(alpha: float, temperature: float) -> Callable[[nn.Module, ob
     """loss_fn for taylor_importance on the train stage's batches (train_data.Batch): the training loss,
     alpha * KD + (1 - alpha) * MLM at the masked positions, from a full forward pass (not
     mlm_models.masked_logits, which runs the last layer piecewise and would bypass its gate)."""
-    from mergedistill.train.losses import distill_loss
+    from mergedistill.train.batches import batch_loss
 
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.selected]  # (N, V)
-        return distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, alpha, temperature)["loss"]
+        return batch_loss(logits, batch, alpha, temperature)["loss"]
     return loss_fn
 
 

@@ -47,7 +47,7 @@ def shard_loss(model: nn.Module, batches: list[Batch], alpha: float, temperature
     """The training loss (alpha * KD + (1 - alpha) * MLM at the masked positions) of `model` on `batches`,
     averaged over masked positions."""
     from mergedistill.mlm_models import masked_logits
-    from mergedistill.train.losses import distill_loss
+    from mergedistill.train.batches import batch_loss
 
     model.eval()
     device = next(model.parameters()).device
@@ -56,6 +56,6 @@ def shard_loss(model: nn.Module, batches: list[Batch], alpha: float, temperature
         b = b.to(device)
         logits = masked_logits(model, b.input_ids, b.attention_mask, b.selected).float()  # (N, V)
         n = b.labels.numel()
-        total += float(distill_loss(logits, b.labels, b.topk_ids, b.topk_logits, alpha, temperature)["loss"]) * n
+        total += float(batch_loss(logits, b, alpha, temperature)["loss"]) * n
         count += n
     return total / count if count else float("nan")

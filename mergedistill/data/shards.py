@@ -5,9 +5,14 @@ written after it, which marks it complete. Columns, one row per sequence:
   input_ids    (L,)    student ids the student sees (masked), [CLS]/[SEP] included
   positions    (M,)    int16, the masked positions (sorted)
   labels       (M,)    gold student ids at those positions
-  topk_ids     (M*k,)  the teacher's top-k at each masked position, as student ids, best first
-  topk_logits  (M*k,)  float16, the teacher's logits for them (pruned/special ids excluded before
+  kd_positions (E,)    int16, unmasked positions also labelled by the teacher (data.unmasked_kd_prob;
+                       sorted, disjoint from `positions`): distillation only, no MLM target
+  topk_ids     ((M+E)*k,)  the teacher's top-k at each labelled position (masked and kd_positions, in
+                       position order), as student ids, best first
+  topk_logits  ((M+E)*k,)  float16, the teacher's logits for them (pruned/special ids excluded before
                        the top-k; -inf pads when fewer than k ids are allowed)
+  topk_lse     ((M+E)*T,)  float32, the teacher's logsumexp(logits / t) over the allowed ids at each of the
+                       record's `lse_temperatures` t: exp(logit / t - lse) is its exact probability
 Ids are uint16 when the student vocabulary fits (<= 65,536 tokens), else int32.
 
 The record holds the shard's byte size and the sha256 of its content. A shard is complete when both
@@ -29,9 +34,9 @@ import pyarrow as pa
 from mergedistill.errors import UserError
 from mergedistill.fsutil import atomic_path, sha256_file, write_json_atomic
 
-SHARD_FORMAT = 2
-"""2: the record holds the shard's sha256."""
-COLUMNS = ("input_ids", "positions", "labels", "topk_ids", "topk_logits")
+SHARD_FORMAT = 3
+"""2: the record holds the shard's sha256; 3: kd_positions and topk_lse (the teacher's exact probabilities)."""
+COLUMNS = ("input_ids", "positions", "labels", "kd_positions", "topk_ids", "topk_logits", "topk_lse")
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -50,7 +55,8 @@ def _list_column(arrays: list[np.ndarray], dtype) -> pa.ListArray:
 
 def write_shard(path: Path, rows: dict[str, list[np.ndarray]], ids: np.dtype, record: dict) -> int:
     """Write `path` (.arrow) and its record (.json) atomically, the record last. Returns bytes written."""
-    dtypes = {"input_ids": ids, "positions": np.int16, "labels": ids, "topk_ids": ids, "topk_logits": np.float16}
+    dtypes = {"input_ids": ids, "positions": np.int16, "labels": ids, "kd_positions": np.int16, "topk_ids": ids,
+              "topk_logits": np.float16, "topk_lse": np.float32}
     table = pa.table({c: _list_column(rows[c], dtypes[c]) for c in COLUMNS})
     with atomic_path(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
@@ -86,6 +92,15 @@ def read_record(path: Path) -> dict | None:
     return rec
 
 
+def _format_of(path: Path):
+    """The `format` a shard's record states, whatever it is (None when there is no readable record)."""
+    try:
+        rec = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec.get("format") if isinstance(rec, dict) else None
+
+
 def is_intact(path: Path, rec: dict) -> bool:
     """Whether the shard's content still has the hash its record was written with."""
     return content_hash(path) == rec.get("sha256")
@@ -110,6 +125,10 @@ def open_shard(path: Path, expect_vocab: str | None = None):
 
     rec = read_record(path)
     if rec is None:
+        old = _format_of(path)
+        if old is not None and old != SHARD_FORMAT:
+            raise UserError(f"{path}: shard format {old}, written by an older mergedistill; this version reads format "
+                            f"{SHARD_FORMAT} (the teacher's exact probabilities): rerun `mergedistill data` to rebuild the shards")
         raise UserError(f"{path}: not a complete shard; rerun `mergedistill data`")
     if expect_vocab is not None and rec.get("vocab") != expect_vocab:
         raise UserError(f"{path}: built for vocabulary {rec.get('vocab')}, but this run's vocabulary is {expect_vocab}; "

@@ -28,7 +28,7 @@ from mergedistill.config import RunConfig
 from mergedistill.configlib import to_dict
 from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines
 from mergedistill.data.packing import SpecialLayout, pack_documents
-from mergedistill.data.shards import SHARD_FORMAT, corrupt_message, id_dtype, is_intact, read_record, shard_record, write_shard
+from mergedistill.data.shards import COLUMNS, SHARD_FORMAT, corrupt_message, id_dtype, is_intact, read_record, shard_record, write_shard
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json_record, remove_leftovers, temp_tag, write_json_atomic, writing
 from mergedistill.lock import exclusive
@@ -43,8 +43,9 @@ from mergedistill.vocab.joint import UNK_ID, JointVocab
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
-DATA_FORMAT = 2
-"""2: sequences packed in the teacher's own pair layout (RoBERTa-style teachers: `</s></s>` between lines)."""
+DATA_FORMAT = 3
+"""2: sequences packed in the teacher's own pair layout (RoBERTa-style teachers: `</s></s>` between lines);
+3: shard format 3 (the teacher's log-normalisers, unmasked positions labelled)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ def _language_inputs(cfg: RunConfig, lang: str, vrec: dict, tok_fp: str, model_f
     inputs = {
         "format": DATA_FORMAT, "vocab": vrec["vocab"], "teacher": cfg.teacher_of(lang), "tokenizer": tok_fp, "model": model_fp,
         "seq_len": d.seq_len, "mask_prob": d.mask_prob, "top_k": d.top_k, "whole_word_mask": d.whole_word_mask,
+        "lse_temperatures": list(d.lse_temperatures), "unmasked_kd_prob": d.unmasked_kd_prob,
         "dupe_factor": d.dupe_factor, "seed": d.seed, "shard_lines": d.shard_lines, "teacher_dtype": d.teacher_dtype,
         "max_lines": cfg.max_lines_of(lang),
         "corpora": {s: corpus_fingerprint(getattr(lc, s)) for s in d.splits if getattr(lc, s)},
@@ -191,6 +193,17 @@ def teacher_layout(t: TeacherTokenizer) -> SpecialLayout:
 
 
 # ---- one shard -----------------------------------------------------------------------------------
+def unmasked_kd_positions(excluded, prob: float, seed: int):
+    """(S, L) bool: each position not `excluded` (specials, padding, masked positions) drawn with probability
+    `prob`, from its own seeded stream (so the masking stream is the same whatever `prob` is)."""
+    import torch
+
+    if prob <= 0.0:
+        return torch.zeros_like(excluded)
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(excluded.shape, generator=gen) < prob) & ~excluded
+
+
 class ShardBuilder:
     """Builds the shards of one teacher in one process (the teacher model loaded once)."""
 
@@ -227,7 +240,8 @@ class ShardBuilder:
             packed = packed.head(d.valid_max_sequences)  # what validation reads; the rest would be labelled unread
             corpus_tokens = int((packed.attention_mask & ~torch.isin(packed.input_ids.long(), self.special_ids)).sum())
         copies = d.dupe_factor if shard.split == "train" else 1
-        rows: dict[str, list[np.ndarray]] = {c: [] for c in ("input_ids", "positions", "labels", "topk_ids", "topk_logits")}
+        rows: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
+        temps = tuple(float(t) for t in d.lse_temperatures)
         n_tok = int(packed.attention_mask.sum())
         if len(packed):
             lengths = packed.attention_mask.sum(1).numpy()  # (S,)
@@ -238,24 +252,29 @@ class ShardBuilder:
                 gen = torch.Generator().manual_seed(_seed(d.seed, shard.lang, shard.split, shard.index, copy))
                 mb = mask_tokens(ids, special, self.mask, self.candidates, d.mask_prob, gen,
                                  word_ids=packed.word_ids.long() if d.whole_word_mask else None)
+                labelled = mb.selected | unmasked_kd_positions(special | mb.selected, d.unmasked_kd_prob,
+                                                               _seed(d.seed, shard.lang, shard.split, shard.index, copy, "kd"))
                 top_ids = [None] * len(packed)
                 top_val = [None] * len(packed)
+                top_lse = [None] * len(packed)
                 for b in range(0, len(packed), d.batch_size):
                     idx = order[b: b + d.batch_size]
                     w = int(lengths[idx].max())
                     x = mb.input_ids[idx, :w]  # (B, w)
-                    sel = mb.selected[idx, :w]
+                    sel = labelled[idx, :w]
                     att = (torch.arange(w)[None, :] < torch.from_numpy(lengths[idx])[:, None]).long()
-                    t_ids, t_val = topk_at_masked(self.model, x.to(self.device), att.to(self.device), sel.to(self.device), d.top_k, self.allowed)
+                    t_ids, t_val, t_lse = topk_at_masked(self.model, x.to(self.device), att.to(self.device), sel.to(self.device),
+                                                         d.top_k, self.allowed, lse_temperatures=temps)
                     counts = sel.sum(1).tolist()
-                    t_ids, t_val = t_ids.cpu().numpy(), t_val.cpu().numpy()
+                    t_ids, t_val, t_lse = t_ids.cpu().numpy(), t_val.cpu().numpy(), t_lse.cpu().numpy()
                     start = 0
                     for j, c in zip(idx.tolist(), counts):
-                        top_ids[j], top_val[j] = t_ids[start: start + c], t_val[start: start + c]
+                        top_ids[j], top_val[j], top_lse[j] = t_ids[start: start + c], t_val[start: start + c], t_lse[start: start + c]
                         start += c
                 for i in range(len(packed)):
                     n = lengths[i]
                     pos = mb.selected[i, :n].nonzero().squeeze(1).numpy()
+                    rows["kd_positions"].append((labelled[i, :n] & ~mb.selected[i, :n]).nonzero().squeeze(1).numpy().astype(np.int16))
                     student_in = self.idmap[mb.input_ids[i, :n].numpy()]
                     rows["input_ids"].append(np.where(student_in < 0, UNK_ID, student_in))
                     rows["positions"].append(pos.astype(np.int16))
@@ -265,12 +284,15 @@ class ShardBuilder:
                     tv = top_val[i]
                     rows["topk_ids"].append(np.where(tk < 0, UNK_ID, tk).reshape(-1))
                     rows["topk_logits"].append(tv.reshape(-1))
+                    rows["topk_lse"].append(top_lse[i].reshape(-1))
                 prog.update(0, int(n_tok))
         masked = int(sum(len(p) for p in rows["positions"]))
+        kd_only = int(sum(len(p) for p in rows["kd_positions"]))
         record = {
             "inputs": shard.inputs, "vocab": self.vrec["vocab"], "language": shard.lang, "split": shard.split,
             "teacher": self.t.name, "lines": len(lines), "sequences": len(rows["input_ids"]), "corpus_tokens": corpus_tokens,
-            "tokens": int(sum(len(r) for r in rows["input_ids"])), "masked": masked, "k": d.top_k,
+            "tokens": int(sum(len(r) for r in rows["input_ids"])), "masked": masked, "kd_only": kd_only, "k": d.top_k,
+            "lse_temperatures": list(temps),
             "id_dtype": self.ids_dtype.name,
         }
         record["bytes"] = write_shard(shard.path, rows, self.ids_dtype, record)
@@ -364,15 +386,17 @@ def write_manifest(cfg: RunConfig, shards: list[Shard], vrec: dict, info: dict) 
     langs: dict[str, dict] = {}
     for s, rec in records.items():
         entry = langs.setdefault(s.lang, {"teacher": cfg.teacher_of(s.lang), "inputs": s.inputs, "splits": {}})
-        sp = entry["splits"].setdefault(s.split, {"shards": [], "lines": 0, "sequences": 0, "tokens": 0, "corpus_tokens": 0, "masked": 0, "bytes": 0})
+        sp = entry["splits"].setdefault(s.split, {"shards": [], "lines": 0, "sequences": 0, "tokens": 0, "corpus_tokens": 0, "masked": 0,
+                                                   "kd_only": 0, "bytes": 0})
         sp["shards"].append(str(s.path.relative_to(data_dir(cfg))))
-        for key in ("lines", "sequences", "tokens", "corpus_tokens", "masked", "bytes"):
+        for key in ("lines", "sequences", "tokens", "corpus_tokens", "masked", "kd_only", "bytes"):
             sp[key] += rec[key]
     total_bytes = sum(r["bytes"] for r in records.values())
     total_corpus = sum(r["corpus_tokens"] for r in records.values())
     manifest = {
         "format": DATA_FORMAT, "shard_format": SHARD_FORMAT, "vocab": vrec["vocab"], "vocab_size": vrec["size"],
         "id_dtype": id_dtype(vrec["size"]).name, "k": cfg.data.top_k, "seed": cfg.data.seed,
+        "lse_temperatures": list(cfg.data.lse_temperatures), "unmasked_kd_prob": cfg.data.unmasked_kd_prob,
         "masking": {"mask_prob": cfg.data.mask_prob, "whole_word_mask": cfg.data.whole_word_mask,
                     "dupe_factor": cfg.data.dupe_factor, "seq_len": cfg.data.seq_len},
         "teachers": {t: {"tokenizer": vrec["teachers"][t]["tokenizer"], "model": info["models"][t]} for t in sorted(info["models"])},

@@ -23,6 +23,7 @@ import yaml
 from mergedistill.config import RunConfig
 from mergedistill.corpus import sample_lines
 from mergedistill.errors import UserError
+from mergedistill.eval.variants import as_variant, train_variant
 from mergedistill.fsutil import write_text_atomic
 from mergedistill.lock import exclusive
 from mergedistill.tables import dict_rows, markdown_table, write_csv
@@ -78,8 +79,7 @@ def variant_config(cfg: RunConfig, name: str, routing: dict[str, str]) -> RunCon
     if cfg.ablate.train_steps:
         v.train.max_steps = cfg.ablate.train_steps
     if routing != configured or v.train.max_steps != cfg.train.max_steps:
-        v.run = f"{cfg.run}-{name}"
-        v.vocab_run = cfg.vocab_run or cfg.run
+        as_variant(v, cfg, name)
     for lang, t in routing.items():
         v.languages[lang].teacher = t
     return v
@@ -117,8 +117,6 @@ def run_ablate(cfg: RunConfig, *, archs: bool = False) -> Path:
         from mergedistill.eval.archs import run_archs
 
         return run_archs(cfg)
-    from mergedistill.data.stage import run_data
-    from mergedistill.train.stage import run_train
     from mergedistill.vocab.stage import run_vocab
 
     start = time.monotonic()
@@ -141,8 +139,7 @@ def run_ablate(cfg: RunConfig, *, archs: bool = False) -> Path:
         v = variant_config(cfg, name, routing)
         t0 = time.monotonic()
         log.info("ablate: variant %s (%s) in runs/%s", name, ", ".join(f"{k}: {t}" for k, t in routing.items()), v.run)
-        run_data(v)
-        export = run_train(v, restart_if_changed=True)
+        export = train_variant(v)
         for lang, r in student_ppl(v, export).items():
             rows.append({"variant": name, "language": lang, "teacher": routing[lang], **r})
         times[name] = time.monotonic() - t0

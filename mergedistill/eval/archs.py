@@ -29,6 +29,7 @@ from mergedistill.configlib import to_dict
 from mergedistill.corpus import corpus_fingerprint
 from mergedistill.errors import UserError
 from mergedistill.eval.models import Export, Models, eval_device
+from mergedistill.eval.variants import as_variant, train_variant
 from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic
 from mergedistill.tables import dict_rows, markdown_table, write_csv
 
@@ -45,10 +46,7 @@ def arch_config(cfg: RunConfig, arch: str) -> RunConfig:
     runs/<run>-<arch>/ on the run's vocabulary (and shards). A dense copy drops the X-Mod settings."""
     v = copy.deepcopy(cfg)
     v.student = replace(v.student, arch=arch, **({} if arch == "xmod" else copy.deepcopy(XMOD_FIELDS)))
-    if arch != cfg.student.arch:
-        v.run = f"{cfg.run}-{arch}"
-        v.vocab_run = cfg.vocab_run or cfg.run
-    return v
+    return as_variant(v, cfg, arch) if arch != cfg.student.arch else v
 
 
 class ArchModels(Models):
@@ -67,9 +65,7 @@ class ArchModels(Models):
 
 def run_archs(cfg: RunConfig) -> Path:
     """Train (or reuse) the dense and the X-Mod student, score both, write runs/<run>/archs/."""
-    from mergedistill.data.stage import run_data
     from mergedistill.eval.stage import Plan, intrinsic
-    from mergedistill.train.stage import run_train
     from mergedistill.vocab.stage import load_vocab, run_vocab
 
     start = time.monotonic()
@@ -83,8 +79,7 @@ def run_archs(cfg: RunConfig) -> Path:
     train_s: dict[str, float | None] = {}
     for name, v in configs.items():
         log.info("ablate --archs: the %s student (%s) in runs/%s", name, v.student.arch, v.run)
-        run_data(v)
-        exports[name] = run_train(v, restart_if_changed=True)
+        exports[name] = train_variant(v)
         state = v.run_dir / "train" / "state.json"
         train_s[name] = read_json(state).get("seconds") if state.is_file() else None
     vocab, vrec = load_vocab(cfg)

@@ -20,7 +20,8 @@ plain functions of tensors, apart from any file or config. What `evaluate` repor
 
   mlm_acc        share of masked positions whose top-1 prediction is the original token. The student
                  reads the routed teacher's tokenization mapped to student ids, with the same masked
-                 positions as the teacher; a gold token the student vocabulary pruned counts as a miss.
+                 positions as the teacher, and both predict among the same pieces (`masked_scores` with
+                 `columns`); a gold token the student vocabulary pruned counts as a miss.
   agreement      share of masked positions where the student's top-1 equals the routed teacher's top-1
                  among the tokens the student vocabulary keeps (what distillation taught it).
   pll_per_word   PLL / words, in nats (a negative number; nearer 0 is better); comparable across
@@ -28,6 +29,11 @@ plain functions of tensors, apart from any file or config. What `evaluate` repor
   bits_per_char  -PLL / (characters x ln 2) for languages written without spaces (eval.char_languages);
                  characters exclude whitespace.
   pppl           pseudo-perplexity per word (or char): exp(-PLL / units).
+  masked_ce      mean -log p(original token) over the masked positions, in nats, each model's distribution
+                 renormalised over the same pieces (`masked_scores` with `columns`).
+
+Paired differences between two models scored on the same units (lines), with a percentile bootstrap
+interval over the units (`per_unit_sums`, `paired_bootstrap`), are plain numpy functions.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mergedistill.data.masking import IGNORE_INDEX, fixed_masked_set
-from mergedistill.data.packing import SpecialLayout, pack_texts, tokenize_documents
+from mergedistill.data.packing import SpecialLayout, pack_documents, tokenize_documents
 from mergedistill.mlm_models import masked_logits, top1, usable_positions
 from mergedistill.vocab.joint import UNK_ID
 
@@ -70,9 +76,32 @@ def pseudo_perplexity(log_likelihood: float, units: int) -> float:
 def masked_eval_set(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int,
                     mask_prob: float = 0.15, seed: int = 0, max_sequences: int | None = None) -> dict[str, torch.Tensor]:
     """Held-out texts packed as in training, masked once with `seed`, every selected token replaced
-    by the mask token. Returns input_ids, attention_mask, labels: each (N, seq_len)."""
-    packed = pack_texts(tokenizer, texts, seq_len)
-    return fixed_masked_set(packed, tokenizer, mask_prob, seed, limit=max_sequences, replace_prob=1.0, random_prob=0.0)
+    by the mask token. Returns input_ids, attention_mask, labels and line: each (N, seq_len); line is
+    the index in `texts` of the text each token comes from (-1 at specials and padding)."""
+    docs, _ = tokenize_documents(tokenizer, texts)
+    # one "word" per text: packing numbers a sequence's pieces from 0 and leaves -1 at specials and padding,
+    # which marks the content positions; the ids are what pack_texts gives
+    packed = pack_documents(docs, seq_len, SpecialLayout.of(tokenizer), tokenizer.pad_token_id, [[0] * len(d) for d in docs])
+    out = fixed_masked_set(packed, tokenizer, mask_prob, seed, limit=max_sequences, replace_prob=1.0, random_prob=0.0)
+    content = packed.word_ids >= 0  # type: ignore[operator]  # (N, L)
+    line = line_index(content, [len(d) for d in docs])
+    assert torch.equal(packed.input_ids[content].long(), torch.tensor([t for d in docs for t in d], dtype=torch.long)), \
+        "packing no longer keeps the texts whole and in order: line_index cannot attribute positions to texts"
+    out["line"] = line[:out["input_ids"].shape[0]]
+    return out
+
+
+def line_index(content: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """(N, L) long: which text each content position holds, -1 elsewhere. content: (N, L) bool, True at
+    the tokens of the texts (not specials, not padding); lengths: tokens of each text. Packing keeps texts
+    in order (a text longer than a sequence continues in the next ones), so the k-th content position in
+    row-major order belongs to the text whose cumulative length first exceeds k."""
+    ends = torch.cumsum(torch.tensor(list(lengths), dtype=torch.long), 0)  # (T,)
+    total = int(ends[-1]) if len(ends) else 0
+    assert int(content.sum()) == total, f"{int(content.sum())} content positions for {total} tokens of text"
+    out = torch.full(content.shape, -1, dtype=torch.long)
+    out[content] = torch.searchsorted(ends, torch.arange(total), right=True)
+    return out
 
 
 @dataclass
@@ -112,14 +141,22 @@ def pseudo_log_likelihoods(
     texts: Sequence[str],
     max_len: int | None = None,
     batch_size: int = 128,
+    allowed: torch.Tensor | None = None,
 ) -> list[float]:
     """PLL of each text: the sum over its tokens of log p(true token | the text with it masked).
 
     Every token of the text is scored (specials added by the post-processor are not). A text longer
     than `max_len` tokens (default: what the model's position table allows) is scored in consecutive
     windows, each wrapped in the tokenizer's specials. The masked copies of all texts are batched
-    together, `batch_size` copies per forward pass, shortest windows first to limit padding."""
+    together, `batch_size` copies per forward pass, shortest windows first to limit padding.
+    allowed: optional (V,) bool over the model's outputs: p is the softmax over those ids only (the head
+    computes just their logits), as a student restricted to its language's ids is used; a true token
+    outside them scores -inf."""
     model.eval()
+    columns = where = None
+    if allowed is not None:
+        columns = allowed.nonzero().squeeze(1)  # (S,)
+        where = _column_of(columns, allowed.shape[0])
     layout = SpecialLayout.of(tokenizer)
     max_len = max_len or min(usable_positions(model), tokenizer.model_max_length)
     room = max_len - len(layout.prefix) - len(layout.suffix)
@@ -148,8 +185,14 @@ def pseudo_log_likelihoods(
         selected = torch.zeros_like(input_ids, dtype=torch.bool)
         selected[rows, positions] = True  # one position per row, so row-major order = row order
         device = next(model.parameters()).device
-        logits = masked_logits(model, input_ids.to(device), attention.to(device), selected.to(device)).float()  # (R, V)
-        scores = torch.log_softmax(logits, dim=-1).cpu()[rows, true_ids].tolist()
+        if columns is None:
+            logits = masked_logits(model, input_ids.to(device), attention.to(device), selected.to(device)).float()  # (R, V)
+            scores = torch.log_softmax(logits, dim=-1).cpu()[rows, true_ids].tolist()
+        else:
+            logits = logits_of_columns(model, input_ids.to(device), attention.to(device), selected.to(device), columns)  # (R, S)
+            col = where[true_ids]  # type: ignore[index]  # (R,)
+            logp = torch.log_softmax(logits, dim=-1).cpu()[rows, col.clamp(min=0)]
+            scores = logp.masked_fill(col < 0, float("-inf")).tolist()
         for (t, _, _), s in zip(chunk, scores):
             totals[t] += s
     return totals
@@ -254,6 +297,83 @@ def masked_top1(
     return (torch.cat(top) if top else empty), ((torch.cat(top_ok) if top_ok else empty) if allowed is not None else None)
 
 
+def logits_of_columns(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, selected: torch.Tensor,
+                      columns: torch.Tensor) -> torch.Tensor:
+    """(n, S) float32 logits of the `columns` (S,) ids at the n selected positions (`masked_logits`): the
+    decoder computes only those rows where it is a plain linear map, else (e.g. int8 weights) all of them,
+    indexed."""
+    decoder = model.get_output_embeddings()
+    if isinstance(getattr(decoder, "weight", None), torch.Tensor):
+        return masked_logits(model, input_ids, attention_mask, selected, columns=columns.to(input_ids.device)).float()
+    return masked_logits(model, input_ids, attention_mask, selected)[:, columns.to(input_ids.device)].float()
+
+
+def _column_of(columns: torch.Tensor, size: int) -> torch.Tensor:
+    """(size,) long: the column of each id among `columns` (S,), -1 for ids outside them."""
+    where = torch.full((size,), -1, dtype=torch.long)
+    where[columns.long()] = torch.arange(columns.numel())
+    return where
+
+
+@dataclass
+class MaskedScores:
+    """A model's predictions at the masked positions, among a set of its output ids (`masked_scores`)."""
+
+    top: torch.Tensor
+    """(M,) long: the top-1 id among the columns (an id of the model's head)."""
+    gold_logp: torch.Tensor
+    """(M,) float64: log p(gold) with the softmax over the columns only; nan where no gold was given
+    (gold < 0) or the gold id is not a column."""
+
+
+@torch.inference_mode()
+def masked_scores(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    selected: torch.Tensor,
+    columns: torch.Tensor,
+    gold: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> MaskedScores:
+    """Top-1 and log-probability of the gold token at the selected positions (row-major order of
+    `selected`), the distribution renormalised over `columns`: a masked LM restricted to those ids.
+
+    input_ids, attention_mask, selected: (N, L); columns: (S,) long ids of the model's head (the head
+    computes only these logits); gold: optional (M,) long head ids, M = selected.sum(), -1 for positions not
+    to score. Rows are processed `batch_size` at a time, each batch cut to its longest row; CPU results."""
+    model.eval()
+    device = next(model.parameters()).device
+    columns = columns.long()
+    m = int(selected.sum())
+    if gold is None or gold.numel() == 0 or int(gold.max()) < 0:
+        gold_col = torch.full((m,), -1, dtype=torch.long)
+    else:
+        where = _column_of(columns, max(int(columns.max()), int(gold.max())) + 1)
+        gold_col = where[gold.long().clamp(min=0)].masked_fill(gold < 0, -1)
+    assert gold_col.shape == (m,), f"gold has {tuple(gold_col.shape)} ids for {m} selected positions"
+    lengths = attention_mask.long().sum(1)
+    top, logp = [], []
+    done = 0
+    for start in range(0, input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        width = int(lengths[sl].max()) if lengths[sl].numel() else 0
+        sel = selected[sl, :width]
+        k = int(sel.sum())
+        assert k == int(selected[sl].sum()), "a selected position beyond the attention mask"
+        if k == 0:
+            continue
+        logits = logits_of_columns(model, input_ids[sl, :width].long().to(device), attention_mask[sl, :width].long().to(device),
+                                   sel.to(device), columns)  # (k, S)
+        top.append(columns[top1(logits).cpu()])
+        g = gold_col[done:done + k]  # (k,)
+        lp = torch.log_softmax(logits, dim=-1).cpu().gather(1, g.clamp(min=0)[:, None]).squeeze(1).double()
+        logp.append(lp.masked_fill(g < 0, float("nan")))
+        done += k
+    empty = torch.zeros(0, dtype=torch.long)
+    return MaskedScores(torch.cat(top) if top else empty, torch.cat(logp) if logp else empty.double())
+
+
 def hit_rate(pred: torch.Tensor, gold: torch.Tensor) -> float:
     """Share of positions where pred == gold: (M,) and (M,) -> float (nan when M = 0). Used for both
     accuracy (gold = the original tokens) and agreement (gold = the teacher's predictions)."""
@@ -288,3 +408,42 @@ def summarize(values: Sequence[float]) -> float:
     """Mean of the finite values (nan if none)."""
     ok = [v for v in values if v == v and not math.isinf(v)]
     return sum(ok) / len(ok) if ok else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paired differences with bootstrap intervals
+
+
+def per_unit_sums(values: torch.Tensor | np.ndarray, units: torch.Tensor | np.ndarray, n_units: int) -> np.ndarray:
+    """Sum of `values` (M,) per unit: units (M,) ints in [0, n_units) -> (n_units,) float64 (0 for a unit
+    with no values)."""
+    return np.bincount(np.asarray(units, dtype=np.int64), weights=np.asarray(values, dtype=np.float64), minlength=n_units)
+
+
+def paired_bootstrap(a_sums: np.ndarray, b_sums: np.ndarray, counts: np.ndarray, n: int, seed: int,
+                     level: float = 0.95) -> tuple[float, float, float]:
+    """The difference of two models' means over the same positions, grouped in units (lines), with a
+    paired percentile bootstrap interval over the units.
+
+    a_sums, b_sums: (U,) per-unit sums of each model's per-position values (hits, nats); counts: (U,)
+    positions per unit. diff = sum(a) / sum(counts) - sum(b) / sum(counts). Units with no positions are left
+    out; each of the `n` resamples draws the U' remaining units with replacement, the same draw for both
+    models (`np.random.default_rng(seed).integers(0, U', U')`, one call per resample, in order), and the
+    interval is the (1 - level) / 2 and (1 + level) / 2 percentiles of the resampled differences (numpy's
+    linear interpolation). Returns (diff, lo, hi); nan's when no unit has a position."""
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (a_sums, b_sums, counts))
+    assert a.shape == b.shape == c.shape and a.ndim == 1, f"per-unit arrays of shapes {a.shape}, {b.shape}, {c.shape}"
+    keep = c > 0
+    d, c = (a - b)[keep], c[keep]  # (U',) paired per-unit differences
+    units = d.shape[0]
+    if units == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n, dtype=np.float64)
+    chunk = max(1, (1 << 22) // units)  # resamples per vectorised step: ~4M drawn indices at a time
+    for start in range(0, n, chunk):
+        idx = np.stack([rng.integers(0, units, units) for _ in range(min(chunk, n - start))])  # (k, U')
+        diffs[start:start + idx.shape[0]] = d[idx].sum(1) / c[idx].sum(1)
+    lo, hi = np.percentile(diffs, [50 * (1 - level), 50 * (1 + level)])
+    return float(d.sum() / c.sum()), float(lo), float(hi)
+

@@ -11,6 +11,8 @@ from typing import Iterable
 from mergedistill.tables import markdown_table, write_csv
 
 ROLE_ORDER = ("student", "baseline", "routed teacher", "candidate teacher", "teacher", "unigram")
+CE_MARGIN = 0.2
+"""Nats of masked cross-entropy above the routed teacher's that the summary line still counts as close."""
 
 
 @dataclass
@@ -57,6 +59,16 @@ def fmt(v: float | None, kind: str = "acc") -> str:
     if kind == "fix" and math.isfinite(v) and abs(v) < 1e5:
         return f"{v:.3f}"
     return f"{v:.4g}"
+
+
+def verdict(lo: float | None, hi: float | None, higher_is_better: bool) -> str:
+    """`ahead`, `level` or `behind` from an interval on (model - reference): ahead when the whole interval
+    is on the better side of 0, level when it holds 0; `-` without an interval."""
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+        return "-"
+    if lo <= 0 <= hi:
+        return "level"
+    return "ahead" if (lo > 0) == higher_is_better else "behind"
 
 
 class Table:
@@ -107,14 +119,94 @@ def intrinsic_md(t: Table) -> str:
             toks = t.value("intrinsic", lang, m, "tokens_scored")
             units = t.value("intrinsic", lang, m, f"{unit}s_scored")
             body.append([m, t.role_of(m, "intrinsic", lang), fmt(acc.value if acc else None),
-                         fmt(acc.n if acc else None, "int"), fmt(t.value("intrinsic", lang, m, "agreement")),
+                         fmt(acc.n if acc else None, "int"), fmt(t.value("intrinsic", lang, m, "masked_ce"), "fix"),
+                         fmt(t.value("intrinsic", lang, m, "agreement")),
                          fmt(t.value("intrinsic", lang, m, pll_metric), "fix"), fmt(t.value("intrinsic", lang, m, "pppl"), "num"),
                          fmt(toks, "int"), fmt(units, "int"),
                          fmt(toks / units if toks is not None and units else None, "num")])
-        header = ["model", "role", "masked acc", "masked", "agreement", "bits/char" if unit == "char" else "PLL/word (nats)",
+        header = ["model", "role", "masked acc", "masked", "masked CE (nats)", "agreement",
+                  "bits/char" if unit == "char" else "PLL/word (nats)",
                   f"pseudo-ppl/{unit}", "tokens", f"{unit}s", f"tokens/{unit}"]
         parts.append(f"### {lang}\n\n" + markdown_table(header, body))
     return "\n\n".join(parts)
+
+
+def routed_teacher(t: Table, lang: str) -> str | None:
+    """The model key of `lang`'s routed teacher (None if it was not scored)."""
+    return next((m for m in t.models("intrinsic", lang) if t.role_of(m, "intrinsic", lang) == "routed teacher"), None)
+
+
+def vs_teacher(t: Table, lang: str, model: str, metric: str) -> tuple[float, float, float] | None:
+    """(diff, lo, hi) of `model` - routed teacher in `metric` (mlm_acc, masked_ce) for `lang`, or None."""
+    got = [t.value("intrinsic", lang, model, f"{metric}_diff{suffix}") for suffix in ("", "_lo", "_hi")]
+    return None if None in got else (got[0], got[1], got[2])  # type: ignore[return-value]
+
+
+def interval_cell(d: tuple[float, float, float] | None) -> str:
+    """`+0.012 [-0.004, +0.027]` (`-` when absent)."""
+    if d is None or _nan(d[0]):
+        return "-"
+    return f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]"
+
+
+def like_for_like_counts(t: Table, model: str = "student") -> tuple[int, int, int]:
+    """(languages where `model`'s masked accuracy is not below the routed teacher's: verdict ahead or level;
+    languages where its masked CE is at most CE_MARGIN nats above the teacher's; languages compared)."""
+    acc_ok = ce_ok = total = 0
+    for lang in t.languages("intrinsic"):
+        acc, ce = vs_teacher(t, lang, model, "mlm_acc"), vs_teacher(t, lang, model, "masked_ce")
+        if acc is None or ce is None:
+            continue
+        total += 1
+        acc_ok += verdict(acc[1], acc[2], higher_is_better=True) in ("ahead", "level")
+        ce_ok += _finite(ce[0]) and ce[0] <= CE_MARGIN
+    return acc_ok, ce_ok, total
+
+
+def like_for_like_summary(t: Table, model: str = "student") -> str:
+    """One line: on how many languages `model` is at or above the routed teacher's accuracy and within
+    CE_MARGIN nats of its masked CE (empty when nothing was compared)."""
+    acc_ok, ce_ok, total = like_for_like_counts(t, model)
+    if not total:
+        return ""
+    return (f"The {model}, like for like with the routed teacher: at or above the teacher's masked accuracy on {acc_ok} of "
+            f"{total} languages (95% interval not below 0); masked CE within {CE_MARGIN:g} nats of the teacher's "
+            f"(point estimate) on {ce_ok} of {total}.")
+
+
+LIKE_FOR_LIKE_NOTE = (
+    "Every model on the routed teacher's tokenization of the same test lines with the same masked positions, each predicting "
+    "among the same pieces (those the student vocabulary keeps for the language, specials excluded). Differences are "
+    "model - routed teacher with a paired bootstrap 95% interval over the test lines; verdict: ahead (the interval is on the "
+    "better side of 0: above for accuracy, below for CE), level (it holds 0) or behind. Positions whose gold piece the "
+    "student vocabulary pruned count as misses in accuracy for every model and are left out of CE (`pruned gold`); "
+    "`lines`: the test lines the bootstrap resamples (those holding a masked position).")
+
+
+def like_for_like_md(t: Table) -> str:
+    """Per language: masked accuracy and masked CE of student / routed teacher / baseline on the same masked
+    positions and the same pieces, the student's difference from the teacher with its 95% interval, and a
+    verdict; then the summary line."""
+    body = []
+    for lang in t.languages("intrinsic"):
+        teacher = routed_teacher(t, lang)
+        acc, ce = vs_teacher(t, lang, "student", "mlm_acc"), vs_teacher(t, lang, "student", "masked_ce")
+        if teacher is None or (acc is None and ce is None):
+            continue
+        v = lambda m, metric, kind="acc": fmt(t.value("intrinsic", lang, m, metric), kind)  # noqa: E731
+        lines = t.get("intrinsic", lang, "student", "mlm_acc_diff")
+        body.append([lang, teacher.removeprefix("teacher:"),
+                     v("student", "mlm_acc"), v(teacher, "mlm_acc"), v("baseline", "mlm_acc"), interval_cell(acc),
+                     verdict(acc[1], acc[2], True) if acc else "-",
+                     v("student", "masked_ce", "fix"), v(teacher, "masked_ce", "fix"), v("baseline", "masked_ce", "fix"),
+                     interval_cell(ce), verdict(ce[1], ce[2], False) if ce else "-",
+                     fmt(t.value("intrinsic", lang, teacher, "gold_pruned"), "int"), fmt(lines.n if lines else None, "int")])
+    if not body:
+        return "_no student compared with its routed teacher_"
+    header = ["language", "teacher", "acc: student", "teacher", "baseline", "student - teacher [95% CI]", "verdict",
+              "CE (nats): student", "teacher", "baseline", "student - teacher [95% CI]", "verdict", "pruned gold", "lines"]
+    summary = " ".join(x for x in (like_for_like_summary(t), like_for_like_summary(t, "baseline")) if x)
+    return markdown_table(header, body) + "\n\n" + summary
 
 
 def retrieval_md(t: Table) -> str:
@@ -170,8 +262,10 @@ def card_md(t: Table, report_path: str) -> str:
                      cells("mlm_acc", "acc", ("student", "baseline", teacher)),
                      cells("agreement", "acc", ("student", "baseline")),
                      cells(pll, "fix", ("student", "baseline", teacher)) + (" bits/char" if pll == "bits_per_char" else "")])
+    summary = like_for_like_summary(t)
     out = [f"Held-out test splits; cells are student / MLM-only baseline / routed teacher (`-`: not available). "
            f"Full report: `{report_path}`.",
+           *(["", summary] if summary else []),
            "",
            markdown_table(["language", "teacher", "masked-token accuracy", "agreement with the teacher (student / baseline)",
                       "PLL per word (nats) or bits per char"], body)]
@@ -199,7 +293,8 @@ def card_md(t: Table, report_path: str) -> str:
 
 
 def report_md(t: Table, header: str, definitions: str, plots: list[str]) -> str:
-    parts = [header, "## Intrinsic (held-out test split)", intrinsic_md(t) or "_none_",
+    parts = [header, "## Student vs routed teacher, like for like", LIKE_FOR_LIKE_NOTE, like_for_like_md(t),
+             "## Intrinsic (held-out test split)", intrinsic_md(t) or "_none_",
              "## Cross-lingual retrieval (accuracy@1)", retrieval_md(t),
              "## Downstream tasks", downstream_md(t), "## Plots", "\n".join(f"![{Path(p).stem}]({p})" for p in plots) or "_none_",
              "## What the numbers mean", definitions]
@@ -241,6 +336,27 @@ def bar_chart(path: Path, title: str, groups: list[str], series: dict[str, dict[
         ax.set_yscale("log")
     below = -0.2 if any("\n" in g for g in groups) else -0.12  # under the tick labels
     ax.legend(fontsize=8, ncol=min(4, max(1, len(series))), loc="upper center", bbox_to_anchor=(0.5, below))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def interval_chart(path: Path, title: str, groups: list[str], series: dict[str, dict[str, tuple[float, float, float]]],
+                   ylabel: str) -> None:
+    """Points with interval bars around a line at 0: one group per x label, one point per series
+    (value, lo, hi; missing or non-finite values left out)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.8 * len(groups)), 4.0))
+    ax.axhline(0.0, color="grey", lw=0.8)
+    step = 0.5 / max(1, len(series))
+    for i, (name, vals) in enumerate(series.items()):
+        xs = [g for g, x in enumerate(groups) if x in vals and all(_finite(v) for v in vals[x])]
+        ys = [vals[groups[x]] for x in xs]
+        ax.errorbar([x - 0.25 + step * (i + 0.5) for x in xs], [y[0] for y in ys],
+                    yerr=[[y[0] - y[1] for y in ys], [y[2] - y[0] for y in ys]], fmt="o", capsize=4, label=name)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -297,6 +413,16 @@ def write_plots(t: Table, folder: Path) -> list[str]:
             series = {k: {g: v[lang] for g, lang in zip(groups, langs) if lang in v} for k, v in series.items()}
             bar_chart(folder / f"{name}.png", f"{ylabel} (held-out test; routed teacher in brackets)", groups, series, ylabel, log_y)
             made.append(f"plots/{name}.png")
+        for metric, ylabel in (("mlm_acc", "masked accuracy"), ("masked_ce", "masked CE (nats)")):
+            diffs = {m: {lang: d for lang in langs if (d := vs_teacher(t, lang, m, metric)) is not None}
+                     for m in ("student", "baseline")}
+            diffs = {m: v for m, v in diffs.items() if v}
+            if diffs:
+                groups = [lang for lang in langs if any(lang in v for v in diffs.values())]
+                interval_chart(folder / f"vs_teacher_{metric}.png",
+                               f"{ylabel}: model - routed teacher, 95% interval (paired bootstrap over test lines)",
+                               groups, diffs, f"{ylabel}, difference")
+                made.append(f"plots/vs_teacher_{metric}.png")
     for m in t.models("retrieval"):
         vals = {}
         for r in t.rows:

@@ -1,8 +1,10 @@
 """`mergedistill evaluate`: the student against the teachers that know each language and against the
 MLM-only baseline student, per language, on the held-out test splits.
 
-  intrinsic    masked-token accuracy, top-1 agreement with the routed teacher (the student reads the
-               routed teacher's tokenization mapped to student ids, with the same masked positions),
+  intrinsic    masked-token accuracy and masked cross-entropy, like for like (the student reads the routed
+               teacher's tokenization mapped to student ids, with the same masked positions, and both
+               predict among the same pieces), their student - teacher differences with paired bootstrap
+               intervals over the test lines, top-1 agreement with the routed teacher,
                pseudo-log-likelihood per word (bits per char for eval.char_languages), and a unigram
                reference (token frequencies of the train split);
   retrieval    translations among aligned test paragraphs (JSON lines with a shared `key`), accuracy@1
@@ -45,7 +47,10 @@ from mergedistill.eval.metrics import (
     count_units,
     hit_rate,
     masked_eval_set,
+    masked_scores,
     masked_top1,
+    paired_bootstrap,
+    per_unit_sums,
     pll_per_unit,
     pseudo_log_likelihoods,
     pseudo_perplexity,
@@ -81,23 +86,36 @@ from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
 
-EVAL_FORMAT = 1
+EVAL_FORMAT = 2
 UNIGRAM_LINES = 5000
 """Train lines per language the unigram reference counts tokens on."""
 
 DEFINITIONS = f"""\
 - **masked acc** (`mlm_acc`): share of masked positions (eval.mask_prob of the tokens, fixed seed, every one
   replaced by the mask token, lines packed as in training) whose top-1 prediction is the original token.
-  Student and baseline read the routed teacher's tokenization mapped to student ids, with the same masked
-  positions as that teacher (a gold token pruned from the student vocabulary counts as a miss), and predict
-  among the ids that tokenizer can write (specials excluded), as the exported student is used per language. A candidate
-  teacher uses its own tokenizer, so its per-token accuracy is not directly comparable.
+  Like for like: student, baseline and routed teacher read the routed teacher's tokenization (the students
+  mapped to student ids) with the same masked positions, and each predicts among the same pieces: the routed
+  teacher among its tokens the student vocabulary keeps (specials excluded), the students among the ids that
+  language's tokenizer can write (the same pieces, as the exported student is used per language). A gold token
+  pruned from the student vocabulary is a miss for every model. A candidate teacher uses its own tokenizer and
+  its whole vocabulary, so its per-token accuracy is not directly comparable.
+- **masked CE** (`masked_ce`): mean -log p(original token) over the same masked positions, in nats (lower is
+  better), each model's softmax renormalised over the same pieces as its accuracy. Positions whose gold token the
+  student vocabulary pruned (or that is otherwise outside either set) are left out for every model (their count:
+  `gold_pruned`, on the routed teacher), so no model scores an infinite loss.
+- **difference vs the routed teacher** (`mlm_acc_diff`, `masked_ce_diff`, with `_lo` / `_hi`): the student's
+  (and the baseline's) value minus the routed teacher's, with a paired percentile bootstrap 95% interval: each
+  masked position is attributed to the test line it comes from, eval.bootstrap resamples of the lines (those
+  holding a masked position; seed eval.seed) with replacement, both models scored on each resample; `n` is the
+  lines. Verdict: **ahead** (accuracy: lo > 0; CE: hi < 0), **level** (the interval holds 0), **behind**.
 - **agreement**: share of those positions where the model's top-1 equals the routed teacher's top-1 among
   the tokens the student vocabulary keeps (specials excluded), i.e. what distillation taught it.
 - **PLL/word** (`pll_per_word`): pseudo-log-likelihood (each token masked in turn, log p of the true token,
   summed; Salazar et al., 2020) divided by the whitespace words scored, in nats (nearer 0 is better);
-  comparable across tokenizers. **bits/char** (`bits_per_char`, for eval.char_languages): -PLL / (chars x ln 2),
-  characters excluding whitespace (lower is better). **pseudo-ppl** (`pppl`): exp(-PLL / units).
+  comparable across tokenizers. Students: p over the ids the language's tokenizer can write (its unknown token
+  included), as the exported student is used; teachers: over their whole vocabulary. **bits/char**
+  (`bits_per_char`, for eval.char_languages): -PLL / (chars x ln 2), characters excluding whitespace (lower is better).
+  **pseudo-ppl** (`pppl`): exp(-PLL / units).
   `tokens_scored`, `words_scored` / `chars_scored`: what the PLL covered.
 - **unigram**: add-one-smoothed token frequencies of the routed teacher's tokenization of the train split
   (first {UNIGRAM_LINES:,} lines): it always predicts the most frequent token, its "PLL" is the sum of
@@ -215,9 +233,11 @@ def inputs_fingerprint(cfg: RunConfig, plan: Plan) -> dict:
 
 
 # ---- intrinsic -----------------------------------------------------------------------------------
-def _pll_rows(models: Models, key: str, lang: str, texts: list[str], unit: str, batch_size: int) -> tuple[list[Row], str]:
+def _pll_rows(models: Models, key: str, lang: str, texts: list[str], unit: str, batch_size: int,
+              allowed: torch.Tensor | None = None) -> tuple[list[Row], str]:
+    """PLL rows of one model; `allowed` (V,) bool: the ids its softmax ranges over (None: all)."""
     model, tok = with_language(models.model(key), lang), models.tokenizer(key, lang)  # X-Mod: the language's module
-    pll = sum(pseudo_log_likelihoods(model, tok, texts, max_len=models.max_len(key), batch_size=batch_size))
+    pll = sum(pseudo_log_likelihoods(model, tok, texts, max_len=models.max_len(key), batch_size=batch_size, allowed=allowed))
     return _pll_summary(models.role(key, lang), key, lang, pll, tok, texts, unit)
 
 
@@ -238,6 +258,30 @@ def _pll_summary(role: str, key: str, lang: str, pll: float, tok, texts: list[st
         main = r("pll_per_word", pll_per_unit(pll, units), units)
     rows = [main, r("pppl", pppl, units), r("tokens_scored", tokens, tokens), r(f"{unit}s_scored", units, units)]
     return rows, f"{main.metric} {main.value:.3f}, pseudo-ppl/{unit} {pppl:.4g} ({tokens:,} tokens, {units:,} {unit}s)"
+
+
+def _among(ids: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: which of `ids` (M,) are True in `ok` (V,) (False for -1 and for ids beyond it)."""
+    inside = (ids >= 0) & (ids < ok.shape[0])
+    return inside & ok[ids.clamp(0, ok.shape[0] - 1)]
+
+
+def _mean(values: torch.Tensor) -> float:
+    """Mean of a (M,) tensor as a float (nan when M = 0)."""
+    return float(values.double().mean()) if values.numel() else float("nan")
+
+
+def _vs_teacher_rows(lang: str, key: str, metric: str, mine: torch.Tensor, teacher: torch.Tensor, line: torch.Tensor,
+                     n_lines: int, resamples: int, seed: int) -> list[Row]:
+    """Rows `<metric>_diff`, `_diff_lo`, `_diff_hi`: the model's mean of its per-position values minus the routed
+    teacher's on the same positions, with a paired bootstrap 95% interval over the test lines. mine, teacher: (M,)
+    hits or nats; line: (M,) each position's line in [0, n_lines). n: the lines resampled (those with a position)."""
+    counts = per_unit_sums(torch.ones(line.shape[0]), line, n_lines)
+    diff, lo, hi = paired_bootstrap(per_unit_sums(mine.double(), line, n_lines), per_unit_sums(teacher.double(), line, n_lines),
+                                    counts, resamples, seed)
+    units = int((counts > 0).sum())
+    return [Row("intrinsic", lang, key, key, f"{metric}_diff{suffix}", v, units)
+            for suffix, v in (("", diff), ("_lo", lo), ("_hi", hi))]
 
 
 def _allowed(model, idmap: np.ndarray, special_ids: list[int]) -> torch.Tensor:
@@ -272,33 +316,59 @@ def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row
     eset = masked_eval_set(rtok, acc_texts, seq_len, e.mask_prob, e.seed)
     sel = eset["labels"] != IGNORE_INDEX  # (N, L)
     gold = eset["labels"][sel]  # (M,) teacher ids
-    t_top, t_kept = masked_top1(rmodel, eset["input_ids"], eset["attention_mask"], sel, e.batch_size,
-                                allowed=_allowed(rmodel, idmap, rtok.all_special_ids))
-    n = int(gold.numel())
-    rows.append(Row("intrinsic", lang, rkey, "routed teacher", "mlm_acc", hit_rate(t_top, gold), n))
+    line = eset["line"][sel]  # (M,) the test line (index in acc_texts) of each masked position
+    s_gold = to_student_ids(idmap, gold, pruned=None)  # (M,) -1 where the student vocabulary pruned the piece
+    # the teacher predicts among the pieces the student vocabulary keeps (specials excluded), the students among
+    # the ids the language's tokenizer can write (as the exported student is used): the same pieces, so accuracy
+    # and cross-entropy are like for like
+    t_ok = _allowed(rmodel, idmap, rtok.all_special_ids)  # (V_teacher,)
+    t_cols = t_ok.nonzero().squeeze(1)
+    s_cols = torch.from_numpy(plan.vocab.producible_ids(routed)).long()
+    s_ok = torch.zeros(plan.vocab.size, dtype=torch.bool)
+    s_ok[s_cols] = True
+    # (M,) masked cross-entropy is over these positions, for every model: the gold piece is among both sets
+    scored = _among(gold, t_ok) & _among(s_gold, s_ok)
+    t = masked_scores(rmodel, eset["input_ids"], eset["attention_mask"], sel, t_cols, gold.masked_fill(~scored, -1), e.batch_size)
+    n, n_ce = int(gold.numel()), int(scored.sum())
+    t_hits, t_nll = t.top == gold, -t.gold_logp[scored]
+    t_acc, t_ce = hit_rate(t.top, gold), _mean(t_nll)
+    rows += [Row("intrinsic", lang, rkey, "routed teacher", "mlm_acc", t_acc, n),
+             Row("intrinsic", lang, rkey, "routed teacher", "masked_ce", t_ce, n_ce),
+             Row("intrinsic", lang, rkey, "routed teacher", "gold_pruned", n - n_ce, n)]
     pll_rows, msg = _pll_rows(models, rkey, lang, pll_texts, unit, pll_batch)
     rows += pll_rows
-    log.info("evaluate %s / %s (routed teacher): masked acc %.3f (%s masked), %s, %.1f s", lang, rkey, rows[0].value, f"{n:,}",
+    log.info("evaluate %s / %s (routed teacher): masked acc %.3f, masked CE %.3f nats (%s masked, %s of them with a gold piece "
+             "the student vocabulary pruned, left out of CE), %s, %.1f s", lang, rkey, t_acc, t_ce, f"{n:,}", f"{n - n_ce:,}",
              msg, time.monotonic() - t0)
 
     s_in = to_student_ids(idmap, eset["input_ids"])
-    s_gold = to_student_ids(idmap, gold, pruned=None)
-    s_teacher = to_student_ids(idmap, t_kept, pruned=None)  # type: ignore[arg-type]
-    # students predict among the ids the language's tokenizer can write, as the exported student is used
-    s_allowed = torch.zeros(plan.vocab.size, dtype=torch.bool)
-    s_allowed[torch.from_numpy(plan.vocab.producible_ids(routed)).long()] = True
+    s_teacher = to_student_ids(idmap, t.top, pruned=None)
     for key in students:
         t0 = time.monotonic()
         model = with_language(models.model(key), lang)  # X-Mod: this language's module
-        _, top = masked_top1(model, s_in, eset["attention_mask"], sel, e.batch_size, allowed=s_allowed)
-        acc, agree = hit_rate(top, s_gold), hit_rate(top, s_teacher)
-        rows += [Row("intrinsic", lang, key, key, "mlm_acc", acc, n), Row("intrinsic", lang, key, key, "agreement", agree, n)]
+        s = masked_scores(model, s_in, eset["attention_mask"], sel, s_cols, s_gold, e.batch_size)
+        nll = -s.gold_logp[scored]
+        assert bool(torch.isfinite(nll).all()) and bool(torch.isfinite(t_nll).all()), \
+            f"{lang}: a scored gold piece without a log-probability"
+        acc, agree, ce = hit_rate(s.top, s_gold), hit_rate(s.top, s_teacher), _mean(nll)
+        rows += [Row("intrinsic", lang, key, key, "mlm_acc", acc, n), Row("intrinsic", lang, key, key, "agreement", agree, n),
+                 Row("intrinsic", lang, key, key, "masked_ce", ce, n_ce)]
+        vs = (_vs_teacher_rows(lang, key, "mlm_acc", s.top == s_gold, t_hits, line, len(acc_texts), e.bootstrap, e.seed)
+              + _vs_teacher_rows(lang, key, "masked_ce", nll, t_nll, line[scored], len(acc_texts), e.bootstrap, e.seed))
+        rows += vs
         params = active_parameters(model, [lang])
         rows += [Row("intrinsic", lang, key, key, "params_total", params["total"], 0),
                  Row("intrinsic", lang, key, key, "params_active", params["active"][lang], 0)]
-        pll_rows, msg = _pll_rows(models, key, lang, pll_texts, unit, pll_batch)
+        tok = models.tokenizer(key, lang)
+        pll_allowed = s_ok.clone()
+        if tok.unk_token_id is not None:
+            pll_allowed[tok.unk_token_id] = True  # a test line may hold a piece the vocabulary lacks
+        pll_rows, msg = _pll_rows(models, key, lang, pll_texts, unit, pll_batch, allowed=pll_allowed)
         rows += pll_rows
-        log.info("evaluate %s / %s: masked acc %.3f, agreement with %s %.3f (%s masked), %s, %.1f s", lang, key, acc, routed, agree,
+        d = {r.metric: r.value for r in vs}
+        log.info("evaluate %s / %s: masked acc %.3f (%+.3f vs %s [%.3f, %.3f]), masked CE %.3f nats (%+.3f [%.3f, %.3f]), "
+                 "agreement %.3f (%s masked), %s, %.1f s", lang, key, acc, d["mlm_acc_diff"], routed, d["mlm_acc_diff_lo"],
+                 d["mlm_acc_diff_hi"], ce, d["masked_ce_diff"], d["masked_ce_diff_lo"], d["masked_ce_diff_hi"], agree,
                  f"{n:,}", msg, time.monotonic() - t0)
 
     for name in models.teachers_of(lang)[1:]:
@@ -489,7 +559,8 @@ def _header(cfg: RunConfig, plan: Plan, seconds: float, table: Table | None = No
         f"- vocabulary `{plan.vrec['vocab']}`; languages and teachers: "
         + "; ".join(f"{lang} -> {', '.join(cfg.teachers_of(lang))}" for lang in plan.languages),
         f"- test lines per language (a seeded random sample spread over the split): {e.max_lines if e.max_lines is not None else 'all'} for masked accuracy "
-        f"(mask rate {e.mask_prob}, seed {e.seed}), {e.pll_lines} for PLL; "
+        f"(mask rate {e.mask_prob}, seed {e.seed}; intervals from {e.bootstrap:,} bootstrap resamples of the lines), "
+        f"{e.pll_lines} for PLL; "
         f"per-char languages: {', '.join(e.char_languages) or 'none'}",
         *([parameters_line(table, plan.languages)] if table is not None else []),
         f"- {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {seconds:.0f} s, mergedistill {__version__}",

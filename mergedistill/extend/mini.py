@@ -15,8 +15,7 @@ import torch
 from mergedistill.extend.adapt import TrainResult, train_loop
 from mergedistill.extend.flops import shapes_of, step_flops
 from mergedistill.extend.surgery import hidden_at, input_matrix, is_xmod
-from mergedistill.train.batches import Batch
-from mergedistill.train.losses import distill_loss
+from mergedistill.train.batches import Batch, batch_loss
 from mergedistill.train.mini_head import MiniHead
 
 
@@ -43,7 +42,7 @@ def align_mini_head(student, k: int, batches: Callable[[int], Batch], *, steps: 
 
     def step(batch: Batch) -> torch.Tensor:
         logits = mini_logits(student, head, batch, lang_ids(batch))
-        return distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, alpha, temperature)["loss"]
+        return batch_loss(logits, batch, alpha, temperature)["loss"]
 
     def flops(batch: Batch) -> int:
         b, length = batch.input_ids.shape

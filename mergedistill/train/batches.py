@@ -15,7 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mergedistill.data.shards import open_shard
+from mergedistill.data.shards import open_shard, read_record
+from mergedistill.train.losses import distill_loss
 from mergedistill.vocab.joint import PAD_ID
 
 
@@ -27,13 +28,18 @@ def sampling_probs(sizes: dict[str, int], alpha: float) -> dict[str, float]:
 
 
 class LanguageShards:
-    """The rows of one language's shards (one split) as one indexable, memory-mapped sequence."""
+    """The rows of one language's shards (one split) as one indexable, memory-mapped sequence.
+    `temperature`: the KD temperature whose stored teacher log-normaliser batches carry (`lse_col`, the
+    column of it in the shards' topk_lse; None when not stored or not asked for)."""
 
-    def __init__(self, paths: list[Path], vocab_fp: str, k: int):
+    def __init__(self, paths: list[Path], vocab_fp: str, k: int, temperature: float | None = None):
         self.sets = [open_shard(p, expect_vocab=vocab_fp).with_format("numpy") for p in paths]
         self._tables = [s.with_format("arrow") for s in self.sets]
         self.offsets = np.cumsum([0] + [len(s) for s in self.sets])
         self.k = k
+        temps = {tuple((read_record(p) or {}).get("lse_temperatures", ())) for p in paths}
+        self.lse_temperatures = list(temps.pop()) if len(temps) == 1 else []  # shards of one data config agree
+        self.lse_col = lse_column(self.lse_temperatures, temperature)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -62,6 +68,16 @@ class LanguageShards:
         return out
 
 
+def lse_column(stored: Sequence[float], temperature: float | None) -> int | None:
+    """Index of `temperature` among the stored log-normaliser temperatures, or None (not stored, or none asked)."""
+    if temperature is None:
+        return None
+    for i, t in enumerate(stored):
+        if abs(float(t) - float(temperature)) < 1e-9:
+            return i
+    return None
+
+
 @dataclass
 class Batch:
     """A collated batch. N = masked positions in the batch, k = teacher predictions per position."""
@@ -73,27 +89,58 @@ class Batch:
     topk_logits: torch.Tensor  # (N, k) float
     lang: torch.Tensor  # (N,) language index of each masked position
     seq_lang: torch.Tensor  # (B,) language index of each sequence
+    masked: torch.Tensor | None = None  # (N,) bool: a masked position (MLM target); False: labelled for KD only
+    topk_lse: torch.Tensor | None = None  # (N,) float32: the teacher's logsumexp(logits / T) at the KD temperature
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return Batch(**{k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()})
 
 
-def collate(rows: list[dict], langs: list[int], k: int) -> Batch:
+def batch_loss(logits: torch.Tensor, batch: Batch, alpha: float, temperature: float, kd_target: str = "exact") -> dict:
+    """`distill_loss` of the student's logits at a batch's labelled positions (N, V): MLM on its masked
+    positions, KD on all of them, with the exact-mass target when kd_target is `exact` and the batch carries
+    the teacher's log-normalisers (else the renormalised top-k)."""
+    lse = batch.topk_lse if kd_target == "exact" else None
+    return distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, alpha, temperature, masked=batch.masked,
+                        teacher_lse=lse)
+
+
+def collate(rows: list[dict], langs: list[int], k: int, lse_col: int | None = None) -> Batch:
+    """One batch from shard rows. The N labelled positions are the masked ones and any kd_positions, in
+    row-major order (`selected`); `labels` at a kd-only position is its own (unmasked) input token, and
+    `masked` says which are which. `lse_col`: the column of topk_lse to carry (None: none)."""
     width = max(len(r["input_ids"]) for r in rows)
     b = len(rows)
     ids = torch.full((b, width), PAD_ID, dtype=torch.long)
     att = torch.zeros((b, width), dtype=torch.long)
     sel = torch.zeros((b, width), dtype=torch.bool)
+    labels, masked, counts = [], [], []
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.from_numpy(r["input_ids"].astype(np.int64))
         att[i, :n] = 1
-        sel[i, torch.from_numpy(r["positions"].astype(np.int64))] = True
-    labels = torch.from_numpy(np.concatenate([r["labels"] for r in rows]).astype(np.int64))
+        pos, extra = r["positions"].astype(np.int64), r.get("kd_positions")
+        if extra is not None and len(extra):
+            allpos = np.sort(np.concatenate([pos, extra.astype(np.int64)]))
+            is_masked = np.isin(allpos, pos)
+            lab = r["input_ids"][allpos].astype(np.int64)
+            lab[is_masked] = r["labels"]
+        else:
+            allpos, is_masked, lab = pos, np.ones(len(pos), dtype=bool), r["labels"].astype(np.int64)
+        sel[i, torch.from_numpy(allpos)] = True
+        labels.append(lab)
+        masked.append(is_masked)
+        counts.append(len(allpos))
+    labels_t = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+    masked_t = torch.from_numpy(np.concatenate(masked))
     topk_ids = torch.from_numpy(np.concatenate([r["topk_ids"] for r in rows]).astype(np.int64)).view(-1, k)
     topk_logits = torch.from_numpy(np.concatenate([r["topk_logits"] for r in rows]).astype(np.float32)).view(-1, k)
-    lang = torch.from_numpy(np.concatenate([np.full(len(r["positions"]), li) for r, li in zip(rows, langs)]).astype(np.int64))
-    return Batch(ids, att, sel, labels, topk_ids, topk_logits, lang, torch.tensor(langs, dtype=torch.long))
+    lse = None
+    if lse_col is not None:
+        flat = np.concatenate([r["topk_lse"] for r in rows]).astype(np.float32)
+        lse = torch.from_numpy(flat).view(len(labels_t), -1)[:, lse_col].contiguous()
+    lang = torch.from_numpy(np.repeat(np.asarray(langs, dtype=np.int64), counts))
+    return Batch(ids, att, sel, labels_t, topk_ids, topk_logits, lang, torch.tensor(langs, dtype=torch.long), masked_t, lse)
 
 
 class SampledBatches(torch.utils.data.IterableDataset):
@@ -109,6 +156,7 @@ class SampledBatches(torch.utils.data.IterableDataset):
         self.sizes = np.array([len(sources[lang]) for lang in self.langs])
         self.global_batch, self.rank, self.world, self.seed, self.k = global_batch, rank, world, seed, k
         self.start = start
+        self.lse_col = _common_lse_col(sources)
 
     def draw(self, b: int) -> tuple[np.ndarray, np.ndarray]:
         """Languages and row indices of global batch b (all ranks draw the same)."""
@@ -126,7 +174,7 @@ class SampledBatches(torch.utils.data.IterableDataset):
             where = np.flatnonzero(lang == li)
             for w, r in zip(where, self.sources[self.langs[li]].rows(row[where])):
                 rows[w] = r
-        return collate(rows, lang.tolist(), self.k)
+        return collate(rows, lang.tolist(), self.k, self.lse_col)
 
     def __iter__(self):
         b = int(self.start())
@@ -140,6 +188,7 @@ class ValidationBatches(torch.utils.data.Dataset):
 
     def __init__(self, sources: dict[str, LanguageShards], languages: list[str], batch_size: int, limit: int, k: int):
         self.sources, self.languages, self.k = sources, languages, k
+        self.lse_col = _common_lse_col(sources)
         self.items: list[tuple[str, int, int]] = []  # (language, first row, last row + 1)
         for lang, src in sources.items():
             n = min(len(src), limit)
@@ -151,7 +200,13 @@ class ValidationBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Batch:
         lang, a, b = self.items[i]
         rows = self.sources[lang].rows(range(a, b))
-        return collate(rows, [self.languages.index(lang)] * len(rows), self.k)
+        return collate(rows, [self.languages.index(lang)] * len(rows), self.k, self.lse_col)
+
+
+def _common_lse_col(sources: dict[str, "LanguageShards"]) -> int | None:
+    """The log-normaliser column every source carries, or None when any lacks it."""
+    cols = {getattr(s, "lse_col", None) for s in sources.values()}
+    return cols.pop() if len(cols) == 1 else None
 
 
 def log_unigram_prior(counts: Sequence[torch.Tensor], probs: Sequence[float] | None = None) -> torch.Tensor:

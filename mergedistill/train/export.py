@@ -25,7 +25,7 @@ EXAMPLE_LINES = 2000
 
 
 def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
-                   init_info: dict, best: dict | None, out: Path, mini_head=None) -> Path:
+                   init_info: dict, best: dict | None, out: Path, mini_head=None, exported: dict | None = None) -> Path:
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
     tokenizers, languages.json, token_ids/<lang>.npy and a README model card; with
     train.mini_head_layer, the secondary head in mini_head/ (`mergedistill extend` reads it)."""
@@ -48,12 +48,12 @@ def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, l
             allowed[lang] = vocab.producible_ids(name)
             np.save(tmp / "token_ids" / f"{lang}.npy", allowed[lang])
         examples = card_examples(cfg, tmp, routing, allowed)
-        card = model_card(cfg, vrec, manifest, languages, metrics, init_info, examples, best)
+        card = model_card(cfg, vrec, manifest, languages, metrics, init_info, examples, best, exported=exported)
         if is_xmod(student):
             card = insert_section(card, xmod_card_section(cfg, student, languages), before="## Teachers and routing")
         (tmp / "README.md").write_text(card, encoding="utf-8")
         write_json_atomic(tmp / "mergedistill.json", {"vocab": vrec["vocab"], "languages": routing, "mergedistill": __version__,
-                                                      "best_checkpoint": best})
+                                                      "best_checkpoint": best, "exported": exported})
     return out
 
 
@@ -202,7 +202,8 @@ def _masking_text(m: dict) -> str:
 
 
 def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str], metrics: dict, init_info: dict,
-               examples: dict[str, tuple[str, str]] | None = None, best: dict | None = None, results_md: str | None = None) -> str:
+               examples: dict[str, tuple[str, str]] | None = None, best: dict | None = None, results_md: str | None = None,
+               exported: dict | None = None) -> str:
     t, s = cfg.train, cfg.student
     examples = examples or {}
     rows = []
@@ -254,13 +255,39 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
         f"- initialisation: {_init_text(init_info)}",
         f"- vocabulary fingerprint `{vrec['vocab']}`",
     ]
-    if best and best.get("score") is not None:
-        lines.append(f"- best checkpoint by {best['metric']}: {Path(best['file']).stem} ({best['score']:.4f}); these weights "
-                     "are the last step's")
+    lines += exported_lines(exported, best)
     lines.append("")
     if results_md:
         lines += ["## Evaluation", "", results_md, ""]
     return "\n".join(lines)
+
+
+def exported_lines(exported: dict | None, best: dict | None) -> list[str]:
+    """The card's lines on which weights these are (best checkpoint or last step, with their scores) and on a
+    divergence the run saw."""
+    out = []
+    if exported is None:  # an export written by code before train.export existed
+        if best and best.get("score") is not None:
+            out.append(f"- best checkpoint by {best['metric']}: {Path(best['file']).stem} ({best['score']:.4f}); these weights "
+                       "are the last step's")
+        return out
+    last = exported["last"]
+    metric = (best or {}).get("metric")
+    last_score = last["val"].get(metric) if metric else None
+    if exported["weights"] == "best":
+        tail = f"; the last step ({last['step']}) scored {last_score:.4f}" if last_score is not None and exported["step"] != last["step"] else ""
+        out.append(f"- these weights: the best checkpoint, step {exported['step']} of {last['step']}, by {metric} "
+                   f"({exported['score']:.4f}){tail} (train.export: best)")
+    else:
+        why = exported.get("note") or "train.export: last"
+        best_txt = (f"; the best checkpoint by {metric} was {Path(best['file']).stem} ({best['score']:.4f})"
+                    if best and best.get("score") is not None else "")
+        out.append(f"- these weights: the last step's ({last['step']}; {why}){best_txt}")
+    d = exported.get("divergence")
+    if d:
+        out.append(f"- **warning: training diverged**: the smoothed training loss rose from {d['best']:.3f} (step {d['best_step']}) "
+                   f"to {d['loss']:.3f} at step {d['step']} and stayed up")
+    return out
 
 
 def _m(metrics: dict, key: str) -> str:

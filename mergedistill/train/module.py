@@ -9,8 +9,7 @@ import torch
 
 from mergedistill.config import RunConfig
 from mergedistill.mlm_models import masked_logits
-from mergedistill.train.batches import Batch
-from mergedistill.train.losses import distill_loss
+from mergedistill.train.batches import Batch, batch_loss
 from mergedistill.train.mini_head import LayerTap, MiniHead
 from mergedistill.train.optim import adamw, clip_gradients, scales_gradients, with_schedule
 from mergedistill.train.progress import writes_logs
@@ -35,24 +34,43 @@ class DistillModule(L.LightningModule):
         self._tap = LayerTap(student, k) if k else None
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """The student's logits at the masked positions (N, V) and the loss parts (train/losses.py).
+        """The student's logits at the labelled positions (N, V) and the loss parts (train/losses.py).
         An X-Mod student runs each sequence through its language's module."""
         t = self.cfg.train
         lang_ids = self.lang_table[batch.seq_lang] if self.lang_table is not None else None  # (B,)
         logits = masked_logits(self.student, batch.input_ids, batch.attention_mask, batch.selected, lang_ids=lang_ids)
-        return logits, distill_loss(logits, batch.labels, batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
+        return logits, batch_loss(logits, batch, t.alpha, t.temperature, t.kd_target)
 
     # ---- the shared step -----------------------------------------------------------------------
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:
-        if self.online is not None and stage == "train":
-            batch = self.online.predict(batch)
-        logits, parts = self.losses(batch)  # (N, V)
-        n = batch.labels.numel()
+        # ---- begin: MiniLMv2 relation distillation (train.relation_weight > 0; train/relations.py) ----------------
+        t = self.cfg.train
+        if self.online is not None and stage == "train" and t.relation_weight > 0:
+            from mergedistill.train.relations import QKVCapture, routed_relation_loss
+
+            batch, teacher_qkv = self.online.predict(batch, relation_layer=t.relation_teacher_layer)  # from their own pass
+            with QKVCapture(self.student, t.relation_student_layer, "train.relation_student_layer") as student_qkv:
+                logits, parts = self.losses(batch)  # (N, V); the student's Q/K/V from hooks on this same forward
+            relation = routed_relation_loss(teacher_qkv, *student_qkv.take(), batch.attention_mask, t.relation_heads)
+            parts["loss"] = parts["loss"] + t.relation_weight * relation  # train/loss below: the whole objective
+            if writes_logs(self):
+                self.log("train/relation_loss", relation, batch_size=len(batch.seq_lang), sync_dist=True)
+        # ---- end: relation distillation; without it, the step as before: ------------------------------------------
+        else:
+            if self.online is not None and stage == "train":
+                batch = self.online.predict(batch)
+            logits, parts = self.losses(batch)  # (N, V)
         per_pos = parts["mlm_per_position"]  # (N,)
         with torch.no_grad():
             top1 = parts["top1"]  # the loss's pass found it (argmax over bf16 rows costs a sixth of a step)
-            correct = (top1 == batch.labels).float()
-            agree = (top1 == batch.topk_ids[:, 0]).float()
+            if batch.masked is not None and not bool(batch.masked.all()):  # figures on the masked positions only
+                m = batch.masked
+                top1, labels, first, lang, per_pos = top1[m], batch.labels[m], batch.topk_ids[m, 0], batch.lang[m], per_pos[m]
+            else:
+                labels, first, lang = batch.labels, batch.topk_ids[:, 0], batch.lang
+            n = labels.numel()
+            correct = (top1 == labels).float()
+            agree = (top1 == first).float()
         sync = True  # means over ranks: a DDP run logs the same curve as one process with the global batch
         self.log(f"{stage}/loss", parts["loss"], batch_size=n, sync_dist=sync, prog_bar=True)
         # The other figures only on the steps the loggers write (~20 self.log calls a step were ~7% of the demo
@@ -67,8 +85,8 @@ class DistillModule(L.LightningModule):
         if self.mini_head is not None:  # the primary path above is unchanged; weight 0 adds exactly nothing
             t = self.cfg.train
             mid = self._tap.take()[batch.selected]  # (N, H): layer k's output at the masked positions
-            mini = distill_loss(self.mini_head(mid, self.student.get_input_embeddings().weight), batch.labels,
-                                batch.topk_ids, batch.topk_logits, t.alpha, t.temperature)
+            mini = batch_loss(self.mini_head(mid, self.student.get_input_embeddings().weight), batch, t.alpha, t.temperature,
+                              t.kd_target)
             loss = loss + t.mini_head_weight * mini["loss"]
             if detail:
                 self.log(f"{stage}/mini_loss", mini["loss"], batch_size=n, sync_dist=sync)
@@ -76,15 +94,15 @@ class DistillModule(L.LightningModule):
         # a synced log must be called by every rank alike, so these stay rank-local in training.
         # Validation batches are the same on every rank: synced there.
         lang_sync = stage != "train"
-        for li, lang in enumerate(self.languages if detail else []):
-            here = batch.lang == li
+        for li, lang_name in enumerate(self.languages if detail else []):
+            here = lang == li
             m = int(here.sum())
             if m == 0:
                 continue
-            self.log(f"{stage}/{lang}/mlm_loss", per_pos[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
-            self.log(f"{stage}/{lang}/acc", correct[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
+            self.log(f"{stage}/{lang_name}/mlm_loss", per_pos[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
+            self.log(f"{stage}/{lang_name}/acc", correct[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
             if stage != "train":
-                self.log(f"{stage}/{lang}/agree", agree[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
+                self.log(f"{stage}/{lang_name}/agree", agree[here].mean(), batch_size=m, sync_dist=lang_sync, add_dataloader_idx=False)
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

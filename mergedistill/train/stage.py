@@ -32,6 +32,7 @@ from mergedistill.train.batches import (
     sampling_probs,
 )
 from mergedistill.train.export import export_student
+from mergedistill.train.divergence import DivergenceWatch, ValidationHistory
 from mergedistill.train.guard import AtomicCheckpointIO, InterruptWatch
 from mergedistill.train.module import DistillModule, NonFiniteLoss
 from mergedistill.train.progress import TrainProgress
@@ -57,7 +58,8 @@ class ShardDataModule(L.LightningDataModule):
         for lang in self.languages:
             entry = self.manifest["languages"][lang]["splits"].get(split)
             if entry and entry["sequences"] > 0:
-                out[lang] = LanguageShards([data_dir(self.cfg) / p for p in entry["shards"]], self.vocab_fp, self.manifest["k"])
+                out[lang] = LanguageShards([data_dir(self.cfg) / p for p in entry["shards"]], self.vocab_fp, self.manifest["k"],
+                                           temperature=self.cfg.train.temperature if self.cfg.train.kd_target == "exact" else None)
         return out
 
     def sizes(self) -> dict[str, int]:
@@ -151,7 +153,8 @@ def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillMod
         toks = load_all_tokenizers(cfg)
         routed = {cfg.teacher_of(lang) for lang in languages}
         online = OnlineTeachers(vocab, {n: teacher(n) for n in routed}, {lang: cfg.teacher_of(lang) for lang in languages},
-                                languages, cfg.data.mask_prob, cfg.data.top_k, cfg.train.seed, {n: toks[n].special_ids() for n in routed})
+                                languages, cfg.data.mask_prob, cfg.data.top_k, cfg.train.seed, {n: toks[n].special_ids() for n in routed},
+                                lse_temperature=cfg.train.temperature if cfg.train.kd_target == "exact" else None)
     return DistillModule(cfg, student, languages, online=online), info
 
 
@@ -195,7 +198,7 @@ def baseline_config(cfg: RunConfig) -> RunConfig:
     """The MLM-only baseline's settings: the run's, with nothing from any teacher (alpha 0, offline,
     random initialisation, no embedding rows copied) and the output bias started at the data's token
     frequencies. A copy: `cfg` is left as it was."""
-    return replace(cfg, train=replace(cfg.train, alpha=0.0, mode="offline"),
+    return replace(cfg, train=replace(cfg.train, alpha=0.0, mode="offline", relation_weight=0.0),
                    student=replace(cfg.student, init="random", embeddings_from_teachers=False, init_output_bias=True))
 
 
@@ -218,6 +221,7 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     missing = [lang for lang in cfg.languages if lang not in manifest["languages"]]
     if missing:
         raise UserError(f"train: no shards for {', '.join(missing)}; rerun `mergedistill data`")
+    check_kd_target(cfg, manifest)
     out = train_dir(cfg, baseline)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -228,7 +232,9 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     inputs = {"vocab": vrec["vocab"], "data": {lang: manifest["languages"][lang]["inputs"] for lang in languages},
               "student": student_inputs(cfg), "train": {k: v for k, v in to_dict(cfg.train).items()
                                                          if k not in ("accelerator", "logger", "best_metric")
-                                                         and not (k.startswith("mini_head_") and cfg.train.mini_head_layer is None)}}
+                                                         and not (k.startswith("mini_head_") and cfg.train.mini_head_layer is None)
+                                                         and not (k.startswith("divergence_") and cfg.train.on_divergence == "warn")
+                                                         and not (k.startswith("relation_") and cfg.train.relation_weight == 0)}}
     start_over = False  # set the earlier student aside once this one is about to train (never before)
     if _is_launcher():
         if state_path.is_file() and (export / "config.json").is_file() and not force:
@@ -269,12 +275,14 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.best_metric, save_top_k=1, every_n_epochs=1,
                            mode="max" if t.best_metric in ("val/acc", "val/agree") else "min", save_on_train_epoch_end=False)
     watch = InterruptWatch()
+    diverge = DivergenceWatch(t.divergence_nats, t.divergence_patience, stop=t.on_divergence == "stop", logger=log)
+    history = ValidationHistory()
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes, precision=lightning_precision(cfg.train.precision, cfg.train.accelerator),
         max_steps=t.max_steps, accumulate_grad_batches=t.grad_accum, gradient_clip_val=t.grad_clip or None,
         val_check_interval=t.val_every * t.grad_accum if has_val else None, check_val_every_n_epoch=None,
         num_sanity_val_steps=0, logger=_loggers(cfg, out), plugins=[AtomicCheckpointIO()],
-        callbacks=[ckpt, *([best] if has_val else []), TrainProgress("train", every_s=20, logger=log), watch],
+        callbacks=[ckpt, *([best] if has_val else []), TrainProgress("train", every_s=20, logger=log), watch, diverge, history],
         default_root_dir=str(out), enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
         log_every_n_steps=min(10, t.val_every), use_distributed_sampler=False, limit_val_batches=None if has_val else 0,
     )
@@ -298,16 +306,52 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     if has_val and best.best_model_path:
         best_info = {"file": os.path.relpath(best.best_model_path, out), "metric": t.best_metric,
                      "score": float(best.best_model_score) if best.best_model_score is not None else None}
-    export_student(cfg, module.student, vocab, vrec, manifest, languages, metrics, init_info, best_info, out / "export",
-                   mini_head=module.mini_head)
+    exported = choose_export(module, t.export, best_info, out, history.by_step, trainer.global_step, metrics)
+    if diverge.found is not None:
+        exported["divergence"] = diverge.found.as_dict()
+    export_student(cfg, module.student, vocab, vrec, manifest, languages, exported["val"], init_info, best_info, out / "export",
+                   mini_head=module.mini_head, exported=exported)
     write_json_atomic(state_path, {"inputs": inputs, "status": "done", "steps": trainer.global_step, "val": metrics,
-                                   "best": best_info, "seconds": time.monotonic() - start})
+                                   "best": best_info, "exported": exported, "seconds": time.monotonic() - start})
     prev_dir = previous_dir(out)
     if prev_dir.exists():
         shutil.rmtree(prev_dir)
         log.info("train: the new student is exported; removed the previous one (%s)", prev_dir)
     log.info("train: %d steps in %.0f s; exported to %s", trainer.global_step, time.monotonic() - start, export)
     return export
+
+
+def check_kd_target(cfg: RunConfig, manifest: dict) -> None:
+    """The exact-mass KD target needs the teacher's log-normaliser at train.temperature in the shards."""
+    t = cfg.train
+    if t.kd_target != "exact" or t.alpha == 0.0 or t.mode != "offline":
+        return
+    stored = manifest.get("lse_temperatures") or []
+    from mergedistill.train.batches import lse_column
+
+    if lse_column(stored, t.temperature) is None:
+        raise UserError(f"train.temperature: {t.temperature:g} has no stored teacher log-normaliser in the shards "
+                        f"(data.lse_temperatures: {stored}); add it to data.lse_temperatures and rerun `{cfg.command('data')}`, "
+                        "or set train.kd_target: renormalised")
+
+
+def choose_export(module: DistillModule, which: str, best_info: dict | None, out: Path, history: dict[int, dict],
+                  last_step: int, last_metrics: dict) -> dict:
+    """Put the weights to export into `module` and say which they are: with `which` = best and a best
+    checkpoint, that checkpoint's weights (loaded with weights_only) and the validation figures of its step;
+    otherwise the last step's. Returns {"weights": best | last, "step", "metric", "score", "val": figures of
+    those weights, "last": {"step", "val"}} (the last step's figures, for comparison)."""
+    out_info = {"weights": "last", "step": last_step, "val": last_metrics, "last": {"step": last_step, "val": last_metrics}}
+    if which != "best" or best_info is None:
+        if which == "best":
+            out_info["note"] = "no validation split: the last step's weights"
+        return out_info
+    ckpt = torch.load(out / best_info["file"], map_location="cpu", weights_only=True)
+    step = int(ckpt["global_step"])
+    if step != last_step:
+        module.load_state_dict(ckpt["state_dict"])
+    val = history.get(step, {best_info["metric"]: best_info["score"]})
+    return {**out_info, "weights": "best", "step": step, "metric": best_info["metric"], "score": best_info["score"], "val": val}
 
 
 def fit_model(cfg: RunConfig, out: Path, student=None, callbacks: list | tuple = (), label: str = "train"):
@@ -322,6 +366,7 @@ def fit_model(cfg: RunConfig, out: Path, student=None, callbacks: list | tuple =
     vocab, vrec = load_vocab(cfg)
     manifest = load_manifest(cfg, vrec["vocab"])
     languages = [lang for lang in cfg.languages if lang in manifest["languages"]]
+    check_kd_target(cfg, manifest)
     L.seed_everything(t.seed, workers=True, verbose=False)
     if student is None:
         module, _ = make_module(replace(cfg, train=replace(t, mode="offline")), vocab, languages)

@@ -111,6 +111,12 @@ def test_shards_hold_the_full_forward_top_k_in_student_ids(here, tiny_teachers, 
         got_val = row["topk_logits"].reshape(-1, cfg.data.top_k)
         assert (got_ids == vocab.idmaps[name][ref_ids.numpy()]).all()
         np.testing.assert_allclose(got_val, ref_val.numpy(), rtol=2e-3, atol=2e-3)  # stored as float16
+        # the log-normaliser at each stored temperature: exact probabilities of the top-k
+        temps = cfg.data.lse_temperatures
+        got_lse = row["topk_lse"].reshape(-1, len(temps))
+        for j, t in enumerate(temps):
+            np.testing.assert_allclose(got_lse[:, j], torch.logsumexp(logits / t, -1).numpy(), rtol=1e-5, atol=1e-5)
+        assert len(row["kd_positions"]) == 0  # data.unmasked_kd_prob is 0 by default
 
 
 @pytest.mark.parametrize("lang", ["de", "ru", "fr", "zh"])
@@ -478,3 +484,53 @@ def test_valid_max_sequences_keeps_the_first_valid_sequences_only(tmp_path, tiny
         assert capped_man["languages"][lang]["splits"]["train"] == full_man["languages"][lang]["splits"]["train"]
         for p, q in zip(shards_of(tmp_path / "capped", lang), shards_of(tmp_path / "all", lang)):
             assert p.read_bytes() == q.read_bytes()
+
+
+def test_unmasked_positions_are_labelled_too_and_the_masking_stays_the_same(here, tmp_path, tiny_teachers, corpora, monkeypatch):
+    """data.unmasked_kd_prob labels a share of the unmasked tokens (the teacher's top-k at each, from the same
+    forward pass) and leaves the masked positions and inputs exactly as without it."""
+    work, cfg = here
+    monkeypatch.chdir(tmp_path)
+    cfg2 = build(tmp_path, tiny_teachers, corpora, data={**DATA, "unmasked_kd_prob": 0.3})
+    vocab, _ = load_vocab(cfg2)
+    k = cfg2.data.top_k
+    for lang in ("de", "ru"):
+        name = ROUTING[lang]
+        inv = _inverse(vocab.idmaps[name], vocab.size)
+        model = AutoModelForMaskedLM.from_pretrained(str(tiny_teachers[name])).eval()
+        tok = AutoTokenizer.from_pretrained(str(tiny_teachers[name]))
+        specials = {tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id}
+        before = read_all(work)[lang]
+        after = read_all(tmp_path)[lang]
+        assert len(before) == len(after)
+        extra = 0
+        for a, b in zip(before, after):
+            assert (a["input_ids"] == b["input_ids"]).all() and (a["positions"] == b["positions"]).all()
+            kd = b["kd_positions"]
+            extra += len(kd)
+            assert not set(kd.tolist()) & set(b["positions"].tolist())
+            t_in = torch.from_numpy(inv[b["input_ids"]])[None]
+            assert not set(t_in[0, kd].tolist()) & specials
+            allpos = np.sort(np.concatenate([b["positions"], kd])).astype(np.int64)
+            with torch.no_grad():
+                logits = model(input_ids=t_in).logits[0, allpos]
+            logits[:, sorted(specials)] = float("-inf")
+            ref_ids = logits.topk(k, dim=-1).indices
+            assert (b["topk_ids"].reshape(-1, k) == vocab.idmaps[name][ref_ids.numpy()]).all()
+        unmasked = sum(len(r["input_ids"]) - 2 - len(r["positions"]) for r in after)  # roughly: [CLS] and a [SEP] each
+        assert 0.2 < extra / unmasked < 0.4
+
+
+def test_shards_of_an_older_format_are_refused_with_rerun_data(here, tmp_path):
+    import json
+    import shutil
+
+    work, _ = here
+    src = shards_of(work, "de")[0]
+    dst = tmp_path / src.name
+    shutil.copy(src, dst)
+    rec = json.loads(src.with_suffix(".json").read_text())
+    rec["format"] = 2
+    dst.with_suffix(".json").write_text(json.dumps(rec))
+    with pytest.raises(UserError, match="shard format 2.*rerun `mergedistill data`"):
+        open_shard(dst)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 from conftest import SENTENCES, in_dir
 from mergedistill.cli import main
 from mergedistill.config import load_config
+from mergedistill.data.masking import IGNORE_INDEX
 from mergedistill.demo.source_task import build_source_task
 from mergedistill.errors import UserError
 from mergedistill.eval.report import set_card_section
@@ -175,13 +177,16 @@ def test_outputs_exist_with_the_expected_rows(evaluated):
     for lang, (routed, cands) in ROUTING.items():
         pll = "bits_per_char" if lang == "ja" else "pll_per_word"
         unit = "chars_scored" if lang == "ja" else "words_scored"
+        diffs = [f"{m}_diff{s}" for m in ("mlm_acc", "masked_ce") for s in ("", "_lo", "_hi")]
         for model in ("student", "baseline"):
-            for metric in ("mlm_acc", "agreement", pll, "pppl", "tokens_scored", unit):
+            for metric in ("mlm_acc", "masked_ce", "agreement", pll, "pppl", "tokens_scored", unit, *diffs):
                 assert ("intrinsic", lang, model, metric) in got, (lang, model, metric)
         for t in [routed, *cands]:
             for metric in ("mlm_acc", pll, "pppl", "tokens_scored", unit):
                 assert ("intrinsic", lang, f"teacher:{t}", metric) in got, (lang, t, metric)
             assert ("intrinsic", lang, f"teacher:{t}", "agreement") not in got
+            assert (("intrinsic", lang, f"teacher:{t}", "masked_ce") in got) == (t == routed)  # like for like: the routed one
+        assert ("intrinsic", lang, f"teacher:{routed}", "gold_pruned") in got
         assert ("intrinsic", lang, "unigram", "mlm_acc") in got
     wrong_unit = {(r["language"], r["metric"]) for r in rows if r["metric"] in ("bits_per_char", "pll_per_word")}
     assert ("ja", "pll_per_word") not in wrong_unit and ("en", "bits_per_char") not in wrong_unit
@@ -204,10 +209,12 @@ def test_outputs_exist_with_the_expected_rows(evaluated):
     assert ("de", "teacher:wp", "source/acc_from_en") in down and ("de", "teacher:bbpe", "source/acc_from_en") in down
     assert ("ru", "teacher:wp", "source/acc_from_en") not in down
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows if r["section"] != "intrinsic")
-    for p in ("accuracy.png", "pll.png", "retrieval_student.png", "retrieval_baseline.png", "downstream_source.png"):
+    for p in ("accuracy.png", "pll.png", "vs_teacher_mlm_acc.png", "vs_teacher_masked_ce.png", "retrieval_student.png",
+              "retrieval_baseline.png", "downstream_source.png"):
         assert (out / "plots" / p).stat().st_size > 1000, p
     report = (out / "report.md").read_text(encoding="utf-8")
-    for needle in ("## Intrinsic", "### ja", "bits/char", "## Cross-lingual retrieval", "zero-shot from en", "plots/accuracy.png"):
+    for needle in ("## Intrinsic", "### ja", "bits/char", "## Cross-lingual retrieval", "zero-shot from en", "plots/accuracy.png",
+                   "## Student vs routed teacher, like for like", "masked CE (nats)", "**masked CE** (`masked_ce`)"):
         assert needle in report, needle
     # the task files the demo built are what the downstream rows were scored on
     task = [json.loads(x) for x in (work / "runs" / "t" / "tasks" / "source" / "de.test.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -227,11 +234,28 @@ def test_the_reindexed_teacher_as_student_matches_its_teacher(evaluated):
         for metric in ("pll_per_word", "pppl", "tokens_scored", "words_scored"):
             assert value(rows, "intrinsic", lang, "student", metric) == pytest.approx(
                 value(rows, "intrinsic", lang, "teacher:wp", metric), rel=1e-4), (lang, metric)
+        # like for like: the same pieces for both, so the same cross-entropy; the paired difference is 0 on every resample
+        assert value(rows, "intrinsic", lang, "student", "masked_ce") == pytest.approx(
+            value(rows, "intrinsic", lang, "teacher:wp", "masked_ce"), rel=1e-4)
+        assert [value(rows, "intrinsic", lang, "student", f"mlm_acc_diff{s}") for s in ("", "_lo", "_hi")] == [0.0, 0.0, 0.0]
+        for s in ("", "_lo", "_hi"):
+            assert value(rows, "intrinsic", lang, "student", f"masked_ce_diff{s}") == pytest.approx(0.0, abs=1e-4)
+        # the random baseline is far behind: its interval lies wholly on the worse side
+        assert value(rows, "intrinsic", lang, "baseline", "mlm_acc_diff_hi") < 0
+        assert value(rows, "intrinsic", lang, "baseline", "masked_ce_diff_lo") > 1.0
     for d in ("en->de", "de->en"):
         assert value(rows, "retrieval", d, "student", "retrieval_acc@1") == value(
             rows, "retrieval", d, "teacher:wp", "retrieval_acc@1")
     n = [r for r in rows if (r["language"], r["model"], r["metric"]) == ("en", "student", "mlm_acc")][0]["n"]
     assert int(n) > 20  # 30% of the tokens of up to 40 lines
+    lines = [r for r in rows if (r["language"], r["model"], r["metric"]) == ("en", "student", "mlm_acc_diff")][0]["n"]
+    assert 10 < int(lines) <= 24  # the bootstrap resamples the test lines holding a masked position (24 in the split)
+    report = (work / "runs" / "t" / "eval" / "report.md").read_text(encoding="utf-8")
+    table = report[report.index("## Student vs routed teacher"):report.index("## Intrinsic")]
+    en = next(line for line in table.splitlines() if line.startswith("| en | wp |"))
+    assert "+0.000 [+0.000, +0.000] | level" in en
+    assert "The student, like for like with the routed teacher: at or above the teacher's masked accuracy on" in table
+    assert "The baseline, like for like with the routed teacher" in table
 
 
 def test_model_card_gets_the_results_table(evaluated):
@@ -242,6 +266,7 @@ def test_model_card_gets_the_results_table(evaluated):
     section = card[card.index("## Evaluation"):card.index("## License")]
     assert "| en | wp |" in section and "runs/t/eval/report.md" in section and "Cross-lingual retrieval" in section
     assert "zero-shot from en" in section
+    assert "The student, like for like with the routed teacher: at or above the teacher's masked accuracy on" in section
 
 
 def test_rerun_skips_and_force_redoes(evaluated, caplog):
@@ -304,7 +329,6 @@ def test_label_mismatch_explains_misleading_zero_shot_pairs():
 def test_student_accuracy_is_over_the_ids_the_language_can_write(evaluated):
     """A student whose head favours an id that English's tokenizer (wp's) cannot write: evaluate's accuracy
     and agreement ignore it, as the exported student's per-language use does."""
-    from mergedistill.data.masking import IGNORE_INDEX
     from mergedistill.eval.metrics import masked_eval_set, masked_top1
     from mergedistill.eval.models import Export, Models
     from mergedistill.eval.stage import intrinsic, preflight
@@ -331,3 +355,39 @@ def test_student_accuracy_is_over_the_ids_the_language_can_write(evaluated):
     got = {(r.model, r.metric): r.value for r in rows}
     assert got[("student", "agreement")] == 1.0
     assert got[("student", "mlm_acc")] == pytest.approx(got[("teacher:wp", "mlm_acc")]) and got[("student", "mlm_acc")] > 0.05
+
+
+def test_gold_pieces_pruned_from_the_student_vocabulary_are_left_out_of_cross_entropy(evaluated):
+    """Prune wp's most frequent masked piece from the student vocabulary (its id map says -1): those positions
+    count as misses for every model and drop out of masked CE for every model, which stays finite."""
+    import copy
+
+    from mergedistill.corpus import sample_lines, spread_subset
+    from mergedistill.eval.metrics import masked_eval_set
+    from mergedistill.eval.models import Models
+    from mergedistill.eval.stage import intrinsic, preflight
+
+    work, cfg_path = evaluated
+    with in_dir(work):
+        cfg = load_config(cfg_path, ["--eval.baseline=false"])
+        plan = preflight(cfg)
+        models = Models(cfg, plan.student, None)
+        _, tok = models.teacher("wp")
+        texts = spread_subset(sample_lines(cfg.languages["en"].test, "t", None), cfg.eval.max_lines, cfg.eval.seed)
+        seq_len = min(models.max_len(k) for k in ("teacher:wp", "student"))  # as intrinsic packs
+        eset = masked_eval_set(tok, texts, seq_len, cfg.eval.mask_prob, cfg.eval.seed)
+        gold = eset["labels"][eset["labels"] != IGNORE_INDEX]
+        piece = int(torch.mode(gold).values)
+        vocab = copy.copy(plan.vocab)
+        vocab.idmaps = {**vocab.idmaps, "wp": vocab.idmaps["wp"].copy()}
+        vocab.idmaps["wp"][piece] = -1
+        plan.vocab = vocab
+        rows = {(r.model, r.metric): r for r in intrinsic(cfg, models, plan, "en")}
+    pruned = int((gold == piece).sum())
+    assert pruned > 1
+    assert rows[("teacher:wp", "gold_pruned")].value == pruned and rows[("teacher:wp", "gold_pruned")].n == gold.numel()
+    for model in ("teacher:wp", "student"):
+        assert rows[(model, "masked_ce")].n == gold.numel() - pruned and math.isfinite(rows[(model, "masked_ce")].value)
+        assert rows[(model, "mlm_acc")].n == gold.numel()
+    assert rows[("teacher:wp", "mlm_acc")].value <= 1 - pruned / gold.numel()  # the teacher cannot predict a pruned piece either
+    assert math.isfinite(rows[("student", "masked_ce_diff_hi")].value)

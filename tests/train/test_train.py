@@ -138,7 +138,7 @@ def test_rows_read_in_one_take_per_shard_equal_row_by_row_reads(run_dir, tiny_te
         assert g.keys() == w.keys()
         for c in w:
             assert np.array_equal(g[c], w[c]), c  # the stored dtypes (uint16, float16); self[i] widens them
-    a, b = collate(got, [0] * len(idx), man["k"]), collate(want, [0] * len(idx), man["k"])
+    a, b = collate(got, [0] * len(idx), man["k"], lse_col=0), collate(want, [0] * len(idx), man["k"], lse_col=0)
     assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in a.__dict__)
     assert src.rows([]) == []
     with pytest.raises(IndexError):
@@ -246,7 +246,7 @@ def test_resume_continues_with_the_same_next_batch_and_weights(run_dir, tiny_tea
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(run_dir, tiny_teachers, corpora, monkeypatch, capsys):
     import mergedistill.train.module as module_mod
 
-    real = module_mod.distill_loss
+    real = module_mod.batch_loss
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -256,7 +256,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(module_mod, "distill_loss", poisoned)
+    monkeypatch.setattr(module_mod, "batch_loss", poisoned)
     cfg = write_config(run_dir, tiny_teachers, corpora)
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
