@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss bench-relations clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss bench-relations study clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -18,6 +18,7 @@ help:
 	@echo "make xmod      # dense vs X-Mod student on the demo's six languages: runs/demo/archs/report.md"
 	@echo "make extend    # add Italian to the demo student: full vs mini-model adaptation (runs/demo/extend/it/report.md)"
 	@echo "make compress  # the demo student pruned, quantized and distilled smaller, per language: runs/demo/compress/report.md"
+	@echo "make study     # the recipe study: each lever against the demo's recipe, then three seeds (runs/demo/sweep/<name>/report.md)"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
 	@echo "make battery   # 85 bad inputs, full disks, read-only folders, kills and concurrent runs: a table of how each ends"
 
@@ -69,6 +70,16 @@ demo: teachers
 	$(PY) -m mergedistill.demo.source_task --config configs/demo.yaml > /dev/null
 	time $(MD) run --config configs/demo.yaml
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
+
+# the recipe study (README: "The recipe study"): each lever of the distillation recipe against the demo's
+# configured recipe at the same steps, then that recipe over three seeds; one table and plot per sweep in
+# runs/demo/sweep/<name>/ (the variant equal to the demo's settings is the demo run itself; unchanged shards are reused)
+study: demo
+	$(MD) sweep --config configs/demo.yaml --sweep.name=seeds --sweep.seeds=[0,1,2] --vary train.alpha=0.5
+	$(MD) sweep --config configs/demo.yaml --sweep.name=lr --vary train.lr=0.003,0.001
+	$(MD) sweep --config configs/demo.yaml --sweep.name=kd-target --vary train.kd_target=renormalised,exact
+	$(MD) sweep --config configs/demo.yaml --sweep.name=temperature --vary train.temperature=1,2
+	$(MD) sweep --config configs/demo.yaml --sweep.name=unmasked --vary data.unmasked_kd_prob=0,0.15
 
 # add Italian to the demo student (full vs the mini-model, side by side): runs/demo/extend/it/report.md
 extend: demo

@@ -263,10 +263,11 @@ class ShardBuilder:
                     x = mb.input_ids[idx, :w]  # (B, w)
                     sel = labelled[idx, :w]
                     att = (torch.arange(w)[None, :] < torch.from_numpy(lengths[idx])[:, None]).long()
-                    t_ids, t_val, t_lse = topk_at_masked(self.model, x.to(self.device), att.to(self.device), sel.to(self.device),
-                                                         d.top_k, self.allowed, lse_temperatures=temps)
+                    t_ids, t_val, *t_lse = topk_at_masked(self.model, x.to(self.device), att.to(self.device), sel.to(self.device),
+                                                          d.top_k, self.allowed, lse_temperatures=temps)
                     counts = sel.sum(1).tolist()
-                    t_ids, t_val, t_lse = t_ids.cpu().numpy(), t_val.cpu().numpy(), t_lse.cpu().numpy()
+                    t_lse = t_lse[0].cpu().numpy() if t_lse else np.zeros((len(t_ids), 0), dtype=np.float32)  # none stored
+                    t_ids, t_val = t_ids.cpu().numpy(), t_val.cpu().numpy()
                     start = 0
                     for j, c in zip(idx.tolist(), counts):
                         top_ids[j], top_val[j], top_lse[j] = t_ids[start: start + c], t_val[start: start + c], t_lse[start: start + c]

@@ -102,6 +102,22 @@ class Export:
             self._toks[sub] = AutoTokenizer.from_pretrained(str(self.folder / sub))
         return self._toks[sub]
 
+    def weights_text(self) -> str:
+        """Which weights the train stage exported (train.export), for the report's header."""
+        ex = self.meta.get("exported")
+        if not isinstance(ex, dict):
+            return "weights: the last step's (exported before train.export existed)"
+        if ex.get("weights") == "best":
+            text = f"weights: the best checkpoint, step {ex.get('step')} of {ex.get('last', {}).get('step')}"
+            if ex.get("metric") and isinstance(ex.get("score"), (int, float)):
+                text += f" ({ex['metric']} {ex['score']:.4f})"
+        else:
+            text = f"weights: the last step's ({ex.get('step')})"
+        d = ex.get("divergence")
+        if isinstance(d, dict):
+            text += f"; **training diverged** at step {d.get('step')} (smoothed loss {d.get('best', 0):.3f} -> {d.get('loss', 0):.3f})"
+        return text
+
     def fingerprint(self) -> str:
         """Hash of what the evaluation reads (weights, config, tokenizers), not of the README it edits."""
         h = hashlib.sha256()
@@ -138,7 +154,8 @@ class Models:
 
     def _export(self, key: str) -> Export:
         exp = self.student if key == "student" else self.baseline
-        assert exp is not None, f"no {key} to evaluate"
+        if exp is None:
+            raise ValueError(f"no {key} to evaluate")
         return exp
 
     def teachers_of(self, lang: str) -> list[str]:

@@ -555,7 +555,7 @@ def _header(cfg: RunConfig, plan: Plan, seconds: float, table: Table | None = No
     return "\n".join([
         f"# Evaluation: {cfg.run}",
         "",
-        f"- student: `{plan.student.folder}`; MLM-only baseline: {base}",
+        f"- student: `{plan.student.folder}` ({plan.student.weights_text()}); MLM-only baseline: {base}",
         f"- vocabulary `{plan.vrec['vocab']}`; languages and teachers: "
         + "; ".join(f"{lang} -> {', '.join(cfg.teachers_of(lang))}" for lang in plan.languages),
         f"- test lines per language (a seeded random sample spread over the split): {e.max_lines if e.max_lines is not None else 'all'} for masked accuracy "

@@ -534,3 +534,23 @@ def test_shards_of_an_older_format_are_refused_with_rerun_data(here, tmp_path):
     dst.with_suffix(".json").write_text(json.dumps(rec))
     with pytest.raises(UserError, match="shard format 2.*rerun `mergedistill data`"):
         open_shard(dst)
+
+
+def test_without_log_normalisers_the_shards_are_smaller_by_their_bytes(here, tmp_path, tiny_teachers, corpora, monkeypatch):
+    """data.lse_temperatures: [] stores no log-normaliser (train.kd_target: renormalised then); with [1, 2] each
+    labelled position costs 8 bytes more, nothing else changes."""
+    work, cfg = here
+    monkeypatch.chdir(tmp_path)
+    cfg2 = build(tmp_path, tiny_teachers, corpora, data={**DATA, "lse_temperatures": []})
+    before, after = read_all(work), read_all(tmp_path)
+    for lang in ROUTING:
+        for a, b in zip(before[lang], after[lang]):
+            assert (a["topk_ids"] == b["topk_ids"]).all() and len(b["topk_lse"]) == 0
+    import json
+
+    m1 = json.loads((work / "runs/t/data/manifest.json").read_text())
+    m2 = json.loads((tmp_path / "runs/t/data/manifest.json").read_text())
+    masked = sum(sp["masked"] for e in m1["languages"].values() for sp in e["splits"].values())
+    assert m2["lse_temperatures"] == [] and m1["lse_temperatures"] == [1.0, 2.0]
+    # Arrow pads each buffer to 8 bytes: 22 shards x one buffer each
+    assert 0 <= m1["totals"]["bytes"] - m2["totals"]["bytes"] - 8 * masked <= 64 * m1["totals"]["shards"]

@@ -114,3 +114,15 @@ def test_stop_on_divergence_and_export_last(run_dir, tiny_teachers, corpora, mon
         assert torch.equal(exported[w], last["state_dict"]["student." + w].to(exported[w].dtype))
     card = (run_dir / "runs/t/train/export/README.md").read_text()
     assert "these weights: the last step's" in card and "training diverged" in card
+
+
+def test_the_evaluation_report_names_the_exported_weights(tmp_path):
+    from mergedistill.eval.models import Export
+
+    best = {"weights": "best", "step": 400, "metric": "val/loss", "score": 4.91, "last": {"step": 1200, "val": {}},
+            "divergence": {"step": 520, "detected_at": 620, "loss": 5.6, "best": 4.7, "best_step": 250}}
+    text = Export("student", tmp_path, {}, {"exported": best}).weights_text()
+    assert "the best checkpoint, step 400 of 1200 (val/loss 4.9100)" in text and "training diverged** at step 520" in text
+    last = Export("student", tmp_path, {}, {"exported": {"weights": "last", "step": 1200, "last": {"step": 1200, "val": {}}}})
+    assert last.weights_text() == "weights: the last step's (1200)"
+    assert "before train.export existed" in Export("student", tmp_path, {}, {}).weights_text()
