@@ -75,11 +75,12 @@ demo: teachers
 # configured recipe at the same steps, then that recipe over three seeds; one table and plot per sweep in
 # runs/demo/sweep/<name>/ (the variant equal to the demo's settings is the demo run itself; unchanged shards are reused)
 study: demo
-	$(MD) sweep --config configs/demo.yaml --sweep.name=seeds --sweep.seeds=[0,1,2] --vary train.alpha=0.5
-	$(MD) sweep --config configs/demo.yaml --sweep.name=lr --vary train.lr=0.003,0.001
 	$(MD) sweep --config configs/demo.yaml --sweep.name=kd-target --vary train.kd_target=renormalised,exact
+	$(MD) sweep --config configs/demo.yaml --sweep.name=lr --vary train.lr=0.003,0.001
+	$(MD) sweep --config configs/demo.yaml --sweep.name=seeds --sweep.seeds=[0,1,2] --vary train.alpha=0.5
 	$(MD) sweep --config configs/demo.yaml --sweep.name=temperature --vary train.temperature=1,2
 	$(MD) sweep --config configs/demo.yaml --sweep.name=unmasked --vary data.unmasked_kd_prob=0,0.15
+	$(MD) sweep --config configs/demo.yaml --sweep.name=steps --vary train.max_steps=2400
 
 # add Italian to the demo student (full vs the mini-model, side by side): runs/demo/extend/it/report.md
 extend: demo
