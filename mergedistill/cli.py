@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    keep_freed_memory()  # large CPU tensors reuse freed heap memory instead of faulting in fresh pages
     try:
+        keep_freed_memory()  # large CPU tensors reuse freed heap memory instead of faulting in fresh pages
         if bad:
             raise UserError(f"unrecognised arguments {' '.join(bad)}: overrides take the form --section.key=value")
         cfg = load_config(args.config, rest)

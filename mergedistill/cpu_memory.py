@@ -10,7 +10,8 @@ stay in the heap and are reused, as PyTorch's CUDA caching allocator does on GPU
 the process's resident memory stays near its peak instead of shrinking between steps.
 `make bench-loss` measures both, side by side.
 
-Set MERGEDISTILL_MALLOC=system to keep glibc's defaults; MALLOC_MMAP_THRESHOLD_ or
+Set MERGEDISTILL_MALLOC=system to keep glibc's defaults (`keep`, or unset: this setting); any other value is
+refused (exit 2) rather than read as `keep`. MALLOC_MMAP_THRESHOLD_ or
 MALLOC_TRIM_THRESHOLD_ in the environment (glibc's own knobs) are left as the user set them.
 Other C libraries (macOS, musl) are left alone."""
 from __future__ import annotations
@@ -20,22 +21,38 @@ import ctypes.util
 import logging
 import os
 
+from mergedistill.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
 _LIMIT = 2**31 - 1  # mallopt takes an int
 _applied: bool | None = None
+SETTINGS = {"keep": "freed memory is kept for reuse (the default)", "system": "glibc's defaults"}
+"""The values MERGEDISTILL_MALLOC takes (case-insensitive; unset or empty: keep)."""
+
+
+def malloc_setting() -> str:
+    """MERGEDISTILL_MALLOC, checked: `keep` or `system`; UserError naming the accepted values otherwise (a
+    misspelt `system` must not silently keep the memory)."""
+    raw = os.environ.get("MERGEDISTILL_MALLOC", "")
+    value = raw.strip().lower() or "keep"
+    if value not in SETTINGS:
+        accepted = "; ".join(f"`{k}`: {v}" for k, v in SETTINGS.items())
+        raise UserError(f"MERGEDISTILL_MALLOC={raw!r}: not a setting; use one of {accepted}, or unset it")
+    return value
 
 
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed blocks for reuse (see the module's docstring). Idempotent;
-    returns whether the setting is in effect."""
+    returns whether the setting is in effect. UserError for an unknown MERGEDISTILL_MALLOC."""
     global _applied
     if _applied is not None:
         return _applied
+    setting = malloc_setting()
     _applied = False
-    if os.environ.get("MERGEDISTILL_MALLOC", "").lower() == "system":
+    if setting == "system":
         return False
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return False

@@ -812,8 +812,15 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@case("kill -9 of vocab with its workers", rc=-9, words=(),
-      check=lambda c: (f"workers still alive after their parent was killed: {c.notes[-1]}" if c.notes and c.notes[-1].startswith("alive") else None))
+def _workers_gone(c: Ctx) -> str | None:
+    """Handled only if workers were seen before the kill, and none of them outlived it."""
+    note = c.notes[-1] if c.notes else ""
+    if not note.startswith(("alive", "gone")):
+        return "no worker of vocab was seen before the kill: nothing was checked"
+    return f"workers still alive after their parent was killed: {note}" if note.startswith("alive") else None
+
+
+@case("kill -9 of vocab with its workers", rc=-9, words=(), check=_workers_gone)
 def _(c: Ctx):
     big = c.d / "big.txt"
     big.write_text((c.root / "corpora/de/train.txt").read_text() * 3000)
@@ -829,7 +836,8 @@ def _(c: Ctx):
     for w in alive:
         with contextlib.suppress(ProcessLookupError):
             os.kill(w, signal.SIGKILL)
-    c.notes.append(f"alive {alive}" if alive else f"{len(workers)} workers gone")
+    if workers:
+        c.notes.append(f"alive {alive}" if alive else f"gone: all {len(workers)} workers")
     return rc, f"killed; {len(workers)} workers seen, {len(alive)} still alive afterwards" if workers else "no workers seen"
 
 
@@ -900,17 +908,41 @@ def _(c: Ctx):
         finish(proc, log)
 
 
-@case("lock of a killed data run does not block the next", rc=0, words=(),
-      check=lambda c: None if (c.d / "runs/b/data/manifest.json").is_file() else "no manifest after the rerun")
+def _stale_lock_taken(c: Ctx) -> str | None:
+    """Handled only if the data run was killed while it held the lock, its lock file still named it when the next
+    run started (a stale lock stood in the way), and the next run took the lock and finished."""
+    lock = c.d / "runs/b/.lock-data"
+    killed = next((n.split()[-1] for n in c.notes if n.startswith("killed holding the lock")), None)
+    if killed is None:
+        return "the data run was not seen holding its lock when it was killed: nothing was checked"
+    if not any(n.startswith("stale lock") for n in c.notes):
+        return "no lock file naming the killed run was left: nothing stood in the next run's way"
+    if _holder_of(lock) == killed:
+        return "the next run did not take the lock: it still names the killed run"
+    return None if (c.d / "runs/b/data/manifest.json").is_file() else "no manifest after the rerun"
+
+
+def _holder_of(lock: Path) -> str | None:
+    try:
+        return lock.read_text().strip()
+    except OSError:
+        return None
+
+
+@case("lock of a killed data run does not block the next", rc=0, words=(), check=_stale_lock_taken)
 def _(c: Ctx):
     big = c.d / "big.txt"
     big.write_text((c.root / "corpora/de/train.txt").read_text() * 40)
     c.config(**{"languages.de.train": str(big)})
     proc, log = spawn_logged(c, "data", "--config", "c.yaml", "--force")
     lock = c.d / "runs/b/.lock-data"
-    wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(proc.pid), 300, proc)
+    held = wait_for(lambda: _holder_of(lock) == str(proc.pid), 300, proc) and proc.poll() is None
     proc.send_signal(signal.SIGKILL)
-    finish(proc, log)
+    rc, _ = finish(proc, log)
+    if held and rc == -signal.SIGKILL:
+        c.notes.append(f"killed holding the lock: pid {proc.pid}")
+    if _holder_of(lock) == str(proc.pid):
+        c.notes.append("stale lock left")
     return cli(c.d, "data", "--config", "c.yaml")
 
 

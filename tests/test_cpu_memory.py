@@ -34,3 +34,23 @@ def test_glibc_takes_the_setting_once(fresh):
 def test_the_user_can_keep_the_system_allocator(fresh, var, value):
     fresh.setenv(var, value)
     assert cpu_memory.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("value", ["keep", "KEEP", "", " system "])
+def test_the_accepted_values(fresh, value):
+    fresh.setenv("MERGEDISTILL_MALLOC", value)
+    assert cpu_memory.malloc_setting() == (value.strip().lower() or "keep")
+
+
+def test_a_misspelt_value_is_refused_naming_the_accepted_ones(fresh, capsys):
+    """MERGEDISTILL_MALLOC=sytem used to keep the memory silently; now every entry point exits 2 saying why."""
+    from mergedistill.cli import main
+    from mergedistill.errors import UserError
+
+    fresh.setenv("MERGEDISTILL_MALLOC", "sytem")
+    with pytest.raises(UserError, match=r"MERGEDISTILL_MALLOC='sytem': not a setting; use one of `keep`.*`system`"):
+        cpu_memory.keep_freed_memory()
+    assert cpu_memory._applied is None  # nothing decided
+    assert main(["vocab", "--config", "no-such.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "mergedistill vocab: error: MERGEDISTILL_MALLOC='sytem': not a setting" in err and "Traceback" not in err

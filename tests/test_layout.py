@@ -6,6 +6,7 @@ import ast
 import re
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "mergedistill"
 
@@ -58,3 +59,16 @@ def test_readme_layout_lists_every_module():
     modules = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name != "__init__.py"}
     assert modules - listed == set(), f"modules missing from the README's layout: {sorted(modules - listed)}"
     assert listed - modules == set(), f"the README lists modules that do not exist: {sorted(listed - modules)}"
+
+
+def _asserts(path: Path) -> list[int]:
+    return [n.lineno for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))) if isinstance(n, ast.Assert)]
+
+
+def test_no_check_in_the_package_is_an_assert():
+    """`python -O` strips assert statements: a check of data or of an invariant must be a raise (UserError for
+    bad input, ValueError / RuntimeError for the rest) so that it holds in every mode."""
+    found = [f"{path.relative_to(ROOT)}:{line}" for path in sorted(PKG.rglob("*.py"))
+             for line in _asserts(path)]
+    assert not found, f"assert statements (gone under python -O): {found}"
+

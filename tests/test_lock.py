@@ -62,16 +62,47 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path, monkeypatch,
         assert lock_file(Path("runs/r/train")).read_text().strip() == str(os.getpid())
 
 
+TRY = """
+import sys
+from pathlib import Path
+from mergedistill.errors import UserError
+from mergedistill.lock import stage_lock
+try:
+    with stage_lock(sys.argv[1], Path(sys.argv[2]), "runs/r"):
+        print("taken")
+except UserError:
+    print("refused")
+"""
+
+
+def _another_process_gets(tmp_path: Path, stage: str, output: str) -> str:
+    """What a separate process (no rank variables) gets when it asks for the lock: taken or refused."""
+    env = {k: v for k, v in ENV.items() if k not in ("WORLD_SIZE", "SLURM_NTASKS", "LOCAL_RANK", "RANK")}
+    return subprocess.run([sys.executable, "-c", TRY, stage, output], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def test_a_stage_may_take_its_own_lock_again_and_ranks_share_it(tmp_path, monkeypatch, clean_env):
     monkeypatch.chdir(tmp_path)
+    lock = lock_file(Path("runs/r/data"))
     with stage_lock("data", Path("runs/r/data"), "runs/r"):
-        with stage_lock("data", Path("runs/r/data"), "runs/r"):
-            pass
+        with stage_lock("data", Path("runs/r/data"), "runs/r"):  # re-entered, not refused
+            assert lock.read_text().strip() == str(os.getpid())
+        # leaving the inner block keeps the lock: another process is still refused
+        assert _another_process_gets(tmp_path, "data", "runs/r/data") == "refused"
+    assert _another_process_gets(tmp_path, "data", "runs/r/data") == "taken"  # released with the outer block
+
     proc = _holder(tmp_path)
     try:
         monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP worker reruns the command the holder runs
+        entered = False
         with stage_lock("train", Path("runs/r/train"), "runs/r"):
-            pass
+            entered = True
+            # the worker neither took the lock nor wrote its pid: the holder still has it
+            assert lock_file(Path("runs/r/train")).read_text().strip() == str(proc.pid)
+            assert _another_process_gets(tmp_path, "train", "runs/r/train") == "refused"
+        assert entered
+        assert _another_process_gets(tmp_path, "train", "runs/r/train") == "refused"  # the worker's exit released nothing
     finally:
         proc.kill()
         proc.wait()

@@ -54,3 +54,64 @@ def test_embedding_widths_that_differ_are_named(workdir, tiny_teachers, hub_teac
     preflight(_cfg(workdir, teachers, tiny_corpora, {"de": "wp"}, data={"seq_len": 32},
                    student={**STUDENT, "embeddings_from_teachers": False}), "train")
     assert "embedding rows" not in caplog.text
+
+
+def test_a_top_k_beyond_a_teachers_vocabulary_is_refused_before_any_work(workdir, tiny_teachers, tiny_corpora, capsys):
+    """`mergedistill data --data.top_k=10000000` was killed by the kernel (exit 137) while labelling: refused
+    at once, naming the field, the teacher and its limit."""
+    from transformers import AutoConfig
+
+    from mergedistill.cli import main
+
+    v = AutoConfig.from_pretrained(str(tiny_teachers["wp"])).vocab_size
+    cfg = _cfg(workdir, tiny_teachers, tiny_corpora, {"de": "wp"}, ["--data.top_k=10000000"], data={"seq_len": 32})
+    preflight(cfg, "vocab")  # the vocabulary does not depend on k
+    for stage in ("data", "train", "run"):
+        with pytest.raises(UserError, match=rf"data.top_k: 10,000,000 predictions per labelled position, but teacher wp has "
+                                            rf"{v:,} ids \(vocab_size\); set data.top_k to at most {v:,}"):
+            preflight(cfg, stage)
+    preflight(_cfg(workdir, tiny_teachers, tiny_corpora, {"de": "wp"}, [f"--data.top_k={v}"], data={"seq_len": 32}), "data")
+    assert main(["data", "--config", str(workdir / "c.yaml"), "--data.top_k=10000000"]) == 2
+    err = capsys.readouterr().err
+    assert "data.top_k: 10,000,000 predictions" in err and "nothing was run" in err and "Traceback" not in err
+    assert not (workdir / "runs").exists() and not (workdir / "vocab").exists()
+
+
+def test_a_top_k_whose_shards_would_not_fit_in_memory_is_refused(workdir, tiny_teachers, tiny_corpora, monkeypatch):
+    """Below the vocabulary's size, k still multiplies every labelled position of a shard: estimated from the
+    corpus against the machine's memory (here a machine of 1 kB, and the check on from k = 1)."""
+    import mergedistill.preflight as pf
+
+    cfg = _cfg(workdir, tiny_teachers, tiny_corpora, {"de": "wp"}, ["--data.top_k=8", "--data.workers=2"], data={"seq_len": 32})
+    preflight(cfg, "data")  # k = 8 is below MEMORY_CHECK_K: not estimated
+    monkeypatch.setattr(pf, "MEMORY_CHECK_K", 1)
+    preflight(cfg, "data")  # this machine has the memory
+    monkeypatch.setattr(pf, "physical_memory", lambda: 1000)
+    with pytest.raises(UserError) as e:
+        preflight(cfg, "data")
+    msg = e.value.render()
+    assert "data.top_k: 8 predictions per labelled position need more memory than this machine has: a shard of" in msg
+    assert "lines of languages.de.train (data.shard_lines)" in msg and "x 2 workers (data.workers)" in msg
+    assert "against 0.0 GB of RAM; lower data.top_k" in msg
+    preflight(cfg, "vocab")
+
+
+def test_relation_settings_are_checked_against_every_routed_teacher(workdir, tiny_teachers, tiny_corpora):
+    """train.relation_teacher_layer was checked only once training started (after vocab and data in a `run`)."""
+    from transformers import AutoConfig
+
+    n = AutoConfig.from_pretrained(str(tiny_teachers["wp"])).num_hidden_layers
+    online = ["--train.relation_weight=1", "--train.mode=online"]
+    cfg = _cfg(workdir, tiny_teachers, tiny_corpora, {"de": "wp", "ru": "uni"}, [*online, f"--train.relation_teacher_layer={n}"],
+               data={"seq_len": 32}, student=STUDENT)
+    preflight(cfg, "data")  # a training setting
+    with pytest.raises(UserError) as e:
+        preflight(cfg, "run")
+    msg = e.value.render()
+    assert f"train.relation_teacher_layer: {n} is not a layer of teacher wp ({n} layers); allowed -{n} to {n - 1}" in msg
+    assert "teacher uni" in msg
+    preflight(_cfg(workdir, tiny_teachers, tiny_corpora, {"de": "wp"}, [*online, "--train.relation_teacher_layer=-1"],
+                   data={"seq_len": 32}, student=STUDENT), "train")
+    with pytest.raises(UserError, match=r"train.relation_heads: 64 does not divide teacher wp's attention width 32 \(hidden_size\)"):
+        preflight(_cfg(workdir, tiny_teachers, tiny_corpora, {"de": "wp"}, [*online, "--train.relation_heads=64"],
+                       data={"seq_len": 32}, student={**STUDENT, "hidden": 64, "intermediate": 128}), "train")

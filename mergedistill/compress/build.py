@@ -64,7 +64,8 @@ def recover(model: nn.Module, v: Variant, cfg: RunConfig, logs: Path) -> dict:
     if v.kind == "sparse":
         weights = prunable_weights(model, c.include_embeddings, c.include_head)
         got, n = sparsity_of(weights), sum(w.numel() for w in weights.values())
-        assert got >= v.amount - 1.0 / n, f"{v.name}: sparsity {got} after recovery, expected {v.amount}"
+        if got < v.amount - 1.0 / n:  # GradualPruning reaches the final sparsity at end_step <= max_steps
+            raise RuntimeError(f"{v.name}: sparsity {got:.4f} after recovery training, expected {v.amount}")
     return {"steps": rc.train.max_steps, "lr": rc.train.lr, **_loss_ends(read_metrics(logs))}
 
 

@@ -9,7 +9,9 @@ so 0.10 means "10% worse than the uncompressed student" and a negative drop is a
 """
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from collections import defaultdict
 from typing import Iterable, Sequence
 
@@ -104,27 +106,67 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson(ranks(x), ranks(y))
 
 
+SIGNIFICANCE = 0.05
+"""Two-sided level below which a size-drop rank correlation is called a relation."""
+EXACT_UP_TO = 8
+"""`spearman_p` enumerates every ordering up to this many languages (8! = 40,320), samples above it."""
+
+
+def spearman_p(x: Sequence[float], y: Sequence[float], draws: int = 20_000, seed: int = 0) -> float:
+    """Two-sided p-value of Spearman's rho against independence: the share of the orderings of y whose
+    |rho| is at least the observed one. Exact (every permutation) up to `EXACT_UP_TO` points, else a seeded
+    sample of `draws` permutations ((hits + 1) / (draws + 1)). nan where rho is (fewer than 3 points, a
+    constant series). With distinct values the least attainable p is 2 / n!: 0.33 for 3 points, 0.083 for 4."""
+    rx, ry = ranks(x), ranks(y)
+    rho = pearson(rx, ry)
+    if math.isnan(rho):
+        return float("nan")
+    at_least = abs(rho) - 1e-12  # rounding: the observed ordering itself must count
+    if len(ry) <= EXACT_UP_TO:
+        perms = list(itertools.permutations(ry))
+        hits = sum(abs(pearson(rx, list(p))) >= at_least for p in perms)
+        return hits / len(perms)
+    rng, shuffled, hits = random.Random(seed), list(ry), 0
+    for _ in range(draws):
+        rng.shuffle(shuffled)
+        hits += abs(pearson(rx, shuffled)) >= at_least
+    return (hits + 1) / (draws + 1)
+
+
+def least_p(n: int) -> float:
+    """The smallest two-sided `spearman_p` n distinct points can reach (a perfect ordering): 2 / n!."""
+    return 2 / math.factorial(n) if n >= 2 else 1.0
+
+
 def size_correlation(drop_rows: Iterable[dict], sizes: dict[str, float], metric: str) -> list[dict]:
     """Per variant: correlation of the languages' drops with their training data size (tokens).
-    Pearson is on log10(size) (sizes span orders of magnitude), Spearman on the sizes' ranks. A negative
-    value means smaller languages lose more."""
+    Pearson is on log10(size) (sizes span orders of magnitude), Spearman on the sizes' ranks, with its
+    permutation p-value at that many languages (`spearman_p`). A negative value means smaller languages
+    lose more."""
     out = []
     for variant, per_lang in _by_variant(drop_rows, metric).items():
         langs = [lang for lang in per_lang if sizes.get(lang, 0) > 0]
         d = [per_lang[lang] for lang in langs]
         s = [float(sizes[lang]) for lang in langs]
         out.append({"variant": variant, "metric": metric, "languages": len(langs),
-                    "pearson_log_size": pearson([math.log10(v) for v in s], d), "spearman_size": spearman(s, d)})
+                    "pearson_log_size": pearson([math.log10(v) for v in s], d), "spearman_size": spearman(s, d),
+                    "spearman_p": spearman_p(s, d)})
     return out
 
 
-def relation_words(rho: float) -> str:
-    """A rank correlation between training size and drop, in words: below 0.3 in magnitude there is no
-    clear relation (a handful of languages cannot show one), below 0.6 it is weak."""
-    if abs(rho) < 0.3:
-        return "no clear relation"
-    who = "smaller languages lose more" if rho < 0 else "larger languages lose more"
-    return who if abs(rho) >= 0.6 else f"weakly: {who}"
+def relation_words(rho: float, n: int, p: float, level: float = SIGNIFICANCE) -> str:
+    """A rank correlation between training size and drop over n languages, in words: a relation only where
+    its permutation p-value is below `level`; otherwise "no significant relation", saying so when n
+    languages cannot reach the level at all."""
+    if math.isnan(rho) or math.isnan(p):
+        return "no relation can be computed"
+    if p < level:
+        who = "smaller languages lose more" if rho < 0 else "larger languages lose more"
+        return f"{who}; p = {p:.3f} at n = {n}, significant at {level:g}"
+    out = f"no significant relation: p = {p:.2f} at n = {n}"
+    if least_p(n) >= level:
+        out += f"; with {n} languages even a perfect ordering has p = {least_p(n):.2f}"
+    return out
 
 
 def findings(drop_rows: Sequence[dict], sizes: dict[str, float], metric: str, sparsity: dict[str, float] | None = None,
@@ -154,13 +196,15 @@ def findings(drop_rows: Sequence[dict], sizes: dict[str, float], metric: str, sp
     if len(known) >= 3:
         corr = {c["variant"]: c for c in size_correlation(drop_rows, sizes, metric)}
         agg = [lang for lang in order if lang in known]
-        rho = spearman([float(sizes[lang]) for lang in agg], [mean[lang] for lang in agg])
+        xs, ys = [float(sizes[lang]) for lang in agg], [mean[lang] for lang in agg]
+        rho = spearman(xs, ys)
         if math.isnan(rho):
             lines.append("Training data size: the drops do not vary, so they cannot follow it.")
         else:
-            who = relation_words(rho)
-            lines.append(f"Training data size vs mean drop: Spearman {rho:+.2f} over {len(agg)} languages ({who}); "
-                         "per variant: " + ", ".join(f"{v} {c['spearman_size']:+.2f}" for v, c in corr.items()) + ".")
+            who = relation_words(rho, len(agg), spearman_p(xs, ys))
+            lines.append(f"Training data size vs mean drop: Spearman {rho:+.2f} over n = {len(agg)} languages ({who}; "
+                         "exact permutation test); per variant: "
+                         + ", ".join(f"{v} {c['spearman_size']:+.2f} (p {c['spearman_p']:.2f})" for v, c in corr.items()) + ".")
     else:
         lines.append("Training data size: fewer than 3 languages with a known size; no correlation computed.")
     if sparsity:

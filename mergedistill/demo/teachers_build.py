@@ -59,7 +59,7 @@ from mergedistill.corpus import (
     spread_subset,
 )
 from mergedistill.cpu_memory import keep_freed_memory
-from mergedistill.demo.e5 import FitConfig
+from mergedistill.demo.e5 import FitConfig, engine_note
 from mergedistill.demo.e5 import build_teacher as build_pretrained
 from mergedistill.demo.pretrain import (
     PretrainConfig,
@@ -473,7 +473,7 @@ def _side_by_side(metas: dict[str, dict], cfg: TeachersConfig) -> str:
     """The note that the trained-from-scratch teachers' times overlap, where `train_teachers` ran them side by side."""
     threads = {n: metas[n].get("teacher", {}).get("train", {}).get("num_threads") for n in metas if n not in cfg.pretrained}
     shared = sorted(n for n, t in threads.items() if t is not None and t < available_cores())
-    if not shared:
+    if len(shared) < 2:  # one teacher on fewer threads trained alone (rebuilt with -j above 1)
         return ""
     counts = {threads[n] for n in shared}
     each = f"{counts.pop()} thread(s) each" if len(counts) == 1 else ", ".join(f"{n} {threads[n]} thread(s)" for n in shared)
@@ -549,7 +549,8 @@ def pretrained_note(meta: dict[str, Any], spec: PretrainedSpec, evaluation: dict
             f"tokens in {format_duration(res['wall_s'])}" + (f" ({cpu:,.0f} CPU seconds)" if cpu else "")
             + f" (budget: {budget}; lr {fit.lr_head:g} head, {fit.lr_layers:g} layers), the decoder restricted to the "
             f"{res['kept_tokens']:,} tokens the train splits use; masked accuracy on {spec.acc_sequences or 'eval.acc_sequences'} "
-            f"sequences per language ({acc_n[0]:,}" + (f"-{acc_n[-1]:,}" if acc_n[-1] != acc_n[0] else "") + " masked positions).")
+            f"sequences per language ({acc_n[0]:,}" + (f"-{acc_n[-1]:,}" if acc_n[-1] != acc_n[0] else "") + " masked positions). "
+            + engine_note(meta.get("engine_check")))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -606,25 +607,36 @@ def train_teachers(todo: list[tuple[str, str, str]], cfg: TeachersConfig, out: P
     model leaves much of a second core idle (small ops, Python between them): measured on 2 cores, de
     for 800 steps took 31-41 s alone with 2 threads and 52 s with 1, and de and ru side by side with 1
     thread each 55 and 57 s, i.e. two teachers in about the time of 1.3. A failure stops the rest;
-    teachers finished before it are kept (each folder is written atomically)."""
-    jobs = max(1, min(jobs, len(todo), available_cores()))
-    if jobs == 1:
-        for name, why, fp in todo:
-            spec = cfg.teachers[name]
-            log.info(f"== {name}: training ({why}) on {', '.join(spec.languages)}")
-            train_teacher(name, spec, cfg, out / name, fp)
-        return
+    teachers finished before it are kept (each folder is written atomically).
+
+    The threads come from `jobs` and the cores alone, never from how many teachers are left to train: torch's
+    CPU kernels round differently with another thread count (measured: 1, 2 and 4 threads give three different
+    models after 3 steps, fp32 and bf16 alike), so a teacher rebuilt alone (`--only`, or the one whose settings
+    changed) gets the threads, and so the bytes, it gets in a full build with the same `-j`. That costs speed
+    there: on 2 cores with -j 2, 1 thread instead of 2 (measured: 400 steps of de 35-37 s against 27 s). `train.num_threads`
+    set in the config wins over both, and makes the bytes independent of -j and of the machine's cores."""
+    jobs = max(1, min(jobs, available_cores()))
     threads = max(1, available_cores() // jobs)
+    specs = {name: cfg.teachers[name] for name, _, _ in todo}
+    for name, spec in specs.items():
+        if spec.train.num_threads is None:  # how fast, and the last bits of the weights; the fingerprint stays the configured spec's
+            specs[name] = dataclasses.replace(spec, train=dataclasses.replace(spec.train, num_threads=threads))
+    jobs = min(jobs, len(todo))
+    if jobs <= 1:
+        for name, why, fp in todo:
+            log.info(f"== {name}: training ({why}) on {', '.join(specs[name].languages)}")
+            try:
+                train_teacher(name, specs[name], cfg, out / name, fp)
+            finally:
+                torch.set_num_threads(available_cores())  # evaluation, as after a worker's training: every core
+        return
     order = sorted(todo, key=lambda t: -cfg.teachers[t[0]].train.max_steps * len(cfg.teachers[t[0]].languages))
     log.info(f"== training {', '.join(t[0] for t in order)}: {jobs} at a time, {threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # a fork of a process that has run OpenMP can hang
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_job_init, initargs=(os.getpid(), verbose)) as pool:
         futures = {}
         for name, why, fp in order:
-            spec = cfg.teachers[name]
-            if spec.train.num_threads is None:  # how fast, not what: the fingerprint stays the configured spec's
-                spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, num_threads=threads))
-            futures[pool.submit(_train_job, name, why, to_dict(spec), to_dict(cfg), str(out / name), fp)] = name
+            futures[pool.submit(_train_job, name, why, to_dict(specs[name]), to_dict(cfg), str(out / name), fp)] = name
         try:
             for fut in concurrent.futures.as_completed(futures):
                 fut.result()  # re-raises a worker's error here
@@ -685,12 +697,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="retrain and re-evaluate even if complete")
     parser.add_argument("-j", "--jobs", type=int, default=min(2, available_cores()),
                         help="teachers trained from scratch at a time, each in its own process with cores / jobs "
-                             "threads (default: %(default)s; 1: one after the other with every core)")
+                             "threads (default: %(default)s; 1: one after the other with every core). The threads change "
+                             "the last bits of the weights: rebuild with the same -j to get the same teachers")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     args, rest = parser.parse_known_args(argv)
-    keep_freed_memory()  # mergedistill/cpu_memory.py: large CPU tensors reuse freed memory
     _setup_logging(args.verbose)
     try:
+        keep_freed_memory()  # mergedistill/cpu_memory.py: large CPU tensors reuse freed memory
         if args.jobs < 1:
             raise UserError(f"--jobs {args.jobs}: need at least 1")
         bad = [a for a in rest if not (a.startswith("--") and "=" in a)]

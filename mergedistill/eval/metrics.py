@@ -85,8 +85,8 @@ def masked_eval_set(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], se
     out = fixed_masked_set(packed, tokenizer, mask_prob, seed, limit=max_sequences, replace_prob=1.0, random_prob=0.0)
     content = packed.word_ids >= 0  # type: ignore[operator]  # (N, L)
     line = line_index(content, [len(d) for d in docs])
-    assert torch.equal(packed.input_ids[content].long(), torch.tensor([t for d in docs for t in d], dtype=torch.long)), \
-        "packing no longer keeps the texts whole and in order: line_index cannot attribute positions to texts"
+    if not torch.equal(packed.input_ids[content].long(), torch.tensor([t for d in docs for t in d], dtype=torch.long)):
+        raise RuntimeError("packing no longer keeps the texts whole and in order: line_index cannot attribute positions to texts")
     out["line"] = line[:out["input_ids"].shape[0]]
     return out
 
@@ -98,7 +98,8 @@ def line_index(content: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     row-major order belongs to the text whose cumulative length first exceeds k."""
     ends = torch.cumsum(torch.tensor(list(lengths), dtype=torch.long), 0)  # (T,)
     total = int(ends[-1]) if len(ends) else 0
-    assert int(content.sum()) == total, f"{int(content.sum())} content positions for {total} tokens of text"
+    if int(content.sum()) != total:
+        raise ValueError(f"{int(content.sum())} content positions for {total} tokens of text")
     out = torch.full(content.shape, -1, dtype=torch.long)
     out[content] = torch.searchsorted(ends, torch.arange(total), right=True)
     return out
@@ -243,7 +244,9 @@ def score_pll(model, tokenizer, texts: list[str], unit: str) -> dict:
     from: PLL (nats), units, tokens and lines. `select` ranks teachers by it, `ablate` students."""
     pll = sum(pseudo_log_likelihoods(model, tokenizer, texts))
     units = sum(count_units(t, unit) for t in texts)
-    tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    # the tokens the scoring windowed, counted as it tokenized them: through the backend, not the wrapper,
+    # whose "Token indices sequence length is longer than the specified maximum" would be noise here
+    tokens = sum(len(d) for d in tokenize_documents(tokenizer, texts)[0])
     return {"ppl": pseudo_perplexity(pll, units), "pll": pll, "units": units, "tokens": tokens, "lines": len(texts)}
 
 
@@ -291,7 +294,8 @@ def masked_top1(
                                attention_mask[sl, :width].long().to(device), sel.to(device)).float()  # (m, V)
         top.append(top1(logits).cpu())
         if allowed is not None:
-            assert allowed.shape == logits.shape[1:], f"allowed has {allowed.shape[0]} ids, the model {logits.shape[1]}"
+            if allowed.shape != logits.shape[1:]:
+                raise ValueError(f"allowed has {allowed.shape[0]} ids, the model {logits.shape[1]}")
             top_ok.append(top1(logits.masked_fill(~allowed.to(device), float("-inf"))).cpu())
     empty = torch.zeros(0, dtype=torch.long)
     return (torch.cat(top) if top else empty), ((torch.cat(top_ok) if top_ok else empty) if allowed is not None else None)
@@ -351,7 +355,8 @@ def masked_scores(
     else:
         where = _column_of(columns, max(int(columns.max()), int(gold.max())) + 1)
         gold_col = where[gold.long().clamp(min=0)].masked_fill(gold < 0, -1)
-    assert gold_col.shape == (m,), f"gold has {tuple(gold_col.shape)} ids for {m} selected positions"
+    if gold_col.shape != (m,):
+        raise ValueError(f"gold has {tuple(gold_col.shape)} ids for {m} selected positions")
     lengths = attention_mask.long().sum(1)
     top, logp = [], []
     done = 0
@@ -360,7 +365,8 @@ def masked_scores(
         width = int(lengths[sl].max()) if lengths[sl].numel() else 0
         sel = selected[sl, :width]
         k = int(sel.sum())
-        assert k == int(selected[sl].sum()), "a selected position beyond the attention mask"
+        if k != int(selected[sl].sum()):
+            raise ValueError("a selected position beyond the attention mask")
         if k == 0:
             continue
         logits = logits_of_columns(model, input_ids[sl, :width].long().to(device), attention_mask[sl, :width].long().to(device),
@@ -432,7 +438,8 @@ def paired_bootstrap(a_sums: np.ndarray, b_sums: np.ndarray, counts: np.ndarray,
     interval is the (1 - level) / 2 and (1 + level) / 2 percentiles of the resampled differences (numpy's
     linear interpolation). Returns (diff, lo, hi); nan's when no unit has a position."""
     a, b, c = (np.asarray(x, dtype=np.float64) for x in (a_sums, b_sums, counts))
-    assert a.shape == b.shape == c.shape and a.ndim == 1, f"per-unit arrays of shapes {a.shape}, {b.shape}, {c.shape}"
+    if not (a.shape == b.shape == c.shape and a.ndim == 1):
+        raise ValueError(f"per-unit arrays of shapes {a.shape}, {b.shape}, {c.shape}")
     keep = c > 0
     d, c = (a - b)[keep], c[keep]  # (U',) paired per-unit differences
     units = d.shape[0]

@@ -348,8 +348,8 @@ def intrinsic(cfg: RunConfig, models: Models, plan: Plan, lang: str) -> list[Row
         model = with_language(models.model(key), lang)  # X-Mod: this language's module
         s = masked_scores(model, s_in, eset["attention_mask"], sel, s_cols, s_gold, e.batch_size)
         nll = -s.gold_logp[scored]
-        assert bool(torch.isfinite(nll).all()) and bool(torch.isfinite(t_nll).all()), \
-            f"{lang}: a scored gold piece without a log-probability"
+        if not (bool(torch.isfinite(nll).all()) and bool(torch.isfinite(t_nll).all())):
+            raise RuntimeError(f"{lang}: a scored gold piece without a log-probability")
         acc, agree, ce = hit_rate(s.top, s_gold), hit_rate(s.top, s_teacher), _mean(nll)
         rows += [Row("intrinsic", lang, key, key, "mlm_acc", acc, n), Row("intrinsic", lang, key, key, "agreement", agree, n),
                  Row("intrinsic", lang, key, key, "masked_ce", ce, n_ce)]

@@ -95,7 +95,8 @@ def loss_of(logits: torch.Tensor, batch: Batch, col: torch.Tensor, alpha: float,
     teacher predictions outside the columns drop out (-inf)."""
     col = col.to(logits.device)
     labels = col[batch.labels]
-    assert bool((labels >= 0).all()), "a gold token outside the ids the language predicts"
+    if not bool((labels >= 0).all()):
+        raise ValueError(f"a gold token outside the ids the language predicts: {batch.labels[labels < 0][:5].tolist()}")
     if batch.topk_ids.shape[1] == 0 or alpha == 0.0:
         return distill_loss(logits, labels, None, None, 0.0, temperature)
     t_ids = col[batch.topk_ids]
@@ -209,15 +210,18 @@ def adapter_step(adapter: Adapter, out_ids: torch.Tensor | None, alpha: float, t
     return step
 
 
-def adapter_flops(adapter: Adapter, out_ids: torch.Tensor | None, new_out_rows: int, guard: Guard | None = None) -> Callable[[Batch], int]:
+def adapter_flops(adapter: Adapter, out_ids: torch.Tensor | None, guard: Guard | None = None) -> Callable[[Batch], int]:
     """Estimated FLOPs of one step of `adapter` on a batch (the guard's share included)."""
     shapes = shapes_of(adapter.student)
     v_out = adapter.rows.size if out_ids is None else len(out_ids)
     body_trained = any(p.requires_grad for p in adapter.student.parameters())
+    rows_trained = adapter.rows.rows.requires_grad and adapter.rows.rows.shape[0] > 0
     extra = guard.step_flops(adapter.rows.rows.shape[0]) if guard is not None else 0
 
     def flops(batch: Batch) -> int:
         b, length = batch.input_ids.shape
+        last_rows = b * int(batch.selected.sum(1).max()) if b else 0  # layer_at_positions pads to the longest count
         return extra + step_flops(shapes, batch=b, length=length, masked=int(batch.labels.numel()), layers=adapter.k, v_out=v_out,
-                                  trained_out_rows=new_out_rows, body_trained=body_trained, head_trained=False, input_trained=True)
+                                  decoder_trained=rows_trained, body_trained=body_trained, head_trained=False,
+                                  input_trained=rows_trained, last_rows=last_rows)
     return flops

@@ -49,7 +49,10 @@ def new_language_metrics(model, tokenizer, acc_texts: list[str], pll_texts: list
     if teacher is not None:
         t_model, to_teacher, t_allowed, to_student = teacher
         t_in = torch.from_numpy(to_teacher)[eset["input_ids"].long()]
-        assert bool((t_in[eset["attention_mask"].bool()] >= 0).all()), "a token of the language's tokenizer the teacher lacks"
+        lacking = eset["input_ids"][eset["attention_mask"].bool() & (t_in < 0)]
+        if lacking.numel():  # the language's tokenizer is its teacher's (+ id map): every id it writes has a teacher id
+            raise RuntimeError(f"extend evaluate: {lacking.numel()} test-split positions hold ids the language's teacher lacks "
+                               f"(first: {sorted(set(lacking.tolist()))[:5]}); the new tokenizer and its teacher's id map disagree")
         _, t_top = masked_top1(t_model, t_in.clamp(min=0), eset["attention_mask"], sel, batch_size, allowed=t_allowed)
         out["agreement"] = hit_rate(top_own, torch.from_numpy(to_student)[t_top])
     return out

@@ -78,8 +78,9 @@ def old_positions(student, batches: Callable[[int], Batch], n: int, device, lang
         lses.append(torch.logsumexp(F.linear(x, w, bias).float(), dim=-1))
         bsz, length = batch.input_ids.shape
         m = int(batch.selected.sum())
+        last_rows = bsz * int(batch.selected.sum(1).max()) if bsz else 0  # padded as layer_at_positions does
         flops += (layers - 1) * layer_flops(shapes, bsz * length, bsz * length * length) + \
-            last_layer_flops(shapes, bsz * length, m, length) + sum(head_flops(shapes, m, w.shape[0]))
+            last_layer_flops(shapes, bsz * length, last_rows, length) + sum(head_flops(shapes, m, w.shape[0]))
         if b - first_batch > 10 * max(1, n):  # no masked positions at all
             break
     return torch.cat(xs)[:n], torch.cat(lses)[:n], flops

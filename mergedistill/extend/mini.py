@@ -47,7 +47,8 @@ def align_mini_head(student, k: int, batches: Callable[[int], Batch], *, steps: 
     def flops(batch: Batch) -> int:
         b, length = batch.input_ids.shape
         return step_flops(shapes, batch=b, length=length, masked=int(batch.labels.numel()), layers=k, v_out=v,
-                          trained_out_rows=0, body_trained=False, head_trained=True, input_trained=False)
+                          decoder_trained=False, body_trained=False, head_trained=True, input_trained=False,
+                          last_rows=b * int(batch.selected.sum(1).max()) if b else 0)
 
     student.train()
     result = train_loop(list(head.named_parameters()), step, batches, flops, steps=steps, lr=lr, warmup=warmup,

@@ -39,6 +39,7 @@ from mergedistill.eval.stage import student_export_dir
 from mergedistill.extend import evaluate as ev
 from mergedistill.extend.adapt import Adapter, adapter_flops, adapter_step, curve_accuracy, train_loop
 from mergedistill.extend.data import build_shards, mlm_batches, shard_batches
+from mergedistill.extend.flops import RULES as FLOPS_RULES
 from mergedistill.extend.guard import Guard, old_positions
 from mergedistill.extend.mini import align_mini_head
 from mergedistill.extend.report import curve_plot, report_md, write_results
@@ -53,7 +54,8 @@ from mergedistill.extend.vocab import (
     unigram_bias,
 )
 from mergedistill.fsutil import atomic_dir, atomic_path, read_json_or_none, write_json_atomic, write_text_atomic
-from mergedistill.teachers import TeacherTokenizer, load_teacher_tokenizer, model_fingerprint
+from mergedistill.preflight import seq_len_problems, top_k_problems
+from mergedistill.teachers import TeacherTokenizer, load_teacher_config, load_teacher_tokenizer, model_fingerprint
 from mergedistill.train.batches import Batch, LanguageShards, SampledBatches, sampling_probs
 from mergedistill.train.mini_head import MiniHead, load_mini_head, save_mini_head
 from mergedistill.vocab.joint import JointVocab, kept_tokens
@@ -155,6 +157,9 @@ def preflight(cfg: RunConfig, lang: str) -> Plan:
         try:
             teacher = load_teacher_tokenizer(lc.teacher, cfg.teachers[lc.teacher])
             check_spaces_unreachable(teacher)
+            # its shards are built with the run's data settings: what the data stage's preflight checks for routed teachers
+            configs = {lc.teacher: load_teacher_config(lc.teacher, cfg.teachers[lc.teacher])}
+            problems += seq_len_problems(cfg, configs, [lc.teacher]) + top_k_problems(cfg, configs, [lc.teacher])
         except UserError as e:
             problems += e.problems
         if teacher is not None and vrec is not None and lc.teacher in vrec["teachers"] \
@@ -233,6 +238,29 @@ def _own_tokenizer(cfg: RunConfig, plan: Plan, folder: Path) -> TeacherTokenizer
     return t
 
 
+ROW_METHODS = ("full", "minipost", "minijoint")
+"""Methods that train only the new rows (and their output bias): with no new row they have nothing to learn."""
+
+
+def nothing_to_learn(cfg: RunConfig, plan: Plan, source: str, tokens: int) -> None:
+    """Every token the new language's tokenizer keeps already has a row: refuse, before any shard or
+    training step, the methods that would train nothing (an X-Mod method still trains its module)."""
+    idle = [m for m in plan.methods if m in ROW_METHODS]
+    if not idle:
+        log.info("extend %s: every one of the %s tokens from %s already has a row in the student: no new rows; %s trains "
+                 "the language's module only", plan.lang, f"{tokens:,}", source, ", ".join(plan.methods))
+        return
+    fields = ", ".join(f"extend.{'method' if m == cfg.extend.method else 'compare'} {m}" for m in idle)
+    own = plan.export.folder / "tokenizers" / source
+    sub = f"{own}/ (its student tokenizer)" if own.is_dir() else f"{source}'s tokenizer on the student vocabulary"
+    raise UserError(
+        f"extend {plan.lang}: nothing new to learn: every one of the {tokens:,} tokens {source}'s tokenizer keeps for "
+        f"{plan.lang} already has a row in the student (extend.share_tokens: {str(cfg.extend.share_tokens).lower()}), so "
+        f"{fields} would train nothing (they learn new rows only). The student reads {plan.lang} as it is through "
+        f"{sub}; to learn something for {plan.lang}, set extend.share_tokens: false (it gets rows of its own) or, with an "
+        "X-Mod student, extend.method: xmod (a module of its own)")
+
+
 def new_vocabulary(cfg: RunConfig, plan: Plan, work: Path) -> NewVocab:
     """The new language's tokenizer (its teacher's, or one trained on its corpus), the tokens it needs,
     the grown vocabulary, and its student tokenizer folder."""
@@ -250,6 +278,8 @@ def new_vocabulary(cfg: RunConfig, plan: Plan, work: Path) -> NewVocab:
         kept = np.ones(len(keys), dtype=bool)
     existing = vocab.idmaps.get(source) if cfg.extend.share_tokens else None
     idmap, new_keys = grow_idmap(vocab, keys, kept, existing, cfg.extend.share_tokens)
+    if not new_keys:
+        nothing_to_learn(cfg, plan, source, int((idmap >= 0).sum()))
     grown = grown_vocab(vocab, source, idmap, new_keys)
     folder = work / "student_tokenizer"
     meta = {"teacher": source, "teacher_source": t.source, "teacher_tokenizer": t.fingerprint, "vocab": grown.fingerprint(),
@@ -301,7 +331,8 @@ def minipost_head(cfg: RunConfig, plan: Plan, student, device) -> tuple[MiniHead
     x, k = cfg.extend, plan.k_post
     folder = cfg.run_dir / "extend" / "mini" / f"k{k}"
     inputs = {"student": plan.student_fp, "k": k, "steps": x.mini_align_steps, "lr": x.lr, "warmup": x.warmup_steps,
-              "batch_size": x.batch_size, "seed": x.seed, "alpha": cfg.train.alpha, "temperature": cfg.train.temperature}
+              "batch_size": x.batch_size, "seed": x.seed, "alpha": cfg.train.alpha, "temperature": cfg.train.temperature,
+              "flops_rules": FLOPS_RULES}
     state = read_json_or_none(folder / "state.json")
     if state is not None and state.get("inputs") == inputs and (folder / "mini_head").is_dir():
         log.info("extend: the mini-model head on the first %d layers is in %s; reusing it", k, folder)
@@ -390,7 +421,7 @@ def run_method(cfg: RunConfig, plan: Plan, method: str, base, nv: NewVocab, init
 
     x = cfg.extend
     folder = work / "methods" / method
-    inputs = {**inputs, "method": method, "k": plan.k_post if method == "minipost" else plan.k_joint}
+    inputs = {**inputs, "method": method, "k": plan.k_post if method == "minipost" else plan.k_joint, "flops_rules": FLOPS_RULES}
     student, lang_id, module = _student_for(base, plan, method, x.module_init)
     done = read_json_or_none(folder / "result.json")
     if done is not None and done.get("inputs") == inputs and (folder / "params.safetensors").is_file():
@@ -410,10 +441,9 @@ def run_method(cfg: RunConfig, plan: Plan, method: str, base, nv: NewVocab, init
     predicted = predicted_ids(nv.idmap, nv.vocab.size)
     pred_ids = predicted.nonzero().squeeze(1)
     out_ids = pred_ids if x.softmax == "language" else None
-    new_out = int((pred_ids >= nv.old_size).sum())
     adapter.train()
     res = train_loop(adapter.trainable(), adapter_step(adapter, out_ids, _alpha(cfg, plan), cfg.train.temperature, guard), batches,
-                     adapter_flops(adapter, out_ids, new_out, guard), steps=x.steps, lr=x.lr, warmup=x.warmup_steps,
+                     adapter_flops(adapter, out_ids, guard), steps=x.steps, lr=x.lr, warmup=x.warmup_steps,
                      weight_decay=x.weight_decay, device=device, label=f"extend {plan.lang} {method}",
                      curve_fn=(lambda: curve_accuracy(adapter, curve_set, pred_ids, device)) if curve_set else None,
                      eval_every=x.eval_every, seed=x.seed)

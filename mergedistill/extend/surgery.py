@@ -40,7 +40,8 @@ def input_matrix(model) -> torch.Tensor:
 
 def output_bias(model) -> torch.Tensor:
     bias = _output_bias(model)
-    assert bias is not None, f"{type(model).__name__} has no output bias"
+    if bias is None:
+        raise ValueError(f"{type(model).__name__} has no output bias")
     return bias
 
 
@@ -49,7 +50,8 @@ class NewRows(nn.Module):
 
     def __init__(self, old_size: int, rows: torch.Tensor, bias: torch.Tensor):
         super().__init__()
-        assert rows.shape[0] == bias.shape[0], f"{rows.shape[0]} rows but {bias.shape[0]} bias entries"
+        if rows.shape[0] != bias.shape[0]:
+            raise ValueError(f"{rows.shape[0]} rows but {bias.shape[0]} bias entries")
         self.old_size = old_size
         self.rows = nn.Parameter(rows.detach().clone())  # (n, H)
         self.bias = nn.Parameter(bias.detach().clone())  # (n,)
@@ -97,11 +99,13 @@ def hidden_at(model, embedded: torch.Tensor, attention_mask: torch.Tensor, selec
     At full depth, a pre-norm X-Mod model's final LayerNorm follows, as in its own forward."""
     base = model.base_model
     layers = base.encoder.layer
-    assert 1 <= n_layers <= len(layers), f"n_layers {n_layers} outside 1..{len(layers)}"
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"n_layers {n_layers} outside 1..{len(layers)}")
     if is_xmod(model):
         from mergedistill.train.xmod import xmod_layer_at_positions
 
-        assert lang_ids is not None, "an X-Mod model needs lang_ids"
+        if lang_ids is None:
+            raise ValueError("an X-Mod model needs lang_ids")
         hidden = encoder_prefix(base, None, attention_mask, n_layers - 1, embedded=embedded, lang_ids=lang_ids)
         out = xmod_layer_at_positions(layers[n_layers - 1], hidden, attention_mask, selected, lang_ids)
         if n_layers == len(layers) and base.encoder.is_pre_norm:
@@ -139,8 +143,10 @@ def plug(model, rows: torch.Tensor, bias: torch.Tensor):
     w, b = input_matrix(grown), output_bias(grown)
     w[v0:] = rows.to(w.dtype)
     b[v0:] = bias.to(b.dtype)
-    assert torch.equal(w[:v0], old_w) and torch.equal(b[:v0], old_b), "plug changed an old row"
-    assert grown.get_output_embeddings().weight is w, "the grown model's decoder is not tied to its embeddings"
+    if not (torch.equal(w[:v0], old_w) and torch.equal(b[:v0], old_b)):
+        raise RuntimeError("plug changed an old row")
+    if grown.get_output_embeddings().weight is not w:
+        raise RuntimeError("the grown model's decoder is not tied to its embeddings")
     return grown
 
 

@@ -46,7 +46,8 @@ class MiniHead(nn.Module):
         from mergedistill.train.student import _head_transform, _output_bias
 
         parts = _head_transform(student)
-        assert parts is not None, f"{type(student).__name__} has no BERT- or RoBERTa-style MLM head"
+        if parts is None:
+            raise ValueError(f"{type(student).__name__} has no BERT- or RoBERTa-style MLM head")
         cfg = student.config
         act = cfg.hidden_act if hasattr(student, "cls") else "gelu"  # X-Mod's / RoBERTa's head uses gelu
         head = cls(cfg.hidden_size, student.get_input_embeddings().weight.shape[0], layer, act, parts["norm"].eps)
@@ -64,7 +65,8 @@ class LayerTap:
 
     def __init__(self, student, layer: int):
         layers = student.base_model.encoder.layer
-        assert 1 <= layer < len(layers), f"a tap after layer {layer} of {len(layers)}: the last layer's output is the student's own"
+        if not 1 <= layer < len(layers):
+            raise ValueError(f"a tap after layer {layer} of {len(layers)}: the last layer's output is the student's own")
         self._out: torch.Tensor | None = None
         self._handle = layers[layer - 1].register_forward_hook(self._keep)
 
@@ -73,7 +75,8 @@ class LayerTap:
 
     def take(self) -> torch.Tensor:
         out, self._out = self._out, None
-        assert out is not None, "no forward pass went through the tapped layer since the last take()"
+        if out is None:
+            raise RuntimeError("no forward pass went through the tapped layer since the last take()")
         return out
 
     def remove(self) -> None:

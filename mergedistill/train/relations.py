@@ -174,7 +174,8 @@ class QKVCapture:
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q, k, v), each (B, L, H), from the first forward pass in the block; handed over once."""
         got, self._got = self._got, {}
-        assert len(got) == 3, "no forward pass went through the captured layer's query, key and value since the capture opened"
+        if len(got) != 3:
+            raise RuntimeError("no forward pass went through the captured layer's query, key and value since the capture opened")
         (q_in, q), (k_in, k), (_, v) = got[0], got[1], got[2]
         if q_in is not k_in:  # queries computed at some positions only: all of them, from the layer's input
             q = self.modules[0](k_in)

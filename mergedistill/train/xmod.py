@@ -90,7 +90,8 @@ def language_modules(model_or_config) -> dict[str, str]:
 def module_names(model) -> list[str]:
     """Module names in lang_id order (the order of every layer's ModuleDict)."""
     names = list(model.base_model.encoder.layer[0].output.adapter_modules.keys())
-    assert names == [str(m) for m in model.config.languages], f"adapter modules {names} != config.languages {model.config.languages}"
+    if names != [str(m) for m in model.config.languages]:
+        raise ValueError(f"adapter modules {names} != config.languages {model.config.languages}")
     return names
 
 
@@ -469,7 +470,8 @@ class GroupedXmodOutput(XmodOutput):
         mods = list(self.adapter_modules.values())
         ids = lang_ids.long()
         counts = torch.bincount(ids, minlength=len(mods)).tolist()  # one sync per layer (the loop: one per module)
-        assert len(counts) == len(mods) and int(ids.min()) >= 0, f"lang_ids {ids.tolist()} outside 0..{len(mods) - 1}"
+        if len(counts) != len(mods) or int(ids.min()) < 0:
+            raise ValueError(f"lang_ids {ids.tolist()} outside 0..{len(mods) - 1}")
         in_order = bool((ids[1:] >= ids[:-1]).all())  # a batch sorted by language needs no gather
         order = None if in_order else torch.argsort(ids, stable=True)  # (B,)
         x = hidden_states if order is None else hidden_states.index_select(0, order)

@@ -310,8 +310,15 @@ def run_vocab(cfg: RunConfig, *, force: bool = False) -> Path:
         results = run_tasks(writes + [_fertility_task(cfg, teachers, lang) for lang in cfg.languages])
         problems = [p for p, _ in results[1:len(writes)] if p]
         for name, (_, n) in zip(teachers, results[1:len(writes)]):
-            log.info("vocab: %s's student tokenizer has the student's %s ids and equals the teacher's on %d sample texts",
-                     name, f"{joint.size:,}", n)
+            if n:
+                log.info("vocab: %s's student tokenizer has the student's %s ids and equals the teacher's on %d sample texts",
+                         name, f"{joint.size:,}", n)
+            elif cfg.vocab.verify_lines == 0:
+                log.warning("vocab: %s's student tokenizer has the student's %s ids; not compared with the teacher's "
+                            "(vocab.verify_lines: 0)", name, f"{joint.size:,}")
+            else:
+                log.info("vocab: %s's student tokenizer has the student's %s ids; no language's train text to compare it "
+                         "with the teacher's on (no language is routed to it)", name, f"{joint.size:,}")
         if problems:
             raise UserError(problems, header=f"vocab: {len(problems)} student tokenizer(s) differ from their teacher; nothing was written:")
         fertility = results[len(writes):]

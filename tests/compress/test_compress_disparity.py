@@ -10,10 +10,12 @@ from mergedistill.compress.disparity import (
     findings,
     pearson,
     ranks,
+    least_p,
     relation_words,
     relative_drop,
     size_correlation,
     spearman,
+    spearman_p,
     spread,
 )
 from mergedistill.compress.plots import plot_quality
@@ -80,19 +82,44 @@ def test_findings_in_words():
     text = "\n".join(findings(drops(ROWS), SIZES, "mlm_acc", sparsity={"sparse-0.3": 0.3, "sparse-0.9": 0.9}))
     assert "sw pays most" in text and "de least" in text
     assert "sparse-0.9: sw loses most (+50.0%)" in text
-    assert "smaller languages lose more" in text
+    # three languages in perfect order: rho -1, yet p = 2 / 3! = 0.33, so no relation is claimed
+    assert "Spearman -1.00 over n = 3 languages (no significant relation: p = 0.33 at n = 3; with 3 languages even a " \
+           "perfect ordering has p = 0.33" in text and "smaller languages lose more" not in text
+    assert "sparse-0.9 -1.00 (p 0.33)" in text
     assert "Mild sparsity (<= 50%) helped: sw at 30% (sparse-0.3, 5.0% better)" in text
     none = "\n".join(findings(drops(ROWS), SIZES, "mlm_acc", sparsity={"sparse-0.3": 0.3}, tolerance=0.1))
     assert "helped no language by more than 10.0%" in none
     assert findings([], SIZES, "mlm_acc") == ["mlm_acc: no variant has results to compare with the uncompressed student."]
     short = "\n".join(findings(drops(ROWS), SIZES, "mlm_acc", sparsity={"sparse-0.3": 0.3}, variant_lines=False))
-    assert "sw pays most" in short and "smaller languages lose more" in short and "sparse-0.9: sw loses most" not in short
+    assert "sw pays most" in short and "no significant relation" in short and "sparse-0.9: sw loses most" not in short
 
 
-def test_a_weak_size_correlation_is_not_called_a_relation():
-    assert relation_words(-0.09) == "no clear relation" and relation_words(0.2) == "no clear relation"
-    assert relation_words(-0.37) == "weakly: smaller languages lose more"
-    assert relation_words(0.8) == "larger languages lose more" and relation_words(-1.0) == "smaller languages lose more"
+def test_spearman_p_is_the_exact_permutation_p_value():
+    assert spearman_p([1, 2, 3], [10, 20, 30]) == pytest.approx(2 / 6)  # 2 of the 3! orderings reach |rho| = 1
+    assert spearman_p([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]) == pytest.approx(2 / 120)
+    # rho = 0.8; |rho| >= 0.8 <=> sum d^2 <= 2 or >= 18: identity, 3 adjacent swaps, and their 4 reverses: 8 of 24
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman_p([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(8 / 24)
+    assert spearman_p([1, 2, 3, 4, 5, 6], [3, 1, 2, 6, 4, 5]) > 0.05  # rho 0.66: called a relation before, not significant
+    assert spearman([1, 2, 3, 4, 5, 6], [3, 1, 2, 6, 4, 5]) >= 0.6
+    assert spearman_p(range(10), range(10)) < 0.001  # sampled above 8 points: (0 + 1) / (draws + 1)
+    assert math.isnan(spearman_p([1, 2, 3], [1, 1, 1])) and math.isnan(spearman_p([1, 2], [1, 2]))
+    assert least_p(3) == pytest.approx(1 / 3) and least_p(4) == pytest.approx(1 / 12) and least_p(5) < 0.05
+
+
+def test_a_size_correlation_is_called_a_relation_only_when_significant():
+    assert relation_words(-1.0, 3, 1 / 3) == ("no significant relation: p = 0.33 at n = 3; with 3 languages even a perfect "
+                                              "ordering has p = 0.33")
+    assert relation_words(0.66, 6, 0.18) == "no significant relation: p = 0.18 at n = 6"
+    assert relation_words(-0.94, 6, 0.017) == "smaller languages lose more; p = 0.017 at n = 6, significant at 0.05"
+    assert relation_words(0.9, 5, 0.03).startswith("larger languages lose more")
+    assert relation_words(float("nan"), 3, float("nan")) == "no relation can be computed"
+    # six languages in perfect order are significant (p = 2 / 720)
+    sizes = {f"l{i}": 10 ** i for i in range(1, 7)}
+    rows = [row("student", lang, "mlm_acc", 0.5) for lang in sizes] + \
+           [row("sparse-0.9", lang, "mlm_acc", 0.5 - 0.3 / i) for i, lang in enumerate(sizes, 1)]
+    text = "\n".join(findings(drops(rows), sizes, "mlm_acc"))
+    assert "over n = 6 languages (smaller languages lose more; p = 0.003 at n = 6, significant at 0.05" in text
 
 
 def test_plot_quality_writes_a_png(tmp_path):

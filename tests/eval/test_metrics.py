@@ -93,3 +93,27 @@ def test_masked_eval_set_and_accuracy():
     expected = (logits[selected].argmax(-1) == a["labels"][selected]).float().mean().item()
     assert score.count == int(selected.sum())
     assert score.value == pytest.approx(expected)
+
+
+def test_score_pll_says_nothing_of_sequences_longer_than_the_model_takes():
+    """select scores long lines in windows: transformers' "Token indices sequence length is longer than the
+    specified maximum" would read as an error, so the scoring never makes the call that prints it."""
+    import copy
+    import logging
+
+    from mergedistill.eval.metrics import score_pll
+
+    tok, model = copy.deepcopy(tiny_tokenizer("wordpiece")), tiny_model("wordpiece")
+    tok.model_max_length, tok.deprecation_warnings = 7, {}  # a fresh tokenizer warns once
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    logger.addHandler(handler)
+    try:
+        text = "the cat sat on the mat the dog sat"
+        score = score_pll(model, tok, [text], "word")
+    finally:
+        logger.removeHandler(handler)
+    assert score["tokens"] == len(tok(text, add_special_tokens=False)["input_ids"]) > 5  # scored in windows of 5
+    assert not [m for m in seen if "sequence length is longer" in m], seen

@@ -203,10 +203,10 @@ def test_without_a_teacher_a_tokenizer_is_trained_and_the_objective_is_mlm(run, 
     assert AutoModelForMaskedLM.from_pretrained(export).config.vocab_size == meta["vocab_size"]
 
 
-def test_xmod_student_gets_a_module_and_the_other_languages_stay_bit_identical(run, tiny_teachers):
-    """An X-Mod student (built here from the run's vocabulary, as the train stage will export one): the
-    `xmod` method trains the new rows and fr's module; every old language's outputs stay bit-identical."""
-    from mergedistill.train.xmod import build_xmod_student, save_xmod_student, use_language
+def _xmod_run(run: Path) -> Path:
+    """runs/x: an X-Mod student built from the run's vocabulary (as the train stage exports one), with the
+    run's tokenizers and shards. Returns its export folder."""
+    from mergedistill.train.xmod import build_xmod_student, save_xmod_student
     from mergedistill.vocab.joint import JointVocab
 
     vocab = JointVocab.load(run / "vocab/t", ["wp", "uni", "bbpe"])
@@ -219,6 +219,15 @@ def test_xmod_student_gets_a_module_and_the_other_languages_stay_bit_identical(r
     for f in ("languages.json", "mergedistill.json"):
         shutil.copy(src / f, dst / f)
     os.symlink(run / "runs/t/data", run / "runs/x/data")
+    return dst
+
+
+def test_xmod_student_gets_a_module_and_the_other_languages_stay_bit_identical(run, tiny_teachers):
+    """An X-Mod student: the `xmod` method trains the new rows and fr's module; every old language's outputs
+    stay bit-identical."""
+    from mergedistill.train.xmod import use_language
+
+    dst = _xmod_run(run)
     cfg = write(run, tiny_teachers, method="xmod", compare=["full"], steps=6, eval_every=3)
     assert main(["extend", "--config", cfg, "--language", "fr", "--run=x", "--vocab_run=t", "--train.mini_head_layer=null"]) == 0
     export = run / "runs/x/extend/fr/export"
@@ -229,7 +238,7 @@ def test_xmod_student_gets_a_module_and_the_other_languages_stay_bit_identical(r
     assert layer.output.adapter_modules["fr"].dense2.weight.abs().sum() > 0  # fr's module trained (it started at zero)
     for lang in ROUTING:
         tok = AutoTokenizer.from_pretrained(dst / json.loads((dst / "languages.json").read_text())[lang])
-        ids = tok(_lines(lang)[:6], padding=True, return_tensors="pt")
+        ids = tok(_lines(lang)[:6], padding=True, truncation=True, max_length=32, return_tensors="pt")  # the run's seq_len
         with torch.no_grad():
             a = use_language(old, lang)(**ids).logits
             b = use_language(new, lang)(**ids).logits
@@ -247,6 +256,7 @@ def test_xmod_student_gets_a_module_and_the_other_languages_stay_bit_identical(r
     (["--language", "fr", "--student.layers=3"], {"mini_layers": 2}, "k = 2 is not smaller than the student's depth (2 layers"),
     (["--language", "fr"], {"method": "xmod"}, "extend.method xmod: needs an X-Mod student"),
     (["--language", "fr", "--extend.languages.fr.teacher=nobody"], {}, "extend.languages.fr.teacher: 'nobody' is not defined"),
+    (["--language", "fr", "--data.top_k=10000000"], {}, "data.top_k: 10,000,000 predictions per labelled position, but teacher bbpe has"),
     ([], {}, "the following arguments are required: --language"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(run, tiny_teachers, capsys, args, extend, message):
@@ -275,3 +285,48 @@ def test_a_language_the_student_already_has_exits_2(run, tiny_teachers, capsys):
     cfg = write(run, tiny_teachers)
     assert main(["extend", "--config", cfg, "--language", "fr"]) == 2
     assert "the student already has 'fr'" in capsys.readouterr().err
+
+
+def test_nothing_new_to_learn_is_said_before_any_work(run, tiny_teachers, capsys):
+    """A new language whose tokenizer (here wp, a routed teacher, on en's text) has every token it needs in the
+    student already: 0 new rows. The row-only methods would train nothing (this used to label shards, align the
+    mini-model and die in backward with "element 0 of tensors does not require grad"): exit 2 before any shard
+    or training step, naming the methods and what to change; with share_tokens off it gets rows and trains."""
+    cfg = write(run, tiny_teachers, compare=["full"], steps=4, eval_every=2, mini_align_steps=2,
+                languages={"es": {"train": "en.txt", "valid": "en.valid.txt", "test": "en.valid.txt", "teacher": "wp"}})
+    assert main(["extend", "--config", cfg, "--language", "es"]) == 2
+    err = capsys.readouterr().err
+    assert "extend es: nothing new to learn: every one of the" in err and "tokens wp's tokenizer keeps for es already has a row" in err
+    assert "extend.method minipost, extend.compare full would train nothing" in err
+    assert "extend.share_tokens: false" in err and "extend.method: xmod" in err and "Traceback" not in err
+    out = run / "runs/t/extend/es"
+    assert not (out / "export").exists() and not (out / "work" / "data").exists() and not (out / "work" / "methods").exists()
+    assert not (run / "runs/t/extend/mini").exists()  # no mini-model aligned either
+
+    assert main(["extend", "--config", cfg, "--language", "es", "--extend.share_tokens=false", "--extend.compare=[]",
+                 "--extend.method=full"]) == 0
+    meta = json.loads((out / "export" / "mergedistill.json").read_text())["extended"]
+    assert meta["vocab_size"] > meta["old_vocab_size"]
+
+
+def test_with_nothing_new_an_xmod_student_trains_the_module_alone(run, tiny_teachers):
+    """0 new rows on an X-Mod student: the xmod method still has the language's module to train, and does,
+    leaving every old language bit-identical and the vocabulary as it was."""
+    from mergedistill.train.xmod import use_language
+
+    dst = _xmod_run(run)
+    cfg = write(run, tiny_teachers, method="xmod", compare=[], steps=4, eval_every=2,
+                languages={"es": {"train": "en.txt", "valid": "en.valid.txt", "test": "en.valid.txt", "teacher": "wp"}})
+    assert main(["extend", "--config", cfg, "--language", "es", "--run=x", "--vocab_run=t", "--train.mini_head_layer=null"]) == 0
+    export = run / "runs/x/extend/es/export"
+    meta = json.loads((export / "mergedistill.json").read_text())["extended"]
+    assert meta["vocab_size"] == meta["old_vocab_size"]
+    new = AutoModelForMaskedLM.from_pretrained(export).eval()
+    old = AutoModelForMaskedLM.from_pretrained(dst).eval()
+    assert new.config.languages == [*ROUTING, "es"]
+    assert new.base_model.encoder.layer[0].output.adapter_modules["es"].dense2.weight.abs().sum() > 0  # trained
+    for lang in ROUTING:
+        tok = AutoTokenizer.from_pretrained(dst / json.loads((dst / "languages.json").read_text())[lang])
+        ids = tok(_lines(lang)[:6], padding=True, truncation=True, max_length=32, return_tensors="pt")  # the run's seq_len
+        with torch.no_grad():
+            assert torch.equal(use_language(old, lang)(**ids).logits, use_language(new, lang)(**ids).logits), lang

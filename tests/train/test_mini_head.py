@@ -96,10 +96,10 @@ def test_layer_tap_keeps_the_output_of_layer_k(tmp_path):
     with torch.no_grad():
         states = student.base_model(input_ids=ids, output_hidden_states=True).hidden_states
     assert torch.equal(tap.take(), states[2])
-    with pytest.raises(AssertionError):
+    with pytest.raises(RuntimeError, match="no forward pass"):
         tap.take()  # handed over once
     tap.remove()
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="a tap after layer 3 of 3"):
         LayerTap(student, 3)  # the last layer's output is the student's own
 
 

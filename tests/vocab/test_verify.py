@@ -46,15 +46,26 @@ def test_a_student_tokenizer_that_differs_stops_the_stage(workdir, tiny_teachers
     assert not (workdir / "vocab" / "t").exists()
 
 
-def test_check_can_be_turned_off(workdir, tiny_teachers, hub_teachers, tiny_corpora, monkeypatch):
+def test_check_can_be_turned_off(workdir, tiny_teachers, hub_teachers, tiny_corpora, monkeypatch, caplog):
+    """With vocab.verify_lines: 0 the same wrong tokenizer is written (the check was skipped, not passed) and
+    the log says it was not compared."""
     import mergedistill.vocab.tokenizers as toks
 
+    caplog.set_level("INFO")
     raw = json.loads((hub_teachers["albert"] / "tokenizer.json").read_text(encoding="utf-8"))
     real = toks.student_tokenizer_json
     monkeypatch.setattr(toks, "student_tokenizer_json", lambda t, m, n: {**real(t, m, n), "normalizer": raw["normalizer"]})
     cfg = make_config(workdir / "c.yaml", _teachers(tiny_teachers, hub_teachers, ("albert",)), tiny_corpora, {"pl": "albert"},
                       vocab={"verify_lines": 0})
     assert main(["vocab", "--config", str(cfg)]) == 0
+    assert "albert's student tokenizer has the student's" in caplog.text and "not compared with the teacher's" in caplog.text
+    assert "equals the teacher's" not in caplog.text
+    vocab, _ = load_vocab(load_config(cfg))
+    teacher = AutoTokenizer.from_pretrained(str(hub_teachers["albert"]))
+    student = AutoTokenizer.from_pretrained(str(workdir / "vocab" / "t" / "tokenizers" / "albert"))
+    differs = [t for t in MORE_SENTENCES["pl"]
+               if student(t)["input_ids"] != vocab.student_ids("albert", np.array(teacher(t)["input_ids"])).tolist()]
+    assert differs  # the written tokenizer is the wrong one the check would have refused
 
 
 def test_verified_texts_are_logged(workdir, tiny_teachers, hub_teachers, tiny_corpora, caplog):
