@@ -264,12 +264,9 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
 
 def exported_lines(exported: dict | None, best: dict | None) -> list[str]:
     """The card's lines on which weights these are (best checkpoint or last step, with their scores) and on a
-    divergence the run saw."""
-    out = []
-    if exported is None:  # an export written by code before train.export existed
-        if best and best.get("score") is not None:
-            out.append(f"- best checkpoint by {best['metric']}: {Path(best['file']).stem} ({best['score']:.4f}); these weights "
-                       "are the last step's")
+    divergence the run saw (none without `exported`)."""
+    out: list[str] = []
+    if exported is None:
         return out
     last = exported["last"]
     metric = (best or {}).get("metric")

@@ -29,10 +29,11 @@ from mergedistill.train.batches import (
     LanguageShards,
     SampledBatches,
     ValidationBatches,
+    lse_column,
     sampling_probs,
 )
-from mergedistill.train.export import export_student
 from mergedistill.train.divergence import DivergenceWatch, ValidationHistory
+from mergedistill.train.export import export_student
 from mergedistill.train.guard import AtomicCheckpointIO, InterruptWatch
 from mergedistill.train.module import DistillModule, NonFiniteLoss
 from mergedistill.train.progress import TrainProgress
@@ -327,8 +328,6 @@ def check_kd_target(cfg: RunConfig, manifest: dict) -> None:
     if t.kd_target != "exact" or t.alpha == 0.0 or t.mode != "offline":
         return
     stored = manifest.get("lse_temperatures") or []
-    from mergedistill.train.batches import lse_column
-
     if lse_column(stored, t.temperature) is None:
         raise UserError(f"train.temperature: {t.temperature:g} has no stored teacher log-normaliser in the shards "
                         f"(data.lse_temperatures: {stored}); add it to data.lse_temperatures and rerun `{cfg.command('data')}`, "
