@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package about this machine's extra index; keep the log readable
 PIPQ := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss bench-relations study clean-demo help
+.PHONY: setup test test-all battery demo corpora teachers vocab select ablate xmod extend compress bench bench-vocab bench-data bench-train bench-shard-hash bench-xmod bench-compress bench-loss bench-relations bench-softmax study clean-demo help
 
 help:
 	@echo "make demo      # everything, end to end, on the embedded default (real corpora, locally trained teachers)"
@@ -72,11 +72,13 @@ demo: teachers
 	@echo "demo: corpora/report.md, teachers/report.md, vocab/demo/report.md, runs/demo/data/manifest.json, runs/demo/train/export/README.md, runs/demo/eval/report.md"
 
 # the recipe study (README: "The recipe study"): each lever of the distillation recipe against the demo's
-# configured recipe at the same steps, then that recipe over three seeds; one table and plot per sweep in
+# configured recipe at the same steps (each lever switched back), then that recipe over three seeds; one table and plot per sweep in
 # runs/demo/sweep/<name>/ (the variant equal to the demo's settings is the demo run itself; unchanged shards are reused)
 study: demo
+	$(MD) sweep --config configs/demo.yaml --sweep.name=softmax --vary train.softmax=all,language
+	$(MD) sweep --config configs/demo.yaml --sweep.name=top-k --vary data.top_k=8,128
+	$(MD) sweep --config configs/demo.yaml --sweep.name=lr --vary train.lr=0.001,0.003
 	$(MD) sweep --config configs/demo.yaml --sweep.name=kd-target --vary train.kd_target=renormalised,exact
-	$(MD) sweep --config configs/demo.yaml --sweep.name=lr --vary train.lr=0.003,0.001
 	$(MD) sweep --config configs/demo.yaml --sweep.name=seeds --sweep.seeds=[0,1,2] --vary train.alpha=0.5
 	$(MD) sweep --config configs/demo.yaml --sweep.name=temperature --vary train.temperature=1,2
 	$(MD) sweep --config configs/demo.yaml --sweep.name=unmasked --vary data.unmasked_kd_prob=0,0.15
@@ -119,3 +121,7 @@ bench-loss: setup
 
 bench-relations: setup
 	$(PY) benchmarks/bench_relations.py
+
+# the demo student's step with train.softmax all vs language (top-8 and top-128 shards): after make demo (and make study)
+bench-softmax: setup
+	$(PY) benchmarks/bench_softmax.py

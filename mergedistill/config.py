@@ -170,6 +170,14 @@ class TrainConfig:
     top-k (from the log-normaliser the data stage stores at data.lse_temperatures, which must list
     train.temperature) and the rest of its mass on everything else, as one more outcome; `renormalised`,
     softmax over the top-k alone (the mass outside them is dropped and the k scaled up to sum to 1)."""
+    softmax: Literal["language", "all"] = "language"
+    """Among which ids the student predicts each labelled position in training (KD and MLM alike): `language`,
+    the ids its language's student tokenizer can write (the routed teacher's kept tokens, specials excluded:
+    what the teacher's stored top-k and log-normaliser cover and what `evaluate` and `load_student` score),
+    the decoder computing those rows only (as extend.softmax does for a new language); `all`, the whole joint
+    vocabulary (MergeDistill's formulation: the student also learns to rule out every other teacher's tokens).
+    The exported model is the same kind of masked LM either way; use it through its language's ids
+    (`load_student`)."""
     sampling_alpha: Annotated[float, at_least(0)] = 0.3
     """Language sampling exponent: p(lang) proportional to size**sampling_alpha."""
     max_steps: Annotated[int, at_least(1)] = 1000

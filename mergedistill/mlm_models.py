@@ -127,18 +127,37 @@ def masked_logits(
     back to the full (B, L, V) logits, indexed. Both give the same numbers (up to float rounding).
     lang_ids (B,): each sequence's language module, for X-Mod models (None: the model's default
     language); refused for any other model."""
-    if getattr(model.config, "model_type", "") == "xmod":
-        from mergedistill.train.xmod import xmod_masked_logits
-
-        logits = xmod_masked_logits(model, input_ids, attention_mask, selected, lang_ids)
+    features = masked_head_features(model, input_ids, attention_mask, selected, lang_ids)
+    if features is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]
         return logits if columns is None else logits[:, columns]
+    decoder = model.get_output_embeddings()
+    if columns is None:
+        return decoder(features)  # (N, V)
+    bias = decoder.bias[columns] if decoder.bias is not None else None
+    return F.linear(features, decoder.weight[columns], bias)  # (N, S)
+
+
+def masked_head_features(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    selected: torch.Tensor,
+    lang_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """What the MLM head feeds its decoder (`model.get_output_embeddings()`) at the N selected positions,
+    (N, H) row-major over `selected`, computed as `masked_logits` describes; None for a model whose head
+    is not a known transform + decoder (masked_logits then runs the whole model)."""
+    if getattr(model.config, "model_type", "") == "xmod":
+        from mergedistill.train.xmod import xmod_masked_hidden
+
+        return _head_features(model, model.lm_head, xmod_masked_hidden(model, input_ids, attention_mask, selected, lang_ids))
     if lang_ids is not None:
         raise ValueError(f"lang_ids select X-Mod language modules; this is a {getattr(model.config, 'model_type', '?')} model")
     head_attr = _HEADS.get(getattr(model.config, "model_type", ""))
     head = getattr(model, head_attr, None) if head_attr else None
-    if head is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]
-        return logits if columns is None else logits[:, columns]
+    if head is None or model.get_output_embeddings() is None:
+        return None
     base = model.base_model
     layers = getattr(getattr(base, "encoder", None), "layer", None)
     if not _last_layer_splittable(model, layers) or selected.all():
@@ -148,16 +167,12 @@ def masked_logits(
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = layer_at_positions(layers[-1], prefix, attention_mask, selected)  # (N, H)
-    if columns is None:
-        return head(hidden)  # (N, V)
-    decoder = model.get_output_embeddings()
-    bias = decoder.bias[columns] if decoder.bias is not None else None
-    return F.linear(_head_features(model, head, hidden), decoder.weight[columns], bias)  # (N, S)
+    return _head_features(model, head, hidden)
 
 
 def _head_features(model: PreTrainedModel, head, hidden: torch.Tensor) -> torch.Tensor:
     """What the MLM head feeds its decoder (N, H): BERT's transform (dense, activation, LayerNorm);
-    RoBERTa's dense, GELU, LayerNorm, as their forward computes them."""
+    RoBERTa's (and X-Mod's) dense, GELU, LayerNorm, as their forward computes them."""
     if model.config.model_type == "bert":
         return head.predictions.transform(hidden)
     return head.layer_norm(gelu(head.dense(hidden)))

@@ -132,7 +132,7 @@ def step_times(cfg: RunConfig, students: dict, configs: dict[str, RunConfig], la
     from mergedistill.train.xmod import grouped_routing, is_xmod
     from mergedistill.vocab.stage import load_vocab
 
-    _, vrec = load_vocab(cfg)
+    vocab, vrec = load_vocab(cfg)
     manifest = load_manifest(cfg, vrec["vocab"])
     dm = ShardDataModule(cfg, manifest, vrec["vocab"], languages)
     sources = dm._sources("train")
@@ -146,7 +146,7 @@ def step_times(cfg: RunConfig, students: dict, configs: dict[str, RunConfig], la
         student = copy.deepcopy(model).float().to(device).train()
         if is_xmod(student):
             grouped_routing(student)
-        module = DistillModule(configs[name], student, languages).to(device)
+        module = DistillModule(configs[name], student, languages, vocab=vocab).to(device)
         runs[name] = (module, adamw(student.named_parameters(), t.lr, t.weight_decay))
 
     def one(name: str, batch) -> float:

@@ -8,8 +8,9 @@ import lightning as L
 import torch
 
 from mergedistill.config import RunConfig
-from mergedistill.mlm_models import masked_logits
+from mergedistill.mlm_models import masked_head_features, masked_logits
 from mergedistill.train.batches import Batch, batch_loss
+from mergedistill.train.language_head import LanguageColumns, language_id_sets
 from mergedistill.train.mini_head import LayerTap, MiniHead
 from mergedistill.train.optim import adamw, clip_gradients, scales_gradients, with_schedule
 from mergedistill.train.progress import writes_logs
@@ -21,9 +22,16 @@ class NonFiniteLoss(RuntimeError):
 
 
 class DistillModule(L.LightningModule):
-    def __init__(self, cfg: RunConfig, student, languages: list[str], online=None):
+    def __init__(self, cfg: RunConfig, student, languages: list[str], online=None, vocab=None):
         super().__init__()
         self.cfg, self.student, self.languages = cfg, student, languages
+        # train.softmax language: each position predicts among its language's ids (train/language_head.py)
+        self.columns = None
+        if cfg.train.softmax == "language":
+            if vocab is None:
+                raise ValueError("DistillModule: train.softmax language needs the joint vocabulary (vocab=)")
+            self.columns = LanguageColumns(language_id_sets(vocab, cfg, languages), student.get_output_embeddings().weight.shape[0],
+                                           languages)
         self.online = online  # an OnlineTeachers for online KD (teachers run inside the step), or None
         self._t0: float | None = None
         # X-Mod: batch language index -> the student's module (lang_id); derived, so not checkpointed
@@ -34,12 +42,25 @@ class DistillModule(L.LightningModule):
         self._tap = LayerTap(student, k) if k else None
 
     def losses(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """The student's logits at the labelled positions (N, V) and the loss parts (train/losses.py).
-        An X-Mod student runs each sequence through its language's module."""
+        """The student's logits at the labelled positions (N, V) and the loss parts (train/losses.py); with
+        train.softmax language, (N, S) logits over each position's language's ids (train/language_head.py) and
+        parts["top1"] as student ids. An X-Mod student runs each sequence through its language's module."""
         t = self.cfg.train
         lang_ids = self.lang_table[batch.seq_lang] if self.lang_table is not None else None  # (B,)
-        logits = masked_logits(self.student, batch.input_ids, batch.attention_mask, batch.selected, lang_ids=lang_ids)
-        return logits, batch_loss(logits, batch, t.alpha, t.temperature, t.kd_target)
+        if self.columns is None:
+            logits = masked_logits(self.student, batch.input_ids, batch.attention_mask, batch.selected, lang_ids=lang_ids)
+            return logits, batch_loss(logits, batch, t.alpha, t.temperature, t.kd_target)
+        # the language softmax: (N, S) logits of each position's language's ids, labels and teacher ids as columns;
+        # the top-1 goes back to student ids, so that every figure below compares student ids as before
+        features = masked_head_features(self.student, batch.input_ids, batch.attention_mask, batch.selected, lang_ids)
+        if features is None:
+            raise ValueError(f"train.softmax language: no known MLM head on a {self.student.config.model_type} student")
+        decoder = self.student.get_output_embeddings()
+        columns = self.columns.to(features.device)
+        logits = columns.logits(features, decoder.weight, decoder.bias, batch.lang)
+        parts = batch_loss(logits, columns.localise(batch), t.alpha, t.temperature, t.kd_target)
+        parts["top1"] = columns.globalise(parts["top1"], batch.lang)
+        return logits, parts
 
     # ---- the shared step -----------------------------------------------------------------------
     def _step(self, batch: Batch, stage: str) -> torch.Tensor:

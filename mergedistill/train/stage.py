@@ -156,7 +156,7 @@ def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillMod
         online = OnlineTeachers(vocab, {n: teacher(n) for n in routed}, {lang: cfg.teacher_of(lang) for lang in languages},
                                 languages, cfg.data.mask_prob, cfg.data.top_k, cfg.train.seed, {n: toks[n].special_ids() for n in routed},
                                 lse_temperature=cfg.train.temperature if cfg.train.kd_target == "exact" else None)
-    return DistillModule(cfg, student, languages, online=online), info
+    return DistillModule(cfg, student, languages, online=online, vocab=vocab), info
 
 
 def student_inputs(cfg: RunConfig) -> dict:
@@ -235,7 +235,8 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
                                                          if k not in ("accelerator", "logger", "best_metric")
                                                          and not (k.startswith("mini_head_") and cfg.train.mini_head_layer is None)
                                                          and not (k.startswith("divergence_") and cfg.train.on_divergence == "warn")
-                                                         and not (k.startswith("relation_") and cfg.train.relation_weight == 0)}}
+                                                         and not (k.startswith("relation_") and cfg.train.relation_weight == 0)
+                                                         and not (k == "softmax" and v == "all")}}  # students trained before it existed
     start_over = False  # set the earlier student aside once this one is about to train (never before)
     if _is_launcher():
         if state_path.is_file() and (export / "config.json").is_file() and not force:
@@ -370,7 +371,7 @@ def fit_model(cfg: RunConfig, out: Path, student=None, callbacks: list | tuple =
     if student is None:
         module, _ = make_module(replace(cfg, train=replace(t, mode="offline")), vocab, languages)
     else:
-        module = DistillModule(cfg, student.train(), languages)  # Lightning keeps the modes it finds: dropout on, as in training
+        module = DistillModule(cfg, student.train(), languages, vocab=vocab)  # Lightning keeps the modes it finds: dropout on, as in training
     dm = ShardDataModule(cfg, manifest, vrec["vocab"], languages)
     if student is None and cfg.student.init_output_bias:
         init_output_bias(module.student, dm, t.sampling_alpha)

@@ -505,6 +505,17 @@ def xmod_masked_logits(
     the last only where its output is needed, the head on the selected rows. lang_ids (B,): each
     sequence's module; None: the default language's. Equals `model(...).logits[selected]` up to float
     rounding."""
+    return model.lm_head(xmod_masked_hidden(model, input_ids, attention_mask, selected, lang_ids))
+
+
+def xmod_masked_hidden(
+    model: XmodForMaskedLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    selected: torch.Tensor,
+    lang_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The encoder's output at the N selected positions (N, H), what `xmod_masked_logits` feeds the head."""
     B = input_ids.shape[0]
     if lang_ids is None:
         if model.config.default_language is None:
@@ -516,14 +527,14 @@ def xmod_masked_logits(
     layers = base.encoder.layer
     if selected.all() or len(layers) < 1 or model.config.is_decoder:
         hidden = base(input_ids=input_ids, attention_mask=attention_mask, lang_ids=lang_ids).last_hidden_state
-        return model.lm_head(hidden[selected])
+        return hidden[selected]
     hidden = encoder_prefix(base, input_ids, attention_mask, len(layers) - 1, lang_ids=lang_ids)  # (B, L, H)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     out = xmod_layer_at_positions(layers[-1], hidden, attention_mask, selected, lang_ids)
     if base.encoder.is_pre_norm:  # the final LayerNorm of a pre-norm encoder
         out = base.encoder.LayerNorm(out)
-    return model.lm_head(out)
+    return out
 
 
 def xmod_layer_at_positions(layer, hidden: torch.Tensor, attention_mask: torch.Tensor, selected: torch.Tensor,

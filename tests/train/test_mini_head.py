@@ -26,7 +26,7 @@ def config(tmp_path, **train):
     data = {"run": "r", "teachers": {"t": {"path": str(tmp_path / "t")}}, "languages": {"xx": {"train": str(tmp_path / "x.txt"), "teacher": "t"}},
             "student": {"layers": 3, "hidden": 32, "heads": 2, "intermediate": 64, "max_position": 64, "init": "random",
                         "embeddings_from_teachers": False},
-            "data": {"seq_len": 64}, "train": {"alpha": 0.5, **train}}
+            "data": {"seq_len": 64}, "train": {"alpha": 0.5, "softmax": "all", **train}}  # synthetic ids: no vocabulary
     return load_config(None, data=data)
 
 

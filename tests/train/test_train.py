@@ -161,7 +161,7 @@ def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpo
     batch = collate([src[0], src[1]], [0, 0], man["k"])
     cfg.student.embeddings_from_teachers = False
     student, _ = build_student(cfg, vocab, load_teacher=None)
-    module = DistillModule(cfg, student, ["de"])
+    module = DistillModule(cfg, student, ["de"], vocab=vocab)
     module.log = lambda *a, **k: None
     captured = {}
 
@@ -537,3 +537,39 @@ def test_model_card_example_runs_and_prints_words_of_each_language(run_dir, tiny
         assert len(words) == 5 and all(w and "unused" not in w and w not in ("[PAD]", "[CLS]", "[SEP]", "<s>", "</s>") for w in words)
     # the card travels with the folder: no local paths, no Python dict reprs, no links out of it
     assert str(run_dir) not in card and "/tmp" not in card and "{'" not in card and "](" not in card
+
+
+def test_language_softmax_trains_each_position_among_its_languages_ids(run_dir, tiny_teachers, corpora):
+    """train.softmax language: the step's logits span the largest language's ids only (not the joint
+    vocabulary), the loss falls, online mode and the MLM-only baseline take the same path, and the export is
+    used through its language's ids as before."""
+    from mergedistill.exported import load_student
+    from mergedistill.train.stage import ShardDataModule, make_module
+    from mergedistill.data.stage import load_manifest
+    from mergedistill.vocab.joint import UNK_ID
+    from mergedistill.vocab.stage import load_vocab
+
+    cfg_path = write_config(run_dir, tiny_teachers, corpora, max_steps=60, softmax="language")
+    cfg = load_config(cfg_path)
+    vocab, vrec = load_vocab(cfg)
+    languages = list(ROUTING)
+    module, _ = make_module(cfg, vocab, languages)
+    manifest = load_manifest(cfg, vrec["vocab"])
+    sources = ShardDataModule(cfg, manifest, vrec["vocab"], languages)._sources("train")
+    batch = SampledBatches(sources, sampling_probs({lang: 1 for lang in languages}, 0.0), 16, 0, 1, 0, manifest["k"]).batch(0)
+    logits, parts = module.losses(batch)
+    widest = max(len(vocab.producible_ids(t)) for t in set(ROUTING.values())) + 1  # and the unknown token
+    assert logits.shape == (len(batch.labels), widest) and widest < vocab.size
+    for li, lang in enumerate(languages):  # every prediction is one of its language's ids
+        here = batch.lang == li
+        assert set(parts["top1"][here].tolist()) <= set(vocab.producible_ids(ROUTING[lang]).tolist()) | {UNK_ID}
+
+    assert main(["train", "--config", str(cfg_path)]) == 0
+    loss = [v for _, v in series(metrics(run_dir), "train/loss")]
+    assert np.mean(loss[-2:]) < np.mean(loss[:2]) - 0.3
+    de = load_student(run_dir / "runs/t/train/export", "de")
+    preds = de.fill_mask(f"Die Schüler lernen {de.tokenizer.mask_token} Wörter in der Schule.", top_k=3)
+    assert len(preds[0]) == 3
+    assert main(["train", "--config", str(cfg_path), "--baseline"]) == 0
+    online = write_config(run_dir, tiny_teachers, corpora, max_steps=4, val_every=2, softmax="language", mode="online")
+    assert main(["train", "--config", str(online), "--force"]) == 0

@@ -72,6 +72,7 @@ def test_a_dense_students_settings_are_what_they_were_before_xmod(run_dir, tiny_
 def test_a_mixed_batch_reaches_only_the_modules_of_its_languages(run_dir, tiny_teachers, corpora):
     from mergedistill.data.stage import load_manifest
     from mergedistill.train.batches import LanguageShards, collate
+    from mergedistill.train.language_head import FILL
     from mergedistill.train.stage import make_module
     from mergedistill.vocab.stage import load_vocab
 
@@ -112,6 +113,9 @@ def test_a_mixed_batch_reaches_only_the_modules_of_its_languages(run_dir, tiny_t
                       lang_ids=lang_ids_for(student, ["de", "ru", "de", "ru"])).logits[batch.selected]
         wrong = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         lang_ids=lang_ids_for(student, ["ru", "de", "ru", "de"])).logits[batch.selected]
+    # the language softmax (the default): each row holds its language's ids' logits, then FILL
+    idx = module.columns.table[batch.lang]  # (N, S) student ids, -1 pads
+    ref, wrong = (x.gather(1, idx.clamp(min=0)).masked_fill(idx < 0, FILL) for x in (ref, wrong))
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     assert (logits - wrong).abs().max() > 1e-2
 
