@@ -27,6 +27,18 @@ def sampling_probs(sizes: dict[str, int], alpha: float) -> dict[str, float]:
     return {k: v / z for k, v in w.items()}
 
 
+REPEAT_WARN = 2.0
+"""Passes over a language's training sequences above which training warns (expected_passes)."""
+
+
+def expected_passes(sequences: dict[str, int], probs: dict[str, float], draws: int) -> dict[str, float]:
+    """How many times, on average, a run that draws `draws` training sequences (steps x global batch x
+    accumulation) reads each language's sequences: draws x p(lang) / sequences(lang). The data stage masks
+    each sequence once, so every pass after the first shows the student the same masked positions with
+    the same gold tokens, which it can learn by heart (training loss falling, validation loss not)."""
+    return {lang: draws * p / sequences[lang] if sequences.get(lang) else float("inf") for lang, p in probs.items()}
+
+
 class LanguageShards:
     """The rows of one language's shards (one split) as one indexable, memory-mapped sequence.
     `temperature`: the KD temperature whose stored teacher log-normaliser batches carry (`lse_col`, the

@@ -25,7 +25,8 @@ EXAMPLE_LINES = 2000
 
 
 def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, languages: list[str], metrics: dict,
-                   init_info: dict, best: dict | None, out: Path, mini_head=None, exported: dict | None = None) -> Path:
+                   init_info: dict, best: dict | None, out: Path, mini_head=None, exported: dict | None = None,
+                   passes: dict[str, float] | None = None) -> Path:
     """<out> (runs/<run>/train/export/): the student as a standard HF folder, the per-teacher
     tokenizers, languages.json, token_ids/<lang>.npy and a README model card; with
     train.mini_head_layer, the secondary head in mini_head/ (`mergedistill extend` reads it)."""
@@ -48,7 +49,7 @@ def export_student(cfg: RunConfig, student, vocab, vrec: dict, manifest: dict, l
             allowed[lang] = vocab.producible_ids(name)
             np.save(tmp / "token_ids" / f"{lang}.npy", allowed[lang])
         examples = card_examples(cfg, tmp, routing, allowed)
-        card = model_card(cfg, vrec, manifest, languages, metrics, init_info, examples, best, exported=exported)
+        card = model_card(cfg, vrec, manifest, languages, metrics, init_info, examples, best, exported=exported, passes=passes)
         if is_xmod(student):
             card = insert_section(card, xmod_card_section(cfg, student, languages), before="## Teachers and routing")
         (tmp / "README.md").write_text(card, encoding="utf-8")
@@ -203,14 +204,15 @@ def _masking_text(m: dict) -> str:
 
 def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str], metrics: dict, init_info: dict,
                examples: dict[str, tuple[str, str]] | None = None, best: dict | None = None, results_md: str | None = None,
-               exported: dict | None = None) -> str:
+               exported: dict | None = None, passes: dict[str, float] | None = None) -> str:
     t, s = cfg.train, cfg.student
+    passes = passes or {}
     examples = examples or {}
     rows = []
     for lang in languages:
         tr = manifest["languages"][lang]["splits"].get("train", {})
         rows.append([lang, cfg.teacher_of(lang), f"`tokenizers/{cfg.teacher_of(lang)}`", tr.get("lines", 0), tr.get("corpus_tokens", 0),
-                     _m(metrics, f"val/{lang}/acc"), _m(metrics, f"val/{lang}/agree")])
+                     f"{passes[lang]:.1f}" if lang in passes else "-", _m(metrics, f"val/{lang}/acc"), _m(metrics, f"val/{lang}/agree")])
     teachers = [[n, _source(cfg.teachers[n].path), ", ".join(cfg.languages_of(n)) or "-"] for n in cfg.teachers]
     missing = [lang for lang in languages if lang not in examples]
     lines = [
@@ -243,8 +245,12 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
         "",
         markdown_table(["teacher", "source", "languages"], teachers),
         "",
-        markdown_table(["language", "teacher", "tokenizer", "train lines", "train tokens", "valid accuracy",
-                        "valid agreement with teacher"], rows),
+        markdown_table(["language", "teacher", "tokenizer", "train lines", "train tokens", "passes",
+                        "valid accuracy", "valid agreement with teacher"], rows),
+        "",
+        "passes: how many times training read each language's sequences on average (steps x batch x that language's "
+        "sampling probability / its sequences); the data stage masks each sequence once, so passes above 1 repeat "
+        "the same masked positions.",
         "",
         "## Training",
         "",

@@ -30,6 +30,8 @@ from mergedistill.train.batches import (
     SampledBatches,
     ValidationBatches,
     lse_column,
+    REPEAT_WARN,
+    expected_passes,
     sampling_probs,
 )
 from mergedistill.train.divergence import DivergenceWatch, ValidationHistory
@@ -132,6 +134,14 @@ def init_output_bias(student, dm: "ShardDataModule", sampling_alpha: float) -> s
     probs = sampling_probs({lang: dm.sizes()[lang] for lang in sources}, sampling_alpha)
     bias.copy_(unigram_log_probs(sources, probs, bias.shape[0]).to(bias.dtype))
     return "log unigram frequencies of the training shards"
+
+
+def training_passes(cfg: RunConfig, manifest: dict, dm: "ShardDataModule", world_size: int) -> dict[str, float]:
+    """Expected passes over each language's training sequences in this run (batches.expected_passes)."""
+    t = cfg.train
+    sequences = {lang: manifest["languages"][lang]["splits"]["train"]["sequences"] for lang in dm.languages}
+    draws = t.max_steps * t.grad_accum * t.batch_size * world_size
+    return expected_passes(sequences, sampling_probs(dm.sizes(), t.sampling_alpha), draws)
 
 
 def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillModule, dict]:
@@ -293,6 +303,15 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
              ", ".join(f"{k} {v:.2f}" for k, v in sampling_probs(dm.sizes(), t.sampling_alpha).items()),
              cfg.student.layers, cfg.student.hidden, f"{sum(p.numel() for p in module.student.parameters()):,}",
              f"init {init_info}")
+    passes = training_passes(cfg, manifest, dm, trainer.world_size)
+    log.info("train: %d steps read each language's training sequences %s times on average",
+             t.max_steps, ", ".join(f"{lang} {p:.1f}" for lang, p in passes.items()))
+    over = {lang: p for lang, p in passes.items() if p > REPEAT_WARN}
+    if over:
+        log.warning("train: %s: more than %g passes over the same masked sequences (the data stage masks each once), "
+                    "so the student can learn their gold tokens by heart: label more lines (data.max_lines, "
+                    "teachers.<name>.max_lines) or train fewer steps",
+                    ", ".join(f"{lang} {p:.1f}" for lang, p in over.items()), REPEAT_WARN)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume and last.is_file() and not start_over else None)
     except NonFiniteLoss as e:
@@ -312,9 +331,10 @@ def run_train(cfg: RunConfig, *, resume: bool = False, baseline: bool = False, f
     if diverge.found is not None:
         exported["divergence"] = diverge.found.as_dict()
     export_student(cfg, module.student, vocab, vrec, manifest, languages, exported["val"], init_info, best_info, out / "export",
-                   mini_head=module.mini_head, exported=exported)
+                   mini_head=module.mini_head, exported=exported, passes=passes)
     write_json_atomic(state_path, {"inputs": inputs, "status": "done", "steps": trainer.global_step, "val": metrics,
-                                   "best": best_info, "exported": exported, "seconds": time.monotonic() - start})
+                                   "best": best_info, "exported": exported,
+                                   "passes": passes, "seconds": time.monotonic() - start})
     prev_dir = previous_dir(out)
     if prev_dir.exists():
         shutil.rmtree(prev_dir)

@@ -15,7 +15,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 from conftest import SENTENCES, in_dir, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
-from mergedistill.train.batches import SampledBatches, sampling_probs
+from mergedistill.train.batches import SampledBatches, expected_passes, sampling_probs
 
 ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe"}
 DATA = {"seq_len": 32, "shard_lines": 20, "splits": ["train", "valid"], "batch_size": 8}
@@ -86,6 +86,17 @@ def test_sampling_probabilities_follow_the_formula():
         z = sum(v ** alpha for v in sizes.values())
         for k, v in sizes.items():
             assert p[k] == pytest.approx(v ** alpha / z)
+
+
+def test_expected_passes_are_draws_times_probability_over_sequences():
+    probs = {"big": 0.7, "small": 0.3}
+    p = expected_passes({"big": 7000, "small": 300}, probs, draws=1000)
+    assert p == pytest.approx({"big": 0.1, "small": 1.0})
+    # measured against the sampler: 100 batches of 64 draw ~6,400 sequences
+    ds = SampledBatches({"big": _Fake(7000), "small": _Fake(300)}, probs, 64, 0, 1, 0, 8)
+    drawn = np.concatenate([ds.draw(b)[0] for b in range(100)])
+    assert (drawn == 1).sum() / 300 == pytest.approx(expected_passes({"big": 7000, "small": 300}, probs, 6400)["small"], rel=0.05)
+    assert expected_passes({"a": 0}, {"a": 1.0}, 10)["a"] == float("inf")
 
 
 class _Fake:
@@ -182,9 +193,10 @@ def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpo
     assert (g[~batch.selected] == 0).all(), "the loss reached the student through unmasked positions' outputs"
 
 
-def test_a_few_steps_lower_the_loss_and_export_works(run_dir, tiny_teachers, corpora):
+def test_a_few_steps_lower_the_loss_and_export_works(run_dir, tiny_teachers, corpora, caplog):
     cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=60)
-    assert main(["train", "--config", str(cfg)]) == 0
+    with caplog.at_level("INFO", logger="mergedistill"):
+        assert main(["train", "--config", str(cfg)]) == 0
     rows = metrics(run_dir)
     loss = [v for _, v in series(rows, "train/loss")]
     assert np.mean(loss[-2:]) < np.mean(loss[:2]) - 0.3
@@ -204,6 +216,17 @@ def test_a_few_steps_lower_the_loss_and_export_works(run_dir, tiny_teachers, cor
     assert len(out) == 3 and all(o["token"] < model.config.vocab_size and o["token_str"] for o in out)
     readme = (export / "README.md").read_text()
     assert "| de | wp |" in readme and "fill-mask" in readme
+    # the card and state say how often each language's masked sequences were read
+    state = json.loads((run_dir / "runs/t/train/state.json").read_text())
+    manifest = json.loads((run_dir / "runs/t/data/manifest.json").read_text())
+    n = {lang: manifest["languages"][lang]["splits"]["train"]["sequences"] for lang in ROUTING}
+    sizes = {lang: manifest["languages"][lang]["splits"]["train"]["tokens"] for lang in ROUTING}
+    want = expected_passes(n, sampling_probs(sizes, load_config(cfg).train.sampling_alpha), 60 * TRAIN["batch_size"])
+    assert state["passes"] == pytest.approx(want)
+    assert f"| {want['de']:.1f} |" in readme and "passes" in readme
+    over = [lang for lang, p in want.items() if p > 2]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "passes over the same masked" in r.getMessage()]
+    assert over and len(warned) == 1 and all(f"{lang} {want[lang]:.1f}" in warned[0] for lang in over)
     # a rerun with the same settings skips
     assert main(["train", "--config", str(cfg)]) == 0
 
