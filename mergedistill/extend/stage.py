@@ -554,7 +554,7 @@ def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
         old[m] = _old_languages(cfg, plan, original, model, x.old_lines, device)
         plugged[m] = model.cpu()
 
-    export = _write_export(cfg, plan, nv, plugged[x.method], x.method, out / "export")
+    export = _write_export(cfg, plan, nv, plugged[x.method], x.method, out / "export", results[x.method]["test"], old[x.method])
     rep = _write_report(cfg, plan, nv, results, old, out, time.monotonic() - start, guard)
     write_json_atomic(out / "state.json", {"inputs": state_inputs, "method": x.method, "seconds": round(time.monotonic() - start, 1),
                                            "mergedistill": __version__})
@@ -583,9 +583,11 @@ def _old_languages(cfg: RunConfig, plan: Plan, original, extended, lines: int, d
     return out
 
 
-def _write_export(cfg: RunConfig, plan: Plan, nv: NewVocab, model, method: str, folder: Path) -> Path:
+def _write_export(cfg: RunConfig, plan: Plan, nv: NewVocab, model, method: str, folder: Path, test: dict | None = None,
+                  old: dict[str, dict] | None = None) -> Path:
     """The extended student: weights, old tokenizers padded to the grown size, the new one, languages.json,
-    token_ids/<lang>.npy for every language, mergedistill.json and a model card."""
+    token_ids/<lang>.npy for every language, mergedistill.json and a model card (with `test`, the exported
+    method's figures on the new language's test split, and `old`, its change on each old language)."""
     src = plan.export.folder
     sub = f"tokenizers/new-{plan.lang}"
     with atomic_dir(folder) as tmp:
@@ -610,26 +612,46 @@ def _write_export(cfg: RunConfig, plan: Plan, nv: NewVocab, model, method: str, 
                                                  "vocab": nv.vocab.fingerprint(), "from": str(src)}}
         write_json_atomic(tmp / "mergedistill.json", meta)
         card = (src / "README.md").read_text(encoding="utf-8") if (src / "README.md").is_file() else f"# {cfg.run}\n"
-        (tmp / "README.md").write_text(card.rstrip() + "\n\n" + _card_section(plan, nv, method, sub), encoding="utf-8")
+        (tmp / "README.md").write_text(card.rstrip() + "\n\n" + _card_section(plan, nv, method, sub, test, old), encoding="utf-8")
     return folder
 
 
-def _card_section(plan: Plan, nv: NewVocab, method: str, sub: str) -> str:
+def _card_section(plan: Plan, nv: NewVocab, method: str, sub: str, test: dict | None = None,
+                  old: dict[str, dict] | None = None) -> str:
     how = {"full": "with the whole student frozen", "minipost": "over a mini-model of the student's first layers (MiniPost)",
            "minijoint": "over the mini-model the student was trained with (MiniJoint)",
            "xmod": "with a new language module, the shared body frozen"}[method]
-    return "\n".join([
+    source = (f"distilled from its teacher `{plan.lc.teacher}` (KD on its top-k predictions + MLM)" if plan.teacher
+              else "from its corpus alone (MLM: no teacher)")
+    lines = [
         f"## Extended to `{plan.lang}` (mergedistill extend)",
         "",
         f"`{plan.lang}` was added after distillation: {len(nv.new_ids):,} new embedding rows (ids {nv.old_size:,} to "
-        f"{nv.vocab.size - 1:,}) learned {how}, from {'its teacher ' + repr(nv.source) if plan.teacher else 'its corpus (MLM)'}. "
+        f"{nv.vocab.size - 1:,}) learned {how}, {source}; its tokenizer's pieces come from {nv.source!r}. "
         "Every other weight, and every old language's tokenizer, is the original's. Its tokenizer:",
         "",
         "```python",
         f"tokenizer = AutoTokenizer.from_pretrained(\"PATH_TO_THIS_FOLDER/{sub}\")  # language '{plan.lang}'",
         "```",
         "",
-    ])
+    ]
+    if test:
+        pll = (f"{test['pll_per_word']:.3f} PLL per word" if "pll_per_word" in test else f"{test['bits_per_char']:.3f} bits per char")
+        agree = f"; top-1 agreement with the teacher {test['agreement']:.4f}" if "agreement" in test else ""
+        lines += [
+            f"Measured by `mergedistill extend` on `{plan.lang}`'s test split ({test['masked']:,} masked positions): masked "
+            f"accuracy {test['acc_own']:.4f} among its own tokens ({test['acc_all']:.4f} among all ids), {pll}{agree}.",
+            "",
+        ]
+    if old:
+        worst = max(old.items(), key=lambda kv: kv[1].get("top1_changed_own", 0.0))
+        lines += [
+            f"The old languages ({', '.join(old)}), original vs extended student on their test splits: the largest share of "
+            f"top-1 predictions changed among a language's own tokens is {worst[1].get('top1_changed_own', 0.0):.4f} "
+            f"({worst[0]}); `../report.md` from this folder has every figure.",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 DEFINITIONS = """\

@@ -115,6 +115,14 @@ def test_extend_adds_the_language_and_leaves_the_old_ones_exactly_as_they_were(r
         assert (out / f).is_file(), f
     report = (out / "report.md").read_text()
     assert "minipost (exported)" in report and "| full |" in report and "| minijoint |" in report
+    # the card names where fr came from and carries the exported method's measured figures
+    card = (export / "README.md").read_text(encoding="utf-8")
+    rows = [r.split(",") for r in (out / "results.csv").read_text().splitlines()]
+    acc = float(next(r[3] for r in rows if r[:3] == ["minipost", "test", "acc_own"]))
+    agree = float(next(r[3] for r in rows if r[:3] == ["minipost", "test", "agreement"]))
+    assert "## Extended to `fr`" in card and "distilled from its teacher `bbpe`" in card, card[-1500:]
+    assert f"masked accuracy {acc:.4f} among its own tokens" in card and f"agreement with the teacher {agree:.4f}" in card
+    assert "The old languages (" in card
 
     # the plugged student loads as a standard masked LM, its new rows are the learned ones, and fills masks in fr
     old_model = AutoModelForMaskedLM.from_pretrained(original).eval()
@@ -195,6 +203,8 @@ def test_without_a_teacher_a_tokenizer_is_trained_and_the_objective_is_mlm(run, 
     out = run / "runs/t/extend/fr"
     report = (out / "report.md").read_text()
     assert "objective: MLM" in report and "tokens from new-fr" in report and "guard: 40 old positions" in report
+    card = (out / "export/README.md").read_text(encoding="utf-8")
+    assert "from its corpus alone (MLM: no teacher)" in card and "masked accuracy" in card and "agreement" not in card.split("## Extended to")[1]
     export = out / "export"
     tok = AutoTokenizer.from_pretrained(export / "tokenizers/new-fr")
     meta = json.loads((export / "mergedistill.json").read_text())["extended"]
