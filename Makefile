@@ -75,6 +75,7 @@ demo: teachers
 # configured recipe at the same steps (each lever switched back), then that recipe over three seeds; one table and plot per sweep in
 # runs/demo/sweep/<name>/ (the variant equal to the demo's settings is the demo run itself; unchanged shards are reused)
 study: demo
+	$(MD) sweep --config configs/demo.yaml --sweep.name=lines --vary data.max_lines=12000 --vary teachers.e5.max_lines=2000
 	$(MD) sweep --config configs/demo.yaml --sweep.name=softmax --vary train.softmax=all,language
 	$(MD) sweep --config configs/demo.yaml --sweep.name=top-k --vary data.top_k=8,128
 	$(MD) sweep --config configs/demo.yaml --sweep.name=lr --vary train.lr=0.001,0.003
