@@ -3,7 +3,7 @@
 one run. Body: 2 layers x hidden 128 (2 heads, FFN 512, the demo's size) over a 22k vocabulary; X-Mod
 adds one module per language (6) at reduction factor 2 and 4. A step is forward + backward of the
 training loss path: every layer but the last everywhere, the last layer and the MLM head at the masked
-positions only (mlm_models.masked_logits / train.xmod.xmod_masked_logits), cross-entropy there, in
+positions only (mlm_models.masked_logits), cross-entropy there, in
 train mode (dropout on). The batch: 32 sequences x 128 tokens, 15% masked, languages mixed at random.
 
 X-Mod routing variants:
@@ -36,7 +36,6 @@ from mergedistill.train.xmod import (  # noqa: E402
     grouped_routing,
     parameter_counts,
     xmod_config,
-    xmod_masked_logits,
 )
 
 LANGS = ["de", "fr", "es", "ru", "ja", "zh"]
@@ -82,7 +81,7 @@ def step(model, data, full: bool) -> tuple[float, float]:
         kw = {"lang_ids": lang} if is_xmod else {}
         logits = model(input_ids=ids, attention_mask=att, **kw).logits[sel]
     elif is_xmod:
-        logits = xmod_masked_logits(model, ids, att, sel, lang)
+        logits = masked_logits(model, ids, att, sel, lang)
     else:
         logits = masked_logits(model, ids, att, sel)
     F.cross_entropy(logits.float(), labels).backward()

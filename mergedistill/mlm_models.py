@@ -32,7 +32,7 @@ FAMILIES: dict[str, tuple[type, type]] = {
 }
 
 # model_type -> attribute holding the position-wise MLM head (hidden (N, H) -> logits (N, V)).
-# X-Mod is not here: its layers need lang_ids, so masked_logits hands it to train.xmod.xmod_masked_logits.
+# X-Mod is not here: its layers need lang_ids, so masked_head_features hands it to train.xmod.xmod_masked_hidden.
 _HEADS = {"bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head"}
 
 ROBERTA_STYLE = ("roberta", "xlm-roberta", "camembert", "xmod")

@@ -25,13 +25,13 @@ from mergedistill.lock import exclusive
 from mergedistill.precision import lightning_precision
 from mergedistill.teachers import load_all_tokenizers, load_teacher_model
 from mergedistill.train.batches import (
+    REPEAT_WARN,
     Batch,
     LanguageShards,
     SampledBatches,
     ValidationBatches,
-    lse_column,
-    REPEAT_WARN,
     expected_passes,
+    lse_column,
     sampling_probs,
 )
 from mergedistill.train.divergence import DivergenceWatch, ValidationHistory

@@ -493,21 +493,6 @@ def grouped_routing(model: XmodForMaskedLM, enabled: bool = True) -> XmodForMask
 
 
 # ---- the MLM head at selected positions only ----------------------------------------------------------
-def xmod_masked_logits(
-    model: XmodForMaskedLM,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    selected: torch.Tensor,
-    lang_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(N, V) logits at the N selected positions (row-major over `selected` (B, L) bool), like
-    mlm_models.masked_logits (which hands X-Mod models here): every layer but the last runs everywhere,
-    the last only where its output is needed, the head on the selected rows. lang_ids (B,): each
-    sequence's module; None: the default language's. Equals `model(...).logits[selected]` up to float
-    rounding."""
-    return model.lm_head(xmod_masked_hidden(model, input_ids, attention_mask, selected, lang_ids))
-
-
 def xmod_masked_hidden(
     model: XmodForMaskedLM,
     input_ids: torch.Tensor,
@@ -515,11 +500,14 @@ def xmod_masked_hidden(
     selected: torch.Tensor,
     lang_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The encoder's output at the N selected positions (N, H), what `xmod_masked_logits` feeds the head."""
+    """The encoder's output at the N selected positions (N, H), row-major over `selected` (B, L) bool: what
+    mlm_models.masked_head_features (so masked_logits) feeds an X-Mod model's head. Every layer but the last
+    runs everywhere, the last only where its output is needed. lang_ids (B,): each sequence's module; None:
+    the default language's. The head on it equals `model(...).logits[selected]` up to float rounding."""
     B = input_ids.shape[0]
     if lang_ids is None:
         if model.config.default_language is None:
-            raise ValueError("xmod_masked_logits: pass lang_ids or set a default language (use_language)")
+            raise ValueError("masked_logits of an X-Mod model: pass lang_ids or set a default language (use_language)")
         lang_ids = torch.full((B,), module_names(model).index(model.config.default_language), dtype=torch.long)
     lang_ids = lang_ids.to(input_ids.device)
     check_lang_ids(model, lang_ids, B)

@@ -33,8 +33,8 @@ from mergedistill.train.xmod import (
     save_xmod_student,
     use_language,
     xmod_config,
-    xmod_masked_logits,
 )
+from mergedistill.mlm_models import masked_logits
 from mergedistill.vocab.stage import load_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,11 +128,11 @@ def test_masked_logits_equal_the_full_head_at_the_selected_positions(run, pre_no
     langs = ["ru", "de", "fr", "de", "ru"]
     full = logits(model, ids, att, langs)[sel]
     with torch.no_grad():
-        fast = xmod_masked_logits(model, ids, att, sel, lang_ids_for(model, langs))
+        fast = masked_logits(model, ids, att, sel, lang_ids_for(model, langs))
     torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-5)
     use_language(model, "fr")  # lang_ids=None: the default language's module
     with torch.no_grad():
-        default = xmod_masked_logits(model, ids, att, sel)
+        default = masked_logits(model, ids, att, sel)
     torch.testing.assert_close(default, logits(model, ids, att, ["fr"] * 5)[sel], atol=1e-5, rtol=1e-5)
 
 
@@ -140,8 +140,6 @@ def test_masked_logits_hands_xmod_models_their_lang_ids(run):
     """mlm_models.masked_logits (what training, evaluate and select call) takes an X-Mod model's lang_ids
     to its masked-position head; lang_ids for a dense model are refused rather than ignored."""
     from transformers import BertConfig, BertForMaskedLM
-
-    from mergedistill.mlm_models import masked_logits
 
     model = student(run, zero_init_modules=False)
     ids, att = random_batch(run.vocab.size, B=3)
@@ -189,7 +187,7 @@ def test_kd_and_mlm_training_lowers_the_loss(run):
     losses = []
     for _ in range(15):
         opt.zero_grad()
-        out = xmod_masked_logits(model, ids, att, sel, lang_ids)
+        out = masked_logits(model, ids, att, sel, lang_ids)
         loss = distill_loss(out, labels, topk_ids, topk_logits, 0.5, 1.0)["loss"]
         loss.backward()
         opt.step()
@@ -363,9 +361,9 @@ def test_an_unknown_language_is_named_with_the_known_ones(run):
     ids, att = random_batch(run.vocab.size, B=2)
     sel = att.bool()
     with pytest.raises(UnknownLanguage, match=r"lang_ids \[3\] out of range: .* 3 modules, 0=de, 1=ru, 2=fr"):
-        xmod_masked_logits(model, ids, att, sel, torch.tensor([0, 3]))
+        masked_logits(model, ids, att, sel, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        xmod_masked_logits(model, ids, att, sel, torch.tensor([0]))
+        masked_logits(model, ids, att, sel, torch.tensor([0]))
 
 
 def test_module_groupings_are_checked():
