@@ -57,6 +57,10 @@ CONFIG = {
 
 
 # ---- running a stage ---------------------------------------------------------------------------------
+RAN: list[str] = []
+"""The stages the current case ran, in order: a case without a stage of its own counts under the last one."""
+
+
 def in_child(fn: Callable[[], int], out: Path, timeout: float = 600) -> int:
     """Run `fn` in a forked child with stdout/stderr going to `out`; its return value is the exit status."""
     pid = os.fork()
@@ -85,6 +89,7 @@ def in_child(fn: Callable[[], int], out: Path, timeout: float = 600) -> int:
 def cli(d: Path, *argv: str, inject: Callable[[], None] | None = None) -> tuple[int, str]:
     """`mergedistill <argv>` in case folder `d` (cwd), in a forked child; (exit status, stderr+stdout)."""
     out = d / "stderr.txt"
+    RAN.append(argv[0])
 
     def run() -> int:
         os.chdir(d)
@@ -333,6 +338,8 @@ class Case:
     words: tuple[str, ...] = ()
     check: Callable[["Ctx"], str | None] | None = None
     how: str = ""
+    stage: str = ""
+    """The stage the case is about, for the totals; empty: the last stage it ran (RAN)."""
 
 
 @dataclass
@@ -349,16 +356,17 @@ class Ctx:
 CASES: list[Case] = []
 
 
-def case(name: str, rc: int = 2, words: tuple[str, ...] = (), check=None):
+def case(name: str, rc: int = 2, words: tuple[str, ...] = (), check=None, stage: str = ""):
     def deco(fn):
-        CASES.append(Case(name, fn, rc, words, check))
+        CASES.append(Case(name, fn, rc, words, check, stage=stage))
         return fn
     return deco
 
 
 def stage_with(stage: str, *overrides: str, rc: int = 2, words: tuple[str, ...] = (), name: str | None = None):
     """A case: `mergedistill <stage>` with command-line overrides."""
-    CASES.append(Case(name or f"{stage} {' '.join(overrides)}", lambda c: cli(c.d, stage, "--config", "c.yaml", *overrides), rc, words))
+    CASES.append(Case(name or f"{stage} {' '.join(overrides)}", lambda c: cli(c.d, stage, "--config", "c.yaml", *overrides), rc, words,
+                      stage=stage))
 
 
 # config values: each refused at load, naming the field and the allowed range
@@ -421,7 +429,7 @@ def corpus_case(name: str, content: bytes | None, words: tuple[str, ...], stage:
         if content is not None:
             p.write_bytes(content)
         return cli(c.d, stage, "--config", "c.yaml", "--force", f"--languages.de.train={p}")
-    CASES.append(Case(f"corpus {name} ({stage})", run, 2, words))
+    CASES.append(Case(f"corpus {name} ({stage})", run, 2, words, stage=stage))
 
 
 corpus_case("missing", None, ("languages.de.train: no file",))
@@ -448,7 +456,7 @@ def teacher_case(name: str, breaker: Callable[[Path], None], words: tuple[str, .
         t = teacher_copy(c)
         breaker(t)
         return cli(c.d, stage, "--config", "c.yaml", "--force", f"--teachers.wp.path={t}")
-    CASES.append(Case(f"teacher {name} ({stage})", run, 2, words))
+    CASES.append(Case(f"teacher {name} ({stage})", run, 2, words, stage=stage))
 
 
 teacher_case("folder missing", lambda t: shutil.rmtree(t), ("teachers.wp.path: no folder",))
@@ -538,7 +546,7 @@ def file_case(name: str, stage: str, breaker: Callable[[Ctx], None], words: tupl
     def run(c: Ctx):
         breaker(c)
         return cli(c.d, stage, "--config", "c.yaml", *extra)
-    CASES.append(Case(name, run, rc, words, check))
+    CASES.append(Case(name, run, rc, words, check, stage=stage))
 
 
 def _edit_parquet_tokens(c: Ctx) -> None:
@@ -653,7 +661,7 @@ def env_case(name: str, stage: str, folder: str, kind: str, words: tuple[str, ..
         with ctx as (how, inject):
             c.notes.append(how)
             return cli(c.d, stage, "--config", "c.yaml", *extra, inject=inject)
-    CASES.append(Case(name, run, 2, words, check))
+    CASES.append(Case(name, run, 2, words, check, stage=stage))
 
 
 def no_complete(*paths: str):
@@ -752,6 +760,7 @@ def _wait_file(p: Path, proc: subprocess.Popen, timeout: float = 300) -> bool:
 
 
 def spawn_logged(c: Ctx, *argv: str) -> tuple[subprocess.Popen, Path]:
+    RAN.append(argv[0])
     log = c.d / f"proc-{len(list(c.d.glob('proc-*')))}.txt"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     fh = open(log, "w")
@@ -866,7 +875,7 @@ def _gone(c: Ctx) -> str | None:
     return "still there: " + ", ".join(left) if left else None
 
 
-@case("leftovers of killed runs removed by the next run", rc=0, words=("removed",), check=_gone)
+@case("leftovers of killed runs removed by the next run", rc=0, words=("removed",), check=_gone, stage="vocab..evaluate")
 def _(c: Ctx):
     c.paths = _debris(c)
     out = ""
@@ -946,6 +955,357 @@ def _(c: Ctx):
     return cli(c.d, "data", "--config", "c.yaml")
 
 
+# ---- extend: a new language (en) on the distilled student ----------------------------------------------
+EN = ["The children learn to read and write at the small school.", "My brother works in a bakery near the old station.",
+      "We walked along the river until the sun went down.", "She reads a book every evening before she goes to bed.",
+      "The house on the hill has a red door and a green garden.", "Trains to the city leave every hour from the main station.",
+      "He cooked a warm soup for his friends on Sunday.", "The weather was cold, but the market was full of people."]
+EXTEND = {"languages": {"en": {"train": "en.txt", "valid": "en.valid.txt", "test": "en.valid.txt"}}, "method": "full", "compare": [],
+          "steps": 6, "eval_every": 3, "batch_size": 4, "warmup_steps": 1, "tokenizer": "unigram", "tokenizer_vocab_size": 120,
+          "share_tokens": False, "curve_lines": 8, "old_lines": 5, "device": "cpu"}
+"""en without a teacher (a tokenizer trained on its corpus, MLM), every token a new row, the `full` method, 6 steps."""
+
+
+def extend_setup(c: Ctx, **changes) -> None:
+    """en's corpora in the case folder and an `extend:` section in its config (`changes`: dotted keys)."""
+    lines = [f"{s} {' '.join(EN[(i + 1) % len(EN)].split()[: i % 4])}".strip() for i, s in enumerate(EN * 4)]
+    (c.d / "en.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (c.d / "en.valid.txt").write_text("\n".join(lines[:12]) + "\n", encoding="utf-8")
+    c.config(**{"extend": json.loads(json.dumps(EXTEND)), **changes})
+
+
+def extend_cli(c: Ctx, *extra: str) -> tuple[int, str]:
+    return cli(c.d, "extend", "--config", "c.yaml", "--language", "en", *extra)
+
+
+def extend_case(name: str, breaker: Callable[[Ctx], None] | None, words: tuple[str, ...], rc: int = 2, extra=(), check=None, **changes):
+    """A case: `mergedistill extend --language en` after `breaker` broke something (`changes`: config keys)."""
+    def run(c: Ctx):
+        extend_setup(c, **changes)
+        if breaker is not None:
+            breaker(c)
+        return extend_cli(c, *extra)
+    CASES.append(Case(name, run, rc, words, check or nothing_extended, stage="extend"))
+
+
+def nothing_extended(c: Ctx) -> str | None:
+    """Refused before any work: no export, no state, no trained method, no temporaries."""
+    out = c.d / "runs/b/extend/en"
+    done = [p for p in ("export/config.json", "state.json", "work/methods") if (out / p).exists()]
+    debris = [str(p.relative_to(c.d)) for p in c.d.rglob("*.partial")]
+    return f"written before the refusal: {', '.join(done)}" if done else f"left behind: {', '.join(debris)}" if debris else None
+
+
+def _drop_module_weights(c: Ctx, lang: str = "ru") -> None:
+    """The X-Mod export's weights without `lang`'s module (its config still lists it)."""
+    from safetensors.numpy import load_file, save_file
+
+    p = c.d / "runs/b/train/export/model.safetensors"
+    weights = load_file(str(p))
+    save_file({k: v for k, v in weights.items() if f".adapter_modules.{lang}." not in k}, str(p), metadata={"format": "pt"})
+
+
+def _edit_json(path: Path, **changes) -> None:
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d, indent=2))
+
+
+extend_case("extend before train", lambda c: shutil.rmtree(c.d / "runs/b/train"), ("no exported student", "mergedistill train"))
+extend_case("extend: export weights truncated", lambda c: truncate(c.d / "runs/b/train/export/model.safetensors"),
+            ("cannot load the exported student", "runs/b/train/export", "mergedistill train"))
+extend_case("extend: export config.json corrupt", lambda c: truncate(c.d / "runs/b/train/export/config.json"),
+            ("runs/b/train/export", "config.json", "mergedistill train"))
+extend_case("extend: export tokenizer folder missing", lambda c: shutil.rmtree(c.d / "runs/b/train/export/tokenizers/wp"),
+            ("runs/b/train/export: no tokenizer for de: tokenizers/wp", "mergedistill train"))
+extend_case("extend: export languages.json corrupt", lambda c: truncate(c.d / "runs/b/train/export/languages.json"),
+            ("languages.json", "mergedistill train"))
+extend_case("extend: a language of the run (--language de)", None, ("--language de", "'de' is already a language of this run"),
+            extra=("--language", "de"))
+extend_case("extend: a language the student already has", lambda c: _edit_json(c.d / "runs/b/train/export/languages.json",
+                                                                                en="tokenizers/wp"),
+            ("the student already has 'en'",))
+extend_case("extend: unknown method", None, ("extend.method", "'minipots'", "minipost"), **{"extend.method": "minipots"})
+extend_case("extend: unknown method to compare", None, ("extend.compare[0]: 'fast' is not one of",), **{"extend.compare": ["fast"]})
+extend_case("extend: new language's corpus missing", None, ("extend.languages.en.train: no file 'nothere.txt'",),
+            **{"extend.languages.en.train": "nothere.txt"})
+extend_case("extend: X-Mod method on a dense student", None, ("extend.method xmod: needs an X-Mod student",),
+            **{"extend.method": "xmod"})
+extend_case("extend: X-Mod extend.module_init on a dense student", None, ("extend.module_init", "X-Mod"),
+            **{"extend.module_init": "de"})
+env_case("full disk (extend)", "extend", "runs/b/extend", "full", ("cannot write runs/b/extend", "No space left on device"),
+         prepare=extend_setup, extra=("--language", "en"), check=no_complete("runs/b/extend/en/export", "runs/b/extend/en/state.json"))
+
+
+def hashes(path: Path) -> dict[str, str]:
+    """sha256 of the file at `path` (key ""), or of every file under the folder `path` (keys: relative paths)."""
+    import hashlib
+
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return {str(p.relative_to(path)) if p != path else "": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def killed_then_rerun(out: str, clean: str, compare: tuple[str, ...]):
+    """The check of a kill -9 case: the run was killed in the middle (a note says so), left nothing that looks
+    complete (noted right after the kill), the rerun left no temporaries, and what it wrote (`compare`: files
+    or folders under `out`) is bit for bit what the uninterrupted run in `clean` wrote."""
+    def check(c: Ctx) -> str | None:
+        if not any(n.startswith("killed") for n in c.notes):
+            return "the run was not killed in the middle: nothing was checked"
+        half = [n for n in c.notes if n.startswith("looked complete after the kill")]
+        if half:
+            return half[0]
+        debris = [str(p.relative_to(c.d)) for p in (c.d / out).rglob("*") if p.name.endswith((".partial", ".tmp", ".old"))]
+        if debris:
+            return "left behind after the rerun: " + ", ".join(debris)
+        differ = []
+        for rel in compare:
+            ha, hb = hashes(c.d / clean / rel), hashes(c.d / out / rel)
+            if not ha:
+                return f"the uninterrupted run wrote no {clean}/{rel}: nothing to compare"
+            differ += [f"{rel}/{k}".rstrip("/") for k in sorted(set(ha) | set(hb)) if ha.get(k) != hb.get(k)]
+        return ("not what the uninterrupted run wrote: " + ", ".join(differ[:6])) if differ else None
+    return check
+
+
+def _kill_when(c: Ctx, argv: tuple[str, ...], ready: Callable[[Path], bool], what: str, out: str, complete: tuple[str, ...]) -> None:
+    """Start `mergedistill <argv>`, kill -9 it once `ready(log)` holds, and note what the kill left."""
+    proc, log = spawn_logged(c, *argv)
+    hit = wait_for(lambda: ready(log), 900, proc) and proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    rc, text = finish(proc, log)
+    if not (hit and rc == -signal.SIGKILL):
+        c.notes.append(f"not killed in the middle (exit {rc}): {first_line(text)}")
+        return
+    c.notes.append(f"killed {what}")
+    found = [p for p in complete if (c.d / out / p).exists()]
+    if found:
+        c.notes.append(f"looked complete after the kill: {', '.join(found)}")
+
+
+@case("kill -9 of extend, then rerun", rc=0, words=("extend en: exported",), stage="extend",
+      check=killed_then_rerun("runs/b/extend/en", "clean/en", ("export", "work/methods/full/params.safetensors")))
+def _(c: Ctx):
+    extend_setup(c)
+    rc, out = extend_cli(c)  # the uninterrupted run, set aside
+    if rc != 0:
+        return rc, "the uninterrupted run failed: " + out
+    (c.d / "clean").mkdir()
+    os.replace(c.d / "runs/b/extend/en", c.d / "clean/en")
+    _kill_when(c, ("extend", "--config", "c.yaml", "--language", "en"),
+               lambda log: "extend en full: step 3/6" in log.read_text(errors="replace"), "while training (after step 3 of 6)",
+               "runs/b/extend/en", ("export", "state.json", "report.md"))
+    return extend_cli(c)
+
+
+# ---- compress ------------------------------------------------------------------------------------------------
+COMPRESS = {"sparsity": [0.5], "recovery_steps": 0, "heads": [], "neurons": [], "layers": [], "quantize": True, "small": False,
+            "importance_batches": 1, "throughput_batches": 1, "throughput_batch_size": 4, "throughput_repeats": 1}
+"""Two variants: sparse-50 (one-shot magnitude pruning) and int8."""
+
+
+def compress_setup(c: Ctx, **changes) -> None:
+    c.config(**{"compress": dict(COMPRESS), **changes})
+
+
+def compress_case(name: str, breaker: Callable[[Ctx], None] | None, words: tuple[str, ...], rc: int = 2, extra=(), check=None,
+                  **changes):
+    def run(c: Ctx):
+        compress_setup(c, **changes)
+        if breaker is not None:
+            breaker(c)
+        return cli(c.d, "compress", "--config", "c.yaml", *extra)
+    CASES.append(Case(name, run, rc, words, check or no_complete("runs/b/compress/sparse-50", "runs/b/compress/report.md"),
+                      stage="compress"))
+
+
+compress_case("compress before train", lambda c: shutil.rmtree(c.d / "runs/b/train"), ("no exported student", "mergedistill train"))
+compress_case("compress: export weights truncated", lambda c: truncate(c.d / "runs/b/train/export/model.safetensors"),
+              ("cannot load the exported student", "runs/b/train/export", "mergedistill train"))
+compress_case("compress: export config.json corrupt", lambda c: truncate(c.d / "runs/b/train/export/config.json"),
+              ("runs/b/train/export", "config.json", "mergedistill train"))
+compress_case("compress: unknown setting (compress.method)", None, ("compress.method: unknown key",), extra=("--compress.method=magnitude",))
+compress_case("compress: misspelt variant setting", None, ("compress.quantise: unknown key; did you mean 'quantize'?",),
+              extra=("--compress.quantise=false",))
+compress_case("compress: a variant the student cannot take (drop 5 of 2 layers)", None,
+              ("compress.layers[0]: cannot drop 5 of the student's 2 layers",), extra=("--compress.layers=[5]",))
+env_case("full disk while writing compress variants", "compress", "runs/b/compress", "full",
+         ("cannot write runs/b/compress", "No space left on device"), prepare=compress_setup,
+         check=no_complete("runs/b/compress/sparse-50/config.json", "runs/b/compress/int8/config.json", "runs/b/compress/report.md"))
+
+
+@case("kill -9 of compress, then rerun", rc=0, words=("compress: done",), stage="compress",
+      check=killed_then_rerun("runs/b/compress", "clean", ("sparse-50", "int8", "results.csv", "drops.csv")))
+def _(c: Ctx):
+    compress_setup(c)
+    rc, out = cli(c.d, "compress", "--config", "c.yaml")  # the uninterrupted run, set aside
+    if rc != 0:
+        return rc, "the uninterrupted run failed: " + out
+    os.replace(c.d / "runs/b/compress", c.d / "clean")
+    _kill_when(c, ("compress", "--config", "c.yaml"), lambda log: (c.d / "runs/b/compress/sparse-50/mergedistill.json").is_file(),
+               "after its first variant", "runs/b/compress", ("report.md", "state.json"))
+    return cli(c.d, "compress", "--config", "c.yaml")
+
+
+# ---- X-Mod students ---------------------------------------------------------------------------------------
+stage_with("train", "--student.adapter_reduction_factor=4", "--student.modules={de: germanic}",
+           words=("X-Mod settings (modules, adapter_reduction_factor) need `student.arch: xmod`",),
+           name="config X-Mod settings on a dense student")
+
+
+def xmod_student(c: Ctx) -> None:
+    """runs/b/train: an X-Mod student (student.arch: xmod) trained on the base run's shards; trained once per
+    battery (kept in <root>/xmod-train), copied into each case that needs it."""
+    cached = c.root / "xmod-train"
+    c.config(**{"student.arch": "xmod"})
+    if not (cached / "export/config.json").is_file():
+        rc, out = cli(c.d, "train", "--config", "c.yaml", "--force")
+        if rc != 0:
+            raise RuntimeError(f"training the X-Mod student failed (exit {rc}): {first_line(out)}")
+        shutil.rmtree(cached, ignore_errors=True)
+        shutil.copytree(c.d / "runs/b/train", cached.with_name(cached.name + ".tmp"), symlinks=True)
+        os.replace(cached.with_name(cached.name + ".tmp"), cached)
+    else:
+        shutil.rmtree(c.d / "runs/b/train")
+        shutil.copytree(cached, c.d / "runs/b/train", symlinks=True)
+
+
+def xmod_case(name: str, stage: str, breaker: Callable[[Ctx], None] | None, words: tuple[str, ...], extra=(), check=None, **changes):
+    """A case on an X-Mod student: `mergedistill <stage>` after `breaker` (extend: on en, `changes` to its section)."""
+    def run(c: Ctx):
+        xmod_student(c)
+        if stage == "extend":
+            extend_setup(c, **{"student.arch": "xmod", **changes})
+        elif stage == "compress":
+            compress_setup(c, **{"student.arch": "xmod"})
+        if breaker is not None:
+            breaker(c)
+        if stage == "extend":
+            return extend_cli(c, *extra)
+        return cli(c.d, stage, "--config", "c.yaml", *extra)
+    CASES.append(Case(name, run, 2, words, check, stage=stage))
+
+
+xmod_case("X-Mod export weights truncated (evaluate)", "evaluate",
+          lambda c: (shutil.rmtree(c.d / "runs/b/eval"), truncate(c.d / "runs/b/train/export/model.safetensors")),
+          ("cannot load the exported student", "runs/b/train/export"), check=no_complete("runs/b/eval/report.md"))
+xmod_case("X-Mod export without ru's module weights (extend)", "extend", _drop_module_weights,
+          ("runs/b/train/export", "adapter_modules.ru", "mergedistill train"), check=nothing_extended,
+          **{"extend.method": "xmod"})
+xmod_case("X-Mod export whose config lost a language (extend)", "extend",
+          lambda c: _edit_json(c.d / "runs/b/train/export/config.json", languages=["de", "fr"], language_modules={"de": "de", "fr": "fr"}),
+          ("runs/b/train/export", "'ru'", "no module"), check=nothing_extended, **{"extend.method": "xmod"})
+xmod_case("X-Mod extend.module_init not a language of the student", "extend", None,
+          ("extend.module_init: 'xx' is not a language of the student",), check=nothing_extended,
+          **{"extend.method": "xmod", "extend.module_init": "xx"})
+xmod_case("X-Mod student in compress", "compress", None, ("the student is a 'xmod' model", "compression supports"),
+          check=no_complete("runs/b/compress/sparse-50", "runs/b/compress/report.md"))
+
+
+# ---- the demo's teachers (teachers_build, e5) --------------------------------------------------------------------
+TEACHERS_CONFIG = {
+    "defaults": {"vocab_size": 300, "hidden": 32, "layers": 1, "heads": 2, "intermediate": 64,
+                 "train": {"seq_len": 32, "batch_size": 8, "max_steps": 4, "eval_every": 2, "eval_sequences": 4, "log_every": 2,
+                           "num_threads": 1, "accelerator": "cpu"}},
+    "teachers": {"de": {"languages": ["de"], "tokenizer": "wordpiece"}},
+    "eval": {"pll_lines": 2, "acc_sequences": 4},
+}
+
+
+def demo_cli(c: Ctx, module: str, *argv: str, before: Callable[[], None] | None = None) -> tuple[int, str]:
+    """`python -m mergedistill.demo.<module> <argv>` in the case folder, in a forked child (`before` runs there first)."""
+    RAN.append({"teachers_build": "teachers"}.get(module, module))
+    out = c.d / "stderr.txt"
+
+    def run() -> int:
+        import importlib
+
+        os.chdir(c.d)
+        if before is not None:
+            before()
+        return importlib.import_module(f"mergedistill.demo.{module}").main(list(argv))
+
+    rc = in_child(run, out)
+    return rc, out.read_text(errors="replace")
+
+
+def tiny_e5(path: Path, keep: float = 1.0) -> Callable[[], None]:
+    """Write (in the child) a tiny E5S1 file (2 layers, hidden 32: tests/demo/test_e5.py's), its first `keep` share."""
+    def write() -> None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("battery_test_e5", HERE / "demo" / "test_e5.py")
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)  # type: ignore[union-attr]
+        m.write_tiny_e5(path, m.tiny_tensors())
+        if keep < 1:
+            truncate(path, keep)
+    return write
+
+
+def teachers_config(c: Ctx, **changes) -> None:
+    cfg = json.loads(json.dumps(TEACHERS_CONFIG))
+    cfg["corpora"] = str(c.root / "corpora")
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = value
+    (c.d / "teachers.yaml").write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+
+
+def nothing_built(c: Ctx) -> str | None:
+    built = [str(p.relative_to(c.d)) for p in (c.d / "t-out").rglob("config.json")] if (c.d / "t-out").exists() else []
+    return f"built before the refusal: {', '.join(built)}" if built else None
+
+
+def teachers_case(name: str, words: tuple[str, ...], extra=(), text: str | None = None, e5: float | None = None, **changes):
+    """`python -m mergedistill.demo.teachers_build` on a broken teachers config (`changes`, or the whole `text`); `e5`:
+    a tiny E5S1 file (that share of it) is written as tiny-e5.bin first."""
+    def run(c: Ctx):
+        teachers_config(c, **changes)
+        if text is not None:
+            (c.d / "teachers.yaml").write_text(text)
+        before = tiny_e5(c.d / "tiny-e5.bin", e5) if e5 is not None else None
+        return demo_cli(c, "teachers_build", "--config", "teachers.yaml", "--out", "t-out", *extra, before=before)
+    CASES.append(Case(name, run, 2, words, nothing_built, stage="teachers"))
+
+
+PRETRAINED = {"languages": ["de", "fr"], "model_file": "tiny-e5.bin",
+              "fit": {"minutes": 0, "max_steps": 2, "batch_size": 4, "seq_len": 32, "warmup_steps": 1, "num_threads": 1}}
+teachers_case("teachers config invalid YAML", ("teachers.yaml", "not valid YAML"), text="teachers: [unclosed\n")
+teachers_case("teachers config unknown key", ("teachers.de.hiden: unknown key; did you mean 'hidden'?",), **{"teachers.de.hiden": 32})
+teachers_case("teachers config: a teacher that is not a mapping", ("teachers.de",), **{"teachers.de": ["de"]})
+teachers_case("teachers config: a language without corpora", ("teachers.de.languages: xx (train)", "build the corpora first"),
+              **{"teachers.de.languages": ["xx"]})
+teachers_case("teachers config: hidden not a multiple of heads", ("teachers.de.hidden: 33 must be a multiple of heads (2)",),
+              **{"teachers.de.hidden": 33})
+teachers_case("teachers --only an unknown teacher", ("--only: nobody not among the configured teachers",), extra=("--only", "nobody"))
+teachers_case("teachers: pretrained e5 file truncated", ("pretrained.e5.model_file", "tiny-e5.bin", "corrupt"), e5=0.6,
+              **{"pretrained.e5": PRETRAINED})
+teachers_case("teachers: pretrained e5 fit.train_layers above the model's layers",
+              ("pretrained.e5.fit.train_layers: 5", "tiny-e5.bin has 2 encoder layers"), e5=1.0,
+              **{"pretrained.e5": {**PRETRAINED, "fit": {**PRETRAINED["fit"], "train_layers": 5}}})
+
+
+def e5_case(name: str, words: tuple[str, ...], model_file: str, write: Callable[[Ctx], Callable[[], None] | None], extra=()):
+    """`python -m mergedistill.demo.e5` on de and fr with `--model-file`, written by `write`'s callable in the child."""
+    def run(c: Ctx):
+        return demo_cli(c, "e5", "--corpora", str(c.root / "corpora"), "--languages", "de,fr", "--out", "t-out/e5",
+                        "--model-file", model_file, "--fit.minutes=0", "--fit.max_steps=2", "--fit.batch_size=4",
+                        "--fit.seq_len=32", *extra, before=write(c))
+    CASES.append(Case(name, run, 2, words, nothing_built, stage="e5"))
+
+
+e5_case("e5 weight file truncated", ("tiny-e5.bin", "corrupt", "E5S1"), "tiny-e5.bin",
+        lambda c: tiny_e5(c.d / "tiny-e5.bin", 0.3))
+e5_case("e5 weight file of another format (safetensors)", ("model.safetensors", "not an E5S1 model file"),
+        "teacher-wp/model.safetensors", lambda c: (teacher_copy(c), None)[1])
+e5_case("e5 fit.train_layers above the model's layers", ("fit.train_layers: 5", "tiny-e5.bin has 2 encoder layers", "at most 2"),
+        "tiny-e5.bin", lambda c: tiny_e5(c.d / "tiny-e5.bin"), extra=("--fit.train_layers=5",))
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 def first_line(out: str, words: tuple[str, ...] = ()) -> str:
     """The message's first line: the error (or, under a header that counts problems, the first problem);
@@ -986,6 +1346,7 @@ def run_all(root: Path, selected: list[Case]) -> int:
             shutil.rmtree(d)
         shutil.copytree(base, d, symlinks=True)
         c = Ctx(d, root)
+        RAN.clear()
         start = time.monotonic()
         try:
             rc, out = cs.run(c)
@@ -993,21 +1354,41 @@ def run_all(root: Path, selected: list[Case]) -> int:
         except Exception as e:  # the battery itself failed on this case
             rc, out, why = -1, "", f"battery error: {type(e).__name__}: {e}"
         msg = first_line(out, cs.words)
-        rows.append((cs.name, rc, msg, why, c.notes, time.monotonic() - start))
-        print(f"[{i + 1}/{len(selected)}] {cs.name}: exit {rc} {'ok' if why is None else 'NOT HANDLED: ' + why}", flush=True)
+        stage = cs.stage or (RAN[-1] if RAN else "?")
+        rows.append((cs.name, rc, msg, why, c.notes, time.monotonic() - start, stage))
+        print(f"[{i + 1}/{len(selected)}] {cs.name}: exit {rc} {'ok' if why is None else 'NOT HANDLED: ' + why}"
+              f" ({time.monotonic() - start:.0f} s)", flush=True)
     handled = sum(1 for r in rows if r[3] is None)
     print()
-    print("| # | case | exit | first line of the message | handled |")
-    print("|---|---|---|---|---|")
-    for i, (name, rc, msg, why, notes, secs) in enumerate(rows, 1):
+    print("| # | stage | case | exit | first line of the message | handled |")
+    print("|---|---|---|---|---|---|")
+    for i, (name, rc, msg, why, notes, secs, stage) in enumerate(rows, 1):
         how = f" ({', '.join(notes)})" if notes else ""
         msg = msg.replace("|", "\\|")
         if len(msg) > 160:
             msg = msg[:157] + "..."
-        print(f"| {i} | {name}{how} | {rc} | {msg} | {'yes' if why is None else 'NO: ' + why} |")
+        print(f"| {i} | {stage} | {name}{how} | {rc} | {msg} | {'yes' if why is None else 'NO: ' + why} |")
     print(f"\nbattery: {handled} / {len(rows)} cases handled"
           f" (full disks and read-only folders: {'real tmpfs mounts' if CAN_MOUNT else 'injected or chmod'})")
+    print("per stage (handled / cases):")
+    for stage, (ok, n, secs) in stage_totals(rows).items():
+        print(f"  {stage:<16} {ok} / {n}  ({secs:.0f} s)")
     return 0 if handled == len(rows) else 1
+
+
+STAGE_ORDER = ("vocab", "data", "train", "evaluate", "extend", "compress", "ablate", "vocab..evaluate", "teachers", "e5")
+
+
+def stage_totals(rows: list[tuple]) -> dict[str, tuple[int, int, float]]:
+    """stage -> (cases handled, cases, seconds), stages in pipeline order."""
+    out: dict[str, list] = {}
+    for name, rc, msg, why, notes, secs, stage in rows:
+        t = out.setdefault(stage, [0, 0, 0.0])
+        t[0] += why is None
+        t[1] += 1
+        t[2] += secs
+    order = {s: i for i, s in enumerate(STAGE_ORDER)}
+    return {s: tuple(out[s]) for s in sorted(out, key=lambda s: (order.get(s, len(order)), s))}  # type: ignore[misc]
 
 
 def entry() -> int:
@@ -1019,7 +1400,7 @@ def entry() -> int:
     selected = [cs for cs in CASES if args.k.lower() in cs.name.lower()]
     if args.list:
         for cs in selected:
-            print(f"{cs.name}  (exit {cs.rc})")
+            print(f"{cs.name}  (exit {cs.rc}{', ' + cs.stage if cs.stage else ''})")
         print(f"{len(selected)} cases")
         return 0
     if args.keep:

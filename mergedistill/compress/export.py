@@ -14,9 +14,13 @@ has one head count for all layers); `quantize.load_quantized(folder)` for int8. 
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from torch import nn
 
@@ -44,15 +48,34 @@ def loader_of(model: nn.Module, quantized: bool) -> str:
     return "load_pruned" if needs_pruned_class(model.config) else "from_pretrained"
 
 
+@contextlib.contextmanager
+def library_write_errors(path: str | Path) -> Iterator[None]:
+    """Run a block that writes `path` through a Rust-backed library (safetensors, tokenizers), which raises a
+    failed write as a plain exception ("... No space left on device (os error 28)"): re-raised as the OSError
+    it is, naming `path`, so that `atomic_dir` / `atomic_path` report a file that cannot be written (exit 2)
+    instead of an internal error. (The extend stage uses it too; its home would be fsutil.writing.)"""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def write_variant(folder: Path, model: nn.Module, student: Export, variant: Variant, inputs: dict, quantized: bool = False,
                   extra: dict | None = None) -> Path:
     """Write `model` as variant folder `folder` (replacing any earlier one only once complete)."""
     loader = loader_of(model, quantized)
     with atomic_dir(folder) as tmp:
-        if quantized:
-            save_quantized(model, tmp)
-        else:
-            make_permanent(model).save_pretrained(str(tmp), safe_serialization=True)
+        with library_write_errors(tmp / "model.safetensors"):
+            if quantized:
+                save_quantized(model, tmp)
+            else:
+                make_permanent(model).save_pretrained(str(tmp), safe_serialization=True)
         shutil.copytree(student.folder / "tokenizers", tmp / "tokenizers")
         shutil.copy2(student.folder / "languages.json", tmp / "languages.json")
         record = {**student.meta, "compress": {"variant": variant.name, "description": variant.describe(), "loader": loader,

@@ -31,6 +31,7 @@ from mergedistill.corpus import split_problems
 from mergedistill.errors import UserError
 from mergedistill.eval.models import Export, eval_device
 from mergedistill.fsutil import read_json_or_none, write_json_atomic, write_text_atomic
+from mergedistill.lock import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,30 @@ def preflight(cfg: RunConfig) -> Setup:
     variants = plan_variants(cfg)
     if student is not None:
         problems += student.mismatch_problems(cfg, vrec)
-        problems += _shape_problems(AutoConfig.from_pretrained(str(student.folder)), cfg)
+        try:
+            config = AutoConfig.from_pretrained(str(student.folder))
+        except Exception as e:  # config.json truncated or edited (transformers raises OSError or ValueError)
+            problems.append(f"{student.folder / 'config.json'}: cannot read the exported student's config "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it again (`{cfg.command('train')} --force`)")
+        else:
+            shape = _shape_problems(config, cfg)
+            problems += shape or _load_problems(student.folder, cfg)
     if problems:
         raise UserError(problems, header=f"compress: {len(problems)} problem(s); nothing was run:")
     return Setup(student, vocab, vrec, manifest, list(cfg.languages), variants)  # type: ignore[arg-type]
+
+
+def _load_problems(folder: Path, cfg: RunConfig) -> list[str]:
+    """Why the exported student cannot be loaded as every variant is built from it (`load_variant`), if it cannot:
+    found before any variant is built, not by the first one."""
+    from mergedistill.compress.export import load_variant
+
+    try:
+        load_variant(folder)
+    except Exception as e:  # truncated weights (SafetensorError), weights of another shape, ...
+        return [f"{folder}: cannot load the exported student ({type(e).__name__}: {str(e).splitlines()[0][:200]}); export it "
+                f"again (`{cfg.command('train')} --force`)"]
+    return []
 
 
 def _shape_problems(config, cfg: RunConfig) -> list[str]:
@@ -110,6 +131,7 @@ def _shape_problems(config, cfg: RunConfig) -> list[str]:
 
 
 # ---- the stage ----------------------------------------------------------------------------------------
+@exclusive("compress", lambda cfg, **_: compress_dir(cfg))
 def run_compress(cfg: RunConfig, *, force: bool = False) -> Path:
     """Build, evaluate and measure the variants `cfg.compress` asks for; write the report. Returns
     runs/<run>/compress. A rerun with the same inputs skips; `force` redoes everything."""

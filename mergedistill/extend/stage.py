@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from mergedistill import __version__
+from mergedistill.compress.export import library_write_errors
 from mergedistill.config import LanguageConfig, RunConfig, TeacherConfig
 from mergedistill.configlib import to_dict
 from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines, sample_lines, spread_subset
@@ -54,6 +56,7 @@ from mergedistill.extend.vocab import (
     unigram_bias,
 )
 from mergedistill.fsutil import atomic_dir, atomic_path, read_json_or_none, write_json_atomic, write_text_atomic
+from mergedistill.lock import exclusive
 from mergedistill.preflight import seq_len_problems, top_k_problems
 from mergedistill.teachers import TeacherTokenizer, load_teacher_config, load_teacher_tokenizer, model_fingerprint
 from mergedistill.train.batches import Batch, LanguageShards, SampledBatches, sampling_probs
@@ -92,6 +95,8 @@ class Plan:
     teacher: TeacherTokenizer | None
     student_fp: str
     """Fingerprint of the exported student's files."""
+    model: object = None
+    """The exported student (AutoModelForMaskedLM, eval mode, CPU), loaded and checked by `preflight`."""
 
 
 def preflight(cfg: RunConfig, lang: str) -> Plan:
@@ -124,12 +129,16 @@ def preflight(cfg: RunConfig, lang: str) -> Plan:
         if p:
             problems.append(p)
     methods = list(dict.fromkeys([x.method, *x.compare]))
-    depth, xmod, k_post, k_joint = 0, False, 0, None
+    depth, xmod, k_post, k_joint, model = 0, False, 0, None, None
+    config = _export_config(export, problems, cfg.command("train")) if export is not None else None
+    if config is None:
+        export = None
+    else:
+        model = _load_student(export, config, problems, cfg.command("train"))
     if export is not None:
         if lang in export.languages:
             problems.append(f"--language {lang}: the student already has {lang!r} ({export.folder / 'languages.json'}); "
                             "extend adds languages it does not have")
-        config = json.loads((export.folder / "config.json").read_text(encoding="utf-8"))
         depth, xmod = int(config["num_hidden_layers"]), config.get("model_type") == "xmod"
         if vrec is not None and export.meta.get("vocab") not in (None, vrec["vocab"]):
             problems.append(f"{export.folder}: trained on vocabulary {export.meta.get('vocab')}, but {cfg.vocab_dir} is "
@@ -150,8 +159,13 @@ def preflight(cfg: RunConfig, lang: str) -> Plan:
         if "xmod" in methods and not xmod:
             problems.append(f"extend.method xmod: needs an X-Mod student (a language module per layer); {export.folder} is a "
                             f"{config.get('model_type')} model: use full, minipost or minijoint")
-    if x.module_init is not None and xmod and export is not None and x.module_init not in export.languages:
-        problems.append(f"extend.module_init: {x.module_init!r} is not a language of the student ({', '.join(export.languages)})")
+    if x.module_init is not None and export is not None:
+        if not xmod:  # it would be silently ignored: a dense student has no language modules
+            problems.append(f"extend.module_init: {x.module_init!r} sets where an X-Mod student's new language module starts, but "
+                            f"{export.folder} is a {config.get('model_type')} model with no language modules; remove "
+                            "extend.module_init (or extend an X-Mod student: student.arch: xmod)")
+        elif x.module_init not in export.languages:
+            problems.append(f"extend.module_init: {x.module_init!r} is not a language of the student ({', '.join(export.languages)})")
     teacher = None
     if lc.teacher is not None:
         try:
@@ -168,7 +182,51 @@ def preflight(cfg: RunConfig, lang: str) -> Plan:
     if problems:
         raise UserError(problems, header=f"extend {lang}: {len(problems)} problem(s); nothing was run:")
     return Plan(lang, lc, export, vocab, vrec, methods, depth, xmod, k_post, k_joint, teacher,  # type: ignore[arg-type]
-                export.fingerprint())  # type: ignore[union-attr]
+                export.fingerprint(), model)  # type: ignore[union-attr]
+
+
+def _export_config(export: Export, problems: list[str], command: str) -> dict | None:
+    """The exported student's config.json, or None with a problem saying why it cannot be used."""
+    path = export.folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        problems.append(f"{path}: unreadable or truncated ({type(e).__name__}: {e}); export the student again (`{command} --force`)")
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("num_hidden_layers"), int):
+        problems.append(f"{path}: not the config of a masked LM (no num_hidden_layers); export the student again (`{command} --force`)")
+        return None
+    return config
+
+
+def _load_student(export: Export, config: dict, problems: list[str], command: str):
+    """The exported student, loaded before any work, or None with the problems that stop it: weights that do not
+    load, weights that leave part of the model to random initialisation (e.g. an X-Mod language's module), a
+    language whose tokenizer folder or X-Mod module is missing."""
+    from transformers import AutoModelForMaskedLM
+
+    redo = f"export the student again (`{command} --force`)"
+    missing_tok = [f"{lang}: {sub}" for lang, sub in export.languages.items() if not (export.folder / sub).is_dir()]
+    if missing_tok:
+        problems.append(f"{export.folder}: no tokenizer for {', '.join(missing_tok)} (languages.json names the folder); {redo}")
+    if config.get("model_type") == "xmod":  # language -> module, as train.xmod.language_modules reads it
+        modules = config.get("language_modules") or {str(m): str(m) for m in config.get("languages") or []}
+        lost = [lang for lang in export.languages if lang not in modules]
+        if lost:
+            problems.append(f"{export.folder / 'config.json'}: the X-Mod student has no module for {', '.join(map(repr, lost))} "
+                            f"(languages.json lists {'it' if len(lost) == 1 else 'them'}); {redo}")
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(str(export.folder), output_loading_info=True)
+    except Exception as e:  # truncated weights (SafetensorError), a config the model class rejects, ...
+        problems.append(f"{export.folder}: cannot load the exported student ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        f"{redo}")
+        return None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        problems.append(f"{export.folder / 'model.safetensors'}: {len(missing)} weight(s) of the model its config describes are not "
+                        f"in it (e.g. {', '.join(missing[:3])}): they would start random; {redo}")
+        return None
+    return model.eval()
 
 
 def _alpha(cfg: RunConfig, plan: Plan) -> float:
@@ -230,8 +288,10 @@ def _own_tokenizer(cfg: RunConfig, plan: Plan, folder: Path) -> TeacherTokenizer
         log.info("extend %s: training a %s tokenizer of %s pieces on %s", plan.lang, x.tokenizer, f"{x.tokenizer_vocab_size:,}",
                  plan.lc.train)
         lines = list(iter_lines(plan.lc.train, f"extend.languages.{plan.lang}.train", x.tokenizer_lines))
+        tokenizer = train_tokenizer(x.tokenizer, lines, x.tokenizer_vocab_size)
         with atomic_dir(folder) as tmp:
-            train_tokenizer(x.tokenizer, lines, x.tokenizer_vocab_size).save_pretrained(str(tmp))
+            with library_write_errors(tmp / "tokenizer.json"):
+                tokenizer.save_pretrained(str(tmp))
             write_json_atomic(tmp / "mergedistill.json", {"inputs": stamp})
     t = load_teacher_tokenizer(f"new-{plan.lang}", TeacherConfig(path=str(folder)))
     check_spaces_unreachable(t)
@@ -383,8 +443,10 @@ def _guard(cfg: RunConfig, plan: Plan, student, device, work: Path) -> Guard:
     hx, lse, flops = old_positions(student.to(device), batches, x.guard_positions, device, table)
     log.info("extend %s: guard on %s old positions (%.3g FLOPs, once)", plan.lang, f"{len(hx):,}", flops)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()  # torch.save reports a full disk as an opaque RuntimeError: written by Python, it is an OSError
+    torch.save({"key": key, "x": hx.cpu(), "lse": lse.cpu(), "flops": flops}, buf)
     with atomic_path(path) as tmp:
-        torch.save({"key": key, "x": hx.cpu(), "lse": lse.cpu(), "flops": flops}, tmp)
+        tmp.write_bytes(buf.getvalue())
     return Guard(hx.cpu(), lse.cpu(), x.guard_weight, x.guard_batch, x.seed, flops)
 
 
@@ -456,8 +518,8 @@ def run_method(cfg: RunConfig, plan: Plan, method: str, base, nv: NewVocab, init
     if method == "xmod":
         params.update({f"module.{k}": v for k, v in _module_state(student, module).items()})
     student.cpu()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in params.items()}, str(folder / "params.safetensors"))
+    with atomic_path(folder / "params.safetensors") as tmp, library_write_errors(tmp):  # a kill leaves a complete file or none
+        save_file({k: v.contiguous() for k, v in params.items()}, str(tmp))
     write_json_atomic(folder / "result.json", {"inputs": inputs, "result": result})
     return plug(student, params["rows"], params["bias"]), result
 
@@ -480,9 +542,10 @@ def initial_rows(cfg: RunConfig, plan: Plan, nv: NewVocab, student, teacher_mode
 
 
 # ---- the stage -------------------------------------------------------------------------------------
+@exclusive("extend", lambda cfg, language, **_: extend_dir(cfg, language))
 def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
     """Extend the run's student to `language`; returns runs/<run>/extend/<language>/export."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     start = time.monotonic()
     plan = preflight(cfg, language)
@@ -500,7 +563,7 @@ def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
     device = _device(cfg)
     nv = new_vocabulary(cfg, plan, work)
     tok = AutoTokenizer.from_pretrained(str(nv.folder))
-    base = AutoModelForMaskedLM.from_pretrained(str(plan.export.folder)).eval()
+    base = plan.model
     teacher_model = None
     if plan.teacher is not None:
         from mergedistill.teachers import load_teacher_model
@@ -591,13 +654,14 @@ def _write_export(cfg: RunConfig, plan: Plan, nv: NewVocab, model, method: str, 
     src = plan.export.folder
     sub = f"tokenizers/new-{plan.lang}"
     with atomic_dir(folder) as tmp:
-        if plan.xmod:
-            from mergedistill.train.xmod import save_xmod_student
+        with library_write_errors(tmp / "model.safetensors"):
+            if plan.xmod:
+                from mergedistill.train.xmod import save_xmod_student
 
-            default = json.loads((src / "config.json").read_text(encoding="utf-8")).get("default_language") or plan.lang
-            save_xmod_student(model, tmp, default_language=default)
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True)
+                default = json.loads((src / "config.json").read_text(encoding="utf-8")).get("default_language") or plan.lang
+                save_xmod_student(model, tmp, default_language=default)
+            else:
+                model.save_pretrained(str(tmp), safe_serialization=True)
         for old_sub in sorted(set(plan.export.languages.values())):
             pad_tokenizer_folder(src / old_sub, tmp / old_sub, nv.vocab.size)
         shutil.copytree(nv.folder, tmp / sub)
