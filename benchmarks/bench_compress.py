@@ -51,7 +51,7 @@ def train_steps(size: dict, steps: int, batch: int, seq: int, threads: int) -> N
     from torch.nn.utils import prune as torch_prune
 
     from mergedistill.compress.magnitude import apply_masks, prunable_weights, prune_magnitude
-    from mergedistill.mlm_models import masked_logits
+    from mergedistill.models.mlm import masked_logits
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, size["vocab"], (batch, seq), generator=g)

@@ -52,7 +52,7 @@ def measure(steps: int, repeats: int) -> list[dict]:
     """Median seconds per step of each loss, for each vocabulary, in this process."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from mergedistill.mlm_models import masked_logits
+    from mergedistill.models.mlm import masked_logits
     from mergedistill.precision import cpu_has_fast_bf16
     from mergedistill.train.losses import distill_loss
     from mergedistill.train.optim import adamw

@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT))
 from transformers import BertConfig, BertForMaskedLM  # noqa: E402
 
 from mergedistill.config import load_config  # noqa: E402
+from mergedistill.models.student import build_student  # noqa: E402
 from mergedistill.train.batches import Batch  # noqa: E402
 from mergedistill.train.module import DistillModule  # noqa: E402
 from mergedistill.train.online import OnlineTeachers  # noqa: E402
-from mergedistill.train.student import build_student  # noqa: E402
 from mergedistill.vocab.joint import build_joint_vocab  # noqa: E402
 
 TEACHERS, LANGS, TOKENS = ("a", "b"), ["xa", "xb"], 2000

@@ -56,7 +56,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mergedistill.mlm_models import build_mlm
+    from mergedistill.models.mlm import build_mlm
     from mergedistill.tokenizer_train import train_tokenizer
 
     hf_logging.disable_progress_bar()

@@ -3,12 +3,12 @@
 one run. Body: 2 layers x hidden 128 (2 heads, FFN 512, the demo's size) over a 22k vocabulary; X-Mod
 adds one module per language (6) at reduction factor 2 and 4. A step is forward + backward of the
 training loss path: every layer but the last everywhere, the last layer and the MLM head at the masked
-positions only (mlm_models.masked_logits), cross-entropy there, in
+positions only (models.mlm.masked_logits), cross-entropy there, in
 train mode (dropout on). The batch: 32 sequences x 128 tokens, 15% masked, languages mixed at random.
 
 X-Mod routing variants:
   loop     transformers' XmodOutput: for every module, a boolean-mask gather, the module, a scatter
-  grouped  train.xmod.GroupedXmodOutput: one stable sort by language, each module on its slice
+  grouped  models.xmod.GroupedXmodOutput: one stable sort by language, each module on its slice
   sorted   grouped, with the batch's sequences already sorted by language (no gather at all)
 Variants run interleaved (round robin, a few steps each) so that load from other processes hits them
 alike; figures are medians. `--full` also times the full-logits path (head on every position).
@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import BertConfig, BertForMaskedLM, XmodForMaskedLM  # noqa: E402
 
-from mergedistill.mlm_models import masked_logits  # noqa: E402
-from mergedistill.train.xmod import (  # noqa: E402
+from mergedistill.config import StudentConfig  # noqa: E402
+from mergedistill.models.mlm import masked_logits  # noqa: E402
+from mergedistill.models.xmod import (  # noqa: E402
     grouped_routing,
     parameter_counts,
     xmod_config,
@@ -50,7 +51,7 @@ def dense(vocab: int) -> BertForMaskedLM:
 
 
 def xmod(vocab: int, r: int) -> XmodForMaskedLM:
-    return XmodForMaskedLM(xmod_config(vocab_size=vocab, languages=LANGS, adapter_reduction_factor=r, **BODY))
+    return XmodForMaskedLM(xmod_config(vocab_size=vocab, languages=LANGS, student=StudentConfig(adapter_reduction_factor=r, **BODY)))
 
 
 def batch(vocab: int, B: int, L: int, mask: float, seed: int, sort: bool):

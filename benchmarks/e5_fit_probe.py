@@ -43,7 +43,7 @@ from mergedistill.demo import e5 as et  # noqa: E402
 from mergedistill.demo.pretrain import Documents, available_cores  # noqa: E402
 from mergedistill.demo.q4 import read_e5_file  # noqa: E402
 from mergedistill.eval.metrics import masked_eval_set  # noqa: E402
-from mergedistill.mlm_models import masked_logits  # noqa: E402
+from mergedistill.models.mlm import masked_logits  # noqa: E402
 from mergedistill.precision import cpu_has_fast_bf16  # noqa: E402
 
 log = logging.getLogger("e5_fit_probe")

@@ -48,7 +48,7 @@ pass's int64 ids come on top for one masked copy)."""
 def usable_positions_of(config) -> int | None:
     """The longest input (specials included) a teacher with this model config accepts, or None when its
     config has no position table."""
-    from mergedistill.mlm_models import usable_positions
+    from mergedistill.models.mlm import usable_positions
 
     if not isinstance(getattr(config, "max_position_embeddings", None), int):
         return None

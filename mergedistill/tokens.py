@@ -26,6 +26,8 @@ from mergedistill.errors import UserError
 
 ROLES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """Student special tokens, ids 0..4 in this order."""
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(ROLES))
+"""The student's special ids (the joint vocabulary puts ROLES first; the models build on them)."""
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 

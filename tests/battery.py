@@ -278,7 +278,7 @@ def build_base(root: Path) -> Path:
         import torch
 
         from conftest import SENTENCES, corpus_lines
-        from mergedistill.mlm_models import build_mlm
+        from mergedistill.models.mlm import build_mlm
         from mergedistill.tokenizer_train import train_tokenizer
 
         torch.set_num_threads(1)

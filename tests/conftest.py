@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from mergedistill.mlm_models import build_mlm
+from mergedistill.models.mlm import build_mlm
 from mergedistill.tokenizer_train import train_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

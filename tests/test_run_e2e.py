@@ -76,7 +76,7 @@ def test_run_with_teachers_as_users_bring_them(workdir, tiny_teachers, hub_teach
     export = workdir / "runs/t/train/export"
     langs = json.loads((export / "languages.json").read_text())
     assert langs == {lang: f"tokenizers/{t}" for lang, t in routing.items()}
-    from mergedistill.exported import load_student
+    from mergedistill.models.exported import load_student
 
     for lang in routing:
         s = load_student(export, lang)

@@ -95,7 +95,7 @@ def taylor_importance(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn
         raise UserError("importance: no batches given; structured pruning needs a few batches of training data")
     k = len(layers)
     unused = sorted({(kind, i) for kind in ("heads", "neurons", "layer") for i in range(k)} - ran)
-    if unused:  # e.g. mlm_models.masked_logits computes the last layer piecewise: its layer gate never runs
+    if unused:  # e.g. models.mlm.masked_logits computes the last layer piecewise: its layer gate never runs
         raise AssertionError(f"importance: loss_fn bypassed the {unused[0][0]} gate of layer {unused[0][1]} "
                              f"({len(unused)} in all); it must call every encoder layer as a module (a plain "
                              "model(...) forward; see distill_loss_fn)")
@@ -105,7 +105,7 @@ def taylor_importance(model: nn.Module, batches: Iterable, loss_fn: Callable[[nn
 def distill_loss_fn(alpha: float, temperature: float) -> Callable[[nn.Module, object], torch.Tensor]:
     """loss_fn for taylor_importance on the train stage's batches (train_data.Batch): the training loss,
     alpha * KD + (1 - alpha) * MLM at the masked positions, from a full forward pass (not
-    mlm_models.masked_logits, which runs the last layer piecewise and would bypass its gate)."""
+    models.mlm.masked_logits, which runs the last layer piecewise and would bypass its gate)."""
     from mergedistill.train.batches import batch_loss
 
     def loss_fn(model: nn.Module, batch) -> torch.Tensor:

@@ -46,7 +46,7 @@ def heldout_batches(cfg: RunConfig, manifest: dict, vocab_fp: str, languages: li
 def shard_loss(model: nn.Module, batches: list[Batch], alpha: float, temperature: float) -> float:
     """The training loss (alpha * KD + (1 - alpha) * MLM at the masked positions) of `model` on `batches`,
     averaged over masked positions."""
-    from mergedistill.mlm_models import masked_logits
+    from mergedistill.models.mlm import masked_logits
     from mergedistill.train.batches import batch_loss
 
     model.eval()

@@ -39,7 +39,8 @@ from mergedistill.teachers import (
     load_all_tokenizers,
     model_fingerprint,
 )
-from mergedistill.vocab.joint import UNK_ID, JointVocab
+from mergedistill.tokens import UNK_ID
+from mergedistill.vocab.joint import JointVocab
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)

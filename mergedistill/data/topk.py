@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergedistill.mlm_models import masked_logits
+from mergedistill.models.mlm import masked_logits
 
 
 @torch.inference_mode()

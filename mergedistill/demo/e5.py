@@ -56,7 +56,7 @@ from mergedistill.demo.pretrain import Documents, PhasedBatches, available_cores
 from mergedistill.demo.q4 import E5File, read_e5_file, read_tensor
 from mergedistill.errors import UserError
 from mergedistill.fsutil import atomic_dir, read_json, sha256_file, write_json_atomic, write_text_atomic
-from mergedistill.mlm_models import layer_at_positions
+from mergedistill.models.layers import layer_at_positions
 from mergedistill.precision import cpu_has_fast_bf16
 from mergedistill.train.batches import log_unigram_prior
 

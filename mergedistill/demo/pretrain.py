@@ -39,7 +39,7 @@ from mergedistill.data.packing import (
     tokenize_documents,
 )
 from mergedistill.fsutil import atomic_dir, write_json_atomic
-from mergedistill.mlm_models import masked_logits, top1
+from mergedistill.models.mlm import masked_logits, top1
 from mergedistill.precision import lightning_precision
 from mergedistill.progress import format_duration
 from mergedistill.train.batches import log_unigram_prior

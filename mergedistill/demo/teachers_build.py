@@ -345,7 +345,7 @@ def is_trained(folder: Path, fingerprint: str) -> bool:
 
 
 def train_teacher(name: str, spec: TeacherSpec, cfg: TeachersConfig, folder: Path, fingerprint: str) -> None:
-    from mergedistill.mlm_models import build_mlm
+    from mergedistill.models.mlm import build_mlm
     from mergedistill.tokenizer_train import train_tokenizer
 
     t0 = time.perf_counter()

@@ -47,8 +47,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mergedistill.data.masking import IGNORE_INDEX, fixed_masked_set
 from mergedistill.data.packing import SpecialLayout, pack_documents, tokenize_documents
-from mergedistill.mlm_models import masked_logits, top1, usable_positions
-from mergedistill.vocab.joint import UNK_ID
+from mergedistill.models.mlm import masked_logits, top1, usable_positions
+from mergedistill.tokens import UNK_ID
 
 Unit = Literal["word", "char"]
 

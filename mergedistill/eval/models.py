@@ -12,7 +12,7 @@ import torch
 from mergedistill.config import RunConfig, TeacherConfig
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json, sha256_file
-from mergedistill.mlm_models import usable_positions
+from mergedistill.models.mlm import usable_positions
 from mergedistill.precision import autocast as precision_autocast
 from mergedistill.teachers import load_teacher_model, source_kwargs
 

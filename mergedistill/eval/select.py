@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 def run_select(cfg: RunConfig) -> Path:
     from mergedistill.eval.metrics import score_pll
     from mergedistill.eval.models import Models, autocast
-    from mergedistill.train.xmod import with_language
+    from mergedistill.models.xmod import with_language
 
     start = time.monotonic()
     problems = split_problems(cfg.languages, "valid", "select scores teachers on the valid split; add one")

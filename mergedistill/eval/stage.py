@@ -80,8 +80,8 @@ from mergedistill.fsutil import (
     write_text_atomic,
 )
 from mergedistill.lock import exclusive
+from mergedistill.models.xmod import active_parameters, with_language
 from mergedistill.teachers import model_fingerprint
-from mergedistill.train.xmod import active_parameters, with_language
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)

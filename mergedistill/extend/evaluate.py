@@ -24,7 +24,7 @@ from mergedistill.eval.metrics import (
     pseudo_perplexity,
 )
 from mergedistill.extend.surgery import is_xmod, outputs_restricted
-from mergedistill.mlm_models import masked_logits, top1
+from mergedistill.models.mlm import masked_logits, top1
 
 
 def new_language_metrics(model, tokenizer, acc_texts: list[str], pll_texts: list[str], own: torch.Tensor, *, seq_len: int,
@@ -102,7 +102,7 @@ def _argmax_among(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 def with_language(model, lang: str):
     """An X-Mod model set to `lang`'s module (calls without lang_ids use it); other models as they are."""
     if is_xmod(model):
-        from mergedistill.train.xmod import use_language
+        from mergedistill.models.xmod import use_language
 
         use_language(model, lang)
     return model

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mergedistill.models.xmod import is_xmod
+
 
 RULES = 2
 """The counting rules' version, part of the inputs of a cached extend result (a result counted by older
@@ -41,7 +43,7 @@ class Shapes:
 def shapes_of(model) -> Shapes:
     """The shapes of a student (BERT or X-Mod) that its FLOPs depend on."""
     c = model.config
-    module = c.hidden_size // c.adapter_reduction_factor if getattr(c, "model_type", "") == "xmod" else 0
+    module = c.hidden_size // c.adapter_reduction_factor if is_xmod(c) else 0
     return Shapes(c.hidden_size, c.intermediate_size, module)
 
 
@@ -74,7 +76,7 @@ def last_layer_linear_flops(s: Shapes, positions: int, rows: int) -> int:
 
 def last_layer_flops(s: Shapes, positions: int, rows: int, length: int) -> int:
     """The last layer at `rows` rows only (B x the most masked positions of a sequence, as
-    `mlm_models.layer_at_positions` pads them): keys and values everywhere, each row attending over
+    `models.mlm.layer_at_positions` pads them): keys and values everywhere, each row attending over
     `length` keys."""
     return last_layer_linear_flops(s, positions, rows) + attention_flops(s, rows * length)
 

@@ -57,6 +57,7 @@ from mergedistill.extend.vocab import (
 )
 from mergedistill.fsutil import atomic_dir, atomic_path, read_json_or_none, write_json_atomic, write_text_atomic
 from mergedistill.lock import exclusive
+from mergedistill.models.xmod import is_xmod
 from mergedistill.preflight import seq_len_problems, top_k_problems
 from mergedistill.teachers import TeacherTokenizer, load_teacher_config, load_teacher_tokenizer, model_fingerprint
 from mergedistill.train.batches import Batch, LanguageShards, SampledBatches, sampling_probs
@@ -139,7 +140,7 @@ def preflight(cfg: RunConfig, lang: str) -> Plan:
         if lang in export.languages:
             problems.append(f"--language {lang}: the student already has {lang!r} ({export.folder / 'languages.json'}); "
                             "extend adds languages it does not have")
-        depth, xmod = int(config["num_hidden_layers"]), config.get("model_type") == "xmod"
+        depth, xmod = int(config["num_hidden_layers"]), is_xmod(config)
         if vrec is not None and export.meta.get("vocab") not in (None, vrec["vocab"]):
             problems.append(f"{export.folder}: trained on vocabulary {export.meta.get('vocab')}, but {cfg.vocab_dir} is "
                             f"{vrec['vocab']}; retrain it (`{cfg.command('train')} --force`)")
@@ -209,7 +210,7 @@ def _load_student(export: Export, config: dict, problems: list[str], command: st
     missing_tok = [f"{lang}: {sub}" for lang, sub in export.languages.items() if not (export.folder / sub).is_dir()]
     if missing_tok:
         problems.append(f"{export.folder}: no tokenizer for {', '.join(missing_tok)} (languages.json names the folder); {redo}")
-    if config.get("model_type") == "xmod":  # language -> module, as train.xmod.language_modules reads it
+    if is_xmod(config):  # language -> module, as models.xmod.language_modules reads it
         modules = config.get("language_modules") or {str(m): str(m) for m in config.get("languages") or []}
         lost = [lang for lang in export.languages if lang not in modules]
         if lost:
@@ -407,7 +408,7 @@ def minipost_head(cfg: RunConfig, plan: Plan, student, device) -> tuple[MiniHead
                             "extend.mini_align_steps: 0 to use the student's own head unaligned") from None
         table = None
         if plan.xmod:
-            from mergedistill.train.xmod import lang_id_table
+            from mergedistill.models.xmod import lang_id_table
 
             table = lang_id_table(student, langs)
         head, res = align_mini_head(student, k, batches, steps=x.mini_align_steps, lr=x.lr, warmup=x.warmup_steps,
@@ -437,7 +438,7 @@ def _guard(cfg: RunConfig, plan: Plan, student, device, work: Path) -> Guard:
         raise UserError(f"extend.guard_positions: the guard reads the run's data shards ({e}); or set it to 0") from None
     table = None
     if plan.xmod:
-        from mergedistill.train.xmod import lang_id_table
+        from mergedistill.models.xmod import lang_id_table
 
         table = lang_id_table(student, langs)
     hx, lse, flops = old_positions(student.to(device), batches, x.guard_positions, device, table)
@@ -456,7 +457,7 @@ def _student_for(base, plan: Plan, method: str, init_from: str | None):
     the new language's module (trained by `xmod` only). Returns (student, lang_id, module name)."""
     if not plan.xmod:
         return base, None, None
-    from mergedistill.train.xmod import add_language_module, module_names
+    from mergedistill.models.xmod import add_language_module, module_names
 
     student = copy.deepcopy(base)
     torch.manual_seed(0)  # the module's down-projection (its up-projection starts at zero unless copied)
@@ -656,7 +657,7 @@ def _write_export(cfg: RunConfig, plan: Plan, nv: NewVocab, model, method: str, 
     with atomic_dir(folder) as tmp:
         with library_write_errors(tmp / "model.safetensors"):
             if plan.xmod:
-                from mergedistill.train.xmod import save_xmod_student
+                from mergedistill.models.xmod import save_xmod_student
 
                 default = json.loads((src / "config.json").read_text(encoding="utf-8")).get("default_language") or plan.lang
                 save_xmod_student(model, tmp, default_language=default)

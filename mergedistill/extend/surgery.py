@@ -7,7 +7,7 @@ every old id keeps its row bit for bit, and only the new rows (and their output 
 
 The forward pass of the student (or of its mini-model: its first k layers) over the split matrix runs
 the model's own modules in its own order: embeddings (positions numbered as the model numbers them),
-the first layers everywhere, the last layer only at the masked positions (`mlm_models.layer_at_positions`,
+the first layers everywhere, the last layer only at the masked positions (`models.mlm.layer_at_positions`,
 X-Mod's `xmod_layer_at_positions`), the head's transform, then the decoder over the ids asked for.
 """
 from __future__ import annotations
@@ -21,12 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from mergedistill.mlm_models import encoder_prefix, layer_at_positions
-from mergedistill.train.student import _output_bias
-
-
-def is_xmod(model) -> bool:
-    return getattr(model.config, "model_type", "") == "xmod"
+from mergedistill.models import init as model_init
+from mergedistill.models.layers import encoder_prefix, layer_at_positions
+from mergedistill.models.xmod import is_xmod, xmod_layer_at_positions
 
 
 def depth(model) -> int:
@@ -39,7 +36,8 @@ def input_matrix(model) -> torch.Tensor:
 
 
 def output_bias(model) -> torch.Tensor:
-    bias = _output_bias(model)
+    """The student's output bias (V,); refused for a model without one."""
+    bias = model_init.output_bias(model)
     if bias is None:
         raise ValueError(f"{type(model).__name__} has no output bias")
     return bias
@@ -102,8 +100,6 @@ def hidden_at(model, embedded: torch.Tensor, attention_mask: torch.Tensor, selec
     if not 1 <= n_layers <= len(layers):
         raise ValueError(f"n_layers {n_layers} outside 1..{len(layers)}")
     if is_xmod(model):
-        from mergedistill.train.xmod import xmod_layer_at_positions
-
         if lang_ids is None:
             raise ValueError("an X-Mod model needs lang_ids")
         hidden = encoder_prefix(base, None, attention_mask, n_layers - 1, embedded=embedded, lang_ids=lang_ids)

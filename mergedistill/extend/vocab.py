@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID, JointVocab, _provenance
+from mergedistill.tokens import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from mergedistill.vocab.joint import JointVocab, _provenance
 from mergedistill.vocab.tokenizers import placeholder
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from mergedistill.data.shards import open_shard, read_record
+from mergedistill.tokens import PAD_ID
 from mergedistill.train.losses import distill_loss
-from mergedistill.vocab.joint import PAD_ID
 
 
 def sampling_probs(sizes: dict[str, int], alpha: float) -> dict[str, float]:

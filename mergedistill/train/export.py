@@ -16,9 +16,9 @@ from mergedistill import __version__
 from mergedistill.config import RunConfig
 from mergedistill.corpus import iter_lines
 from mergedistill.fsutil import atomic_dir, write_json_atomic
+from mergedistill.models.xmod import is_xmod, model_card_usage, parameter_counts, save_xmod_student, use_language
 from mergedistill.tables import markdown_table
 from mergedistill.train.mini_head import save_mini_head
-from mergedistill.train.xmod import is_xmod, model_card_usage, parameter_counts, save_xmod_student, use_language
 
 EXAMPLE_LINES = 2000
 """Corpus lines searched per language for the card's example sentence."""
@@ -234,7 +234,7 @@ def model_card(cfg: RunConfig, vrec: dict, manifest: dict, languages: list[str],
         usage_code(examples, xmod=s.arch == "xmod").rstrip(),
         "```",
         "",
-        "With mergedistill installed, `mergedistill.exported.load_student(folder, language).fill_mask(text)` does the same.",
+        "With mergedistill installed, `mergedistill.models.exported.load_student(folder, language).fill_mask(text)` does the same.",
         "",
     ]
     if missing:

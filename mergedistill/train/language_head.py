@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mergedistill.vocab.joint import UNK_ID
+from mergedistill.tokens import UNK_ID
 
 FILL = -1.0e4
 """Logit of a padding column: exp(FILL - logsumexp) underflows to exactly 0 in float32 and bfloat16."""

@@ -43,9 +43,9 @@ class MiniHead(nn.Module):
     @torch.no_grad()
     def from_student(cls, student, layer: int) -> "MiniHead":
         """A head on layer `layer` that starts as a copy of the student's MLM head (BERT or X-Mod)."""
-        from mergedistill.train.student import _head_transform, _output_bias
+        from mergedistill.models.init import head_transform, output_bias
 
-        parts = _head_transform(student)
+        parts = head_transform(student)
         if parts is None:
             raise ValueError(f"{type(student).__name__} has no BERT- or RoBERTa-style MLM head")
         cfg = student.config
@@ -53,7 +53,7 @@ class MiniHead(nn.Module):
         head = cls(cfg.hidden_size, student.get_input_embeddings().weight.shape[0], layer, act, parts["norm"].eps)
         head.dense.load_state_dict(parts["dense"].state_dict())
         head.norm.load_state_dict(parts["norm"].state_dict())
-        bias = _output_bias(student)
+        bias = output_bias(student)
         if bias is not None:
             head.bias.copy_(bias)
         return head.to(student.get_input_embeddings().weight.device)

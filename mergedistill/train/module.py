@@ -8,13 +8,13 @@ import lightning as L
 import torch
 
 from mergedistill.config import RunConfig
-from mergedistill.mlm_models import masked_head_features, masked_logits
+from mergedistill.models.mlm import masked_head_features, masked_logits
+from mergedistill.models.xmod import is_xmod, lang_id_table
 from mergedistill.train.batches import Batch, batch_loss
 from mergedistill.train.language_head import LanguageColumns, language_id_sets
 from mergedistill.train.mini_head import LayerTap, MiniHead
 from mergedistill.train.optim import adamw, clip_gradients, scales_gradients, with_schedule
 from mergedistill.train.progress import writes_logs
-from mergedistill.train.xmod import is_xmod, lang_id_table
 
 
 class NonFiniteLoss(RuntimeError):

@@ -14,9 +14,10 @@ import torch
 
 from mergedistill.data.masking import mask_tokens
 from mergedistill.data.topk import topk_at_masked
+from mergedistill.tokens import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 from mergedistill.train.batches import Batch
 from mergedistill.train.relations import QKVCapture, TeacherQKV
-from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, JointVocab
+from mergedistill.vocab.joint import JointVocab
 
 
 class OnlineTeachers(torch.nn.Module):

@@ -146,7 +146,7 @@ class QKVCapture:
     """While open (`with QKVCapture(model, layer) as cap:`), keeps the queries, keys and values that the
     layer computes in a forward pass, without changing the pass; `take()` returns them, (B, L, H) each.
 
-    mlm_models.masked_logits runs the last layer's queries at the masked positions only (its keys and
+    models.mlm.masked_logits runs the last layer's queries at the masked positions only (its keys and
     values everywhere); then `take()` computes the queries at every position from the keys' input with
     the layer's own query projection, as the full layer would (same numbers, one projection more)."""
 

@@ -22,6 +22,7 @@ from mergedistill.data.stage import data_dir, load_manifest
 from mergedistill.errors import UserError
 from mergedistill.fsutil import read_json_record, write_json_atomic
 from mergedistill.lock import exclusive
+from mergedistill.models.student import build_student
 from mergedistill.precision import lightning_precision
 from mergedistill.teachers import load_all_tokenizers, load_teacher_model
 from mergedistill.train.batches import (
@@ -39,7 +40,6 @@ from mergedistill.train.export import export_student
 from mergedistill.train.guard import AtomicCheckpointIO, InterruptWatch
 from mergedistill.train.module import DistillModule, NonFiniteLoss
 from mergedistill.train.progress import TrainProgress
-from mergedistill.train.student import build_student
 from mergedistill.vocab.stage import load_vocab
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def make_module(cfg: RunConfig, vocab, languages: list[str]) -> tuple[DistillMod
 
     student, info = build_student(cfg, vocab, teacher, languages)
     if cfg.student.arch == "xmod":
-        from mergedistill.train.xmod import grouped_routing
+        from mergedistill.models.xmod import grouped_routing
 
         grouped_routing(student)  # the same numbers as transformers' routing, without a gather per module
     online = None

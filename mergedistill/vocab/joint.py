@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mergedistill.tokens import ROLES, display, key_payload_len
+from mergedistill.tokens import ROLES, UNK_ID, display, key_payload_len
 
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 VOCAB_FORMAT = 1
 
 

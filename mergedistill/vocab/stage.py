@@ -33,10 +33,10 @@ from mergedistill.fsutil import (
     write_text_atomic,
 )
 from mergedistill.lock import exclusive
+from mergedistill.models.size import parameter_counts
 from mergedistill.parallel import run_tasks
 from mergedistill.progress import Progress
 from mergedistill.teachers import TeacherTokenizer, load_all_tokenizers
-from mergedistill.train.size import parameter_counts
 from mergedistill.vocab.joint import (
     VOCAB_FORMAT,
     JointVocab,

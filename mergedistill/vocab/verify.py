@@ -11,7 +11,7 @@ import numpy as np
 from mergedistill.config import RunConfig
 from mergedistill.corpus import SAMPLE_POOL, iter_lines, spread_subset
 from mergedistill.teachers import TeacherTokenizer
-from mergedistill.vocab.joint import UNK_ID
+from mergedistill.tokens import UNK_ID
 
 
 def samples(cfg: RunConfig, teacher: str) -> list[tuple[str, int, str]]:

@@ -43,7 +43,7 @@ def module(max_steps: int) -> DistillModule:
 
 
 def eval_loss(student, batches) -> float:
-    from mergedistill.mlm_models import masked_logits
+    from mergedistill.models.mlm import masked_logits
     from mergedistill.train.losses import distill_loss
 
     was = student.training

@@ -255,7 +255,7 @@ def shard_like_batch(seed=0, k=4):
 
 def test_importance_on_shard_batches_with_the_training_loss():
     from mergedistill.compress.importance import distill_loss_fn
-    from mergedistill.mlm_models import masked_logits
+    from mergedistill.models.mlm import masked_logits
     from mergedistill.train.losses import distill_loss
 
     model = tiny_bert(layers=2)
@@ -270,7 +270,7 @@ def test_importance_on_shard_batches_with_the_training_loss():
 
 
 def test_masked_logits_on_a_head_pruned_model():
-    from mergedistill.mlm_models import masked_logits
+    from mergedistill.models.mlm import masked_logits
 
     model = tiny_bert()
     prune_heads(model, {1: [0]})

@@ -22,8 +22,8 @@ from mergedistill.data.shards import open_shard
 from mergedistill.data.stage import ShardBuilder, load_manifest
 from mergedistill.data.topk import topk_at_masked, topk_naive
 from mergedistill.errors import UserError
-from mergedistill.mlm_models import masked_logits
-from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from mergedistill.models.mlm import masked_logits
+from mergedistill.tokens import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 from mergedistill.vocab.stage import load_vocab
 
 ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe", "zh": "spbpe", "ja": "multi"}

@@ -25,7 +25,7 @@ from mergedistill.eval.retrieval import (
     retrieval_accuracy,
 )
 from mergedistill.eval.stage import _pll_rows
-from mergedistill.vocab.joint import UNK_ID
+from mergedistill.tokens import UNK_ID
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,7 +1,7 @@
 """`evaluate` on an X-Mod student: every per-language figure goes through that language's module.
 
 The student is test_evaluate's re-indexed `wp` teacher in the X-Mod layout: equal to the teacher with a
-zero module (the equivalence of train/xmod.py), far from it with a noisy one. de's module is zero and
+zero module (the equivalence of models/xmod.py), far from it with a noisy one. de's module is zero and
 every other module (the default language's, en, included) is noise, so de's figures equal the teacher's
 only if de is scored with de's module. Downstream and retrieval are checked call by call: each X-Mod
 forward pass runs with the module of the language whose text it reads (fine-tuned with the source's
@@ -15,10 +15,10 @@ import torch
 from test_evaluate import ROUTING, reindexed, results, trained_teacher, value, write_config, write_corpora, write_export
 
 from conftest import in_dir
-from mergedistill.config import load_config
+from mergedistill.config import StudentConfig, load_config
 from mergedistill.demo.source_task import build_source_task
 from mergedistill.eval import stage as eval_stage
-from mergedistill.train.xmod import init_module, init_xmod_from_teacher, parameter_counts, xmod_config
+from mergedistill.models.xmod import init_module, init_xmod_from_teacher, parameter_counts, xmod_config
 from mergedistill.vocab.stage import load_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,9 +32,9 @@ def xmod_student(dense, vocab_size: int):
     from transformers import XmodForMaskedLM
 
     c = dense.config
-    model = XmodForMaskedLM(xmod_config(vocab_size=vocab_size, languages=LANGS, hidden=c.hidden_size, layers=c.num_hidden_layers,
-                                        heads=c.num_attention_heads, intermediate=c.intermediate_size,
-                                        max_position=c.max_position_embeddings, default_language="en"))
+    body = StudentConfig(hidden=c.hidden_size, layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                         intermediate=c.intermediate_size, max_position=c.max_position_embeddings)
+    model = XmodForMaskedLM(xmod_config(vocab_size=vocab_size, languages=LANGS, student=body, default_language="en"))
     init_xmod_from_teacher(model, dense, "wp")
     torch.manual_seed(0)
     with torch.no_grad():

@@ -9,7 +9,7 @@ from conftest import SENTENCES
 from mergedistill.extend.data import mlm_batches
 from mergedistill.extend.report import goal_rows, report_md
 from mergedistill.tokenizer_train import train_tokenizer
-from mergedistill.vocab.joint import MASK_ID
+from mergedistill.tokens import MASK_ID
 
 
 def test_mlm_batches_are_pure_functions_of_the_seed_and_step():

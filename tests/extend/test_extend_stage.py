@@ -20,7 +20,7 @@ from mergedistill.cli import main
 from mergedistill.data.masking import IGNORE_INDEX
 from mergedistill.eval.metrics import masked_eval_set
 from mergedistill.fsutil import sha256_file
-from mergedistill.mlm_models import masked_logits
+from mergedistill.models.mlm import masked_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROUTING = {"en": "wp", "de": "wp", "ru": "uni"}
@@ -140,7 +140,7 @@ def test_extend_adds_the_language_and_leaves_the_old_ones_exactly_as_they_were(r
     assert len(fill(f"Les élèves apprennent le {fr_tok.mask_token} à l'école.")) == 5
 
     # exported.load_student serves the new language (its ids: what the new tokenizer writes) and the old ones
-    from mergedistill.exported import load_student
+    from mergedistill.models.exported import load_student
 
     assert len(load_student(export, "fr").fill_mask(f"Les élèves apprennent le {fr_tok.mask_token} à l'école.")[0]) == 5
     fr_ids = np.load(export / "token_ids/fr.npy")
@@ -216,12 +216,13 @@ def test_without_a_teacher_a_tokenizer_is_trained_and_the_objective_is_mlm(run, 
 def _xmod_run(run: Path) -> Path:
     """runs/x: an X-Mod student built from the run's vocabulary (as the train stage exports one), with the
     run's tokenizers and shards. Returns its export folder."""
-    from mergedistill.train.xmod import build_xmod_student, save_xmod_student
+    from mergedistill.config import StudentConfig
+    from mergedistill.models.xmod import build_xmod_student, save_xmod_student
     from mergedistill.vocab.joint import JointVocab
 
     vocab = JointVocab.load(run / "vocab/t", ["wp", "uni", "bbpe"])
-    student, _ = build_xmod_student(vocab=vocab, languages=list(ROUTING), hidden=32, layers=2, heads=2, intermediate=64,
-                                    max_position=64, embeddings_from_teachers=False, zero_init_modules=False)
+    body = StudentConfig(arch="xmod", hidden=32, layers=2, heads=2, intermediate=64, max_position=64, embeddings_from_teachers=False)
+    student, _ = build_xmod_student(vocab=vocab, languages=list(ROUTING), student=body, zero_init_modules=False)
     src = run / "runs/t/train/export"
     dst = run / "runs/x/train/export"
     save_xmod_student(student, dst, default_language="en")
@@ -235,7 +236,7 @@ def _xmod_run(run: Path) -> Path:
 def test_xmod_student_gets_a_module_and_the_other_languages_stay_bit_identical(run, tiny_teachers):
     """An X-Mod student: the `xmod` method trains the new rows and fr's module; every old language's outputs
     stay bit-identical."""
-    from mergedistill.train.xmod import use_language
+    from mergedistill.models.xmod import use_language
 
     dst = _xmod_run(run)
     cfg = write(run, tiny_teachers, method="xmod", compare=["full"], steps=6, eval_every=3)
@@ -322,7 +323,7 @@ def test_nothing_new_to_learn_is_said_before_any_work(run, tiny_teachers, capsys
 def test_with_nothing_new_an_xmod_student_trains_the_module_alone(run, tiny_teachers):
     """0 new rows on an X-Mod student: the xmod method still has the language's module to train, and does,
     leaving every old language bit-identical and the vocabulary as it was."""
-    from mergedistill.train.xmod import use_language
+    from mergedistill.models.xmod import use_language
 
     dst = _xmod_run(run)
     cfg = write(run, tiny_teachers, method="xmod", compare=[], steps=4, eval_every=2,

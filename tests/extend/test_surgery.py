@@ -20,7 +20,7 @@ from mergedistill.extend.surgery import (
     outputs_restricted,
     plug,
 )
-from mergedistill.mlm_models import masked_logits
+from mergedistill.models.mlm import masked_logits
 from mergedistill.train.batches import Batch
 from mergedistill.train.mini_head import MiniHead
 

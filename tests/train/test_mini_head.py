@@ -10,10 +10,10 @@ import torch
 
 from mergedistill.config import load_config
 from mergedistill.errors import ConfigError
+from mergedistill.models.student import build_student
 from mergedistill.train.batches import Batch
 from mergedistill.train.mini_head import LayerTap, MiniHead, load_mini_head, save_mini_head
 from mergedistill.train.module import DistillModule
-from mergedistill.train.student import build_student
 from mergedistill.vocab.joint import build_joint_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")

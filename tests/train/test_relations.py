@@ -29,7 +29,7 @@ from transformers import (
 
 from mergedistill.cli import main
 from mergedistill.errors import ConfigError
-from mergedistill.mlm_models import masked_logits
+from mergedistill.models.mlm import masked_logits
 from mergedistill.train.module import DistillModule
 from mergedistill.train.relations import QKVCapture, TeacherQKV, relation_loss, routed_relation_loss
 

@@ -158,11 +158,11 @@ def test_rows_read_in_one_take_per_shard_equal_row_by_row_reads(run_dir, tiny_te
 
 # ---- the step ----------------------------------------------------------------------------------
 def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpora, monkeypatch):
-    from mergedistill import mlm_models
+    from mergedistill.models import mlm as mlm_models
     from mergedistill.data.stage import load_manifest
     from mergedistill.train.batches import LanguageShards, collate
     from mergedistill.train.module import DistillModule
-    from mergedistill.train.student import build_student
+    from mergedistill.models.student import build_student
     from mergedistill.vocab.stage import load_vocab
 
     cfg = load_config(write_config(run_dir, tiny_teachers, corpora))
@@ -177,8 +177,8 @@ def test_gradients_flow_only_from_masked_positions(run_dir, tiny_teachers, corpo
     captured = {}
 
     # The whole encoder's output at every position (the fast path would compute the last layer at the
-    # masked positions only, which test_mlm_models checks is exact): no gradient may reach the rest.
-    monkeypatch.setattr(mlm_models, "_last_layer_splittable", lambda *a: False)
+    # masked positions only, which tests/models/test_mlm.py checks is exact): no gradient may reach the rest.
+    monkeypatch.setattr(mlm_models, "last_layer_splittable", lambda *a: False)
 
     def keep_hidden(mod, args, out):  # the encoder's output, the input of the MLM head
         captured["h"] = out.last_hidden_state
@@ -510,7 +510,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss(run_dir, tiny_teachers, c
 
 # ---- a usable student -------------------------------------------------------------------------------
 def test_export_restricts_each_language_to_the_ids_its_tokenizer_writes(run_dir, tiny_teachers, corpora):
-    from mergedistill.exported import load_student
+    from mergedistill.models.exported import load_student
     from mergedistill.vocab.stage import load_vocab
 
     cfg = write_config(run_dir, tiny_teachers, corpora, max_steps=4, val_every=2)
@@ -566,10 +566,10 @@ def test_language_softmax_trains_each_position_among_its_languages_ids(run_dir, 
     """train.softmax language: the step's logits span the largest language's ids only (not the joint
     vocabulary), the loss falls, online mode and the MLM-only baseline take the same path, and the export is
     used through its language's ids as before."""
-    from mergedistill.exported import load_student
+    from mergedistill.models.exported import load_student
     from mergedistill.train.stage import ShardDataModule, make_module
     from mergedistill.data.stage import load_manifest
-    from mergedistill.vocab.joint import UNK_ID
+    from mergedistill.tokens import UNK_ID
     from mergedistill.vocab.stage import load_vocab
 
     cfg_path = write_config(run_dir, tiny_teachers, corpora, max_steps=60, softmax="language")

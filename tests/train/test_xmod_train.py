@@ -21,8 +21,8 @@ from transformers import AutoModelForMaskedLM, XmodForMaskedLM
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import ConfigError
+from mergedistill.models.xmod import lang_ids_for, language_modules, parameter_counts
 from mergedistill.train.batches import SampledBatches
-from mergedistill.train.xmod import lang_ids_for, language_modules, parameter_counts
 
 corpora, prepared, run_dir = tt.corpora, tt.prepared, tt.run_dir  # fixtures
 ROUTING, metrics, series, write_config = tt.ROUTING, tt.metrics, tt.series, tt.write_config

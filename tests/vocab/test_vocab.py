@@ -12,7 +12,8 @@ from conftest import HUB_TEACHERS, MORE_SENTENCES, PROBE_TEXTS, SENTENCES, in_di
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError
-from mergedistill.vocab.joint import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, JointVocab
+from mergedistill.tokens import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
+from mergedistill.vocab.joint import JointVocab
 from mergedistill.vocab.stage import load_vocab
 
 ROUTING = {"en": "wp", "de": "wp", "ru": "uni", "fr": "bbpe", "zh": "spbpe", "ja": "multi"}
@@ -356,7 +357,7 @@ def test_joint_vocab_save_load_round_trip(built, tmp_path):
 def test_vocab_prints_the_student_size_and_warns_when_embeddings_dominate(workdir, tiny_teachers, tiny_corpora, caplog):
     from transformers import BertForMaskedLM
 
-    from mergedistill.train.student import student_config
+    from mergedistill.models.student import student_config
 
     caplog.set_level("INFO")
     small = {"hidden": 8, "heads": 1, "layers": 1, "intermediate": 8, "max_position": 128}

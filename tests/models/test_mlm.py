@@ -10,7 +10,7 @@ from transformers import (
 
 from conftest import PATTERN_SENTENCES, tiny_model, tiny_tokenizer
 from mergedistill.data.packing import pack_texts
-from mergedistill.mlm_models import build_mlm, masked_logits, usable_positions
+from mergedistill.models.mlm import build_mlm, masked_logits, usable_positions
 
 CLASSES = {"wordpiece": BertForMaskedLM, "unigram": XLMRobertaForMaskedLM, "sp-bpe": XLMRobertaForMaskedLM,
            "byte-bpe": RobertaForMaskedLM}
@@ -64,7 +64,7 @@ def test_masked_logits_match_full_logits(kind):
 @pytest.mark.parametrize("kind", list(CLASSES))
 def test_last_layer_at_selected_positions_only_matches_the_full_forward(kind, monkeypatch):
     """Uneven counts per row (one row with none), padding, and gradients: the split last layer is exact."""
-    from mergedistill import mlm_models
+    from mergedistill.models import mlm as mlm_models
 
     calls = []
     real = mlm_models.layer_at_positions
@@ -112,7 +112,7 @@ def test_build_mlm_rejects_bad_sizes():
 
 
 def test_top1_is_argmax_in_every_dtype():
-    from mergedistill.mlm_models import top1
+    from mergedistill.models.mlm import top1
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(37, 5003, generator=g)

@@ -12,10 +12,10 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM, XmodForMaskedLM
 from conftest import SENTENCES, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
-from mergedistill.eval import archs
-from mergedistill.eval.archs import arch_config, write_outputs
 from mergedistill.eval.report import Row
-from mergedistill.train.xmod import parameter_counts
+from mergedistill.experiments import archs
+from mergedistill.experiments.archs import arch_config, write_outputs
+from mergedistill.models.xmod import parameter_counts
 
 
 def test_dense_and_xmod_students_from_the_same_shards_in_one_table(workdir, tiny_teachers, tmp_path, monkeypatch):

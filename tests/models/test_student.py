@@ -10,7 +10,8 @@ from conftest import make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError
-from mergedistill.train.student import build_student, layer_map
+from mergedistill.models.init import layer_map
+from mergedistill.models.student import build_student
 from mergedistill.vocab.stage import load_vocab
 
 

@@ -23,7 +23,7 @@ import yaml
 from mergedistill.config import RunConfig
 from mergedistill.corpus import sample_lines
 from mergedistill.errors import UserError
-from mergedistill.eval.variants import as_variant, train_variant
+from mergedistill.experiments.variants import as_variant, train_variant
 from mergedistill.fsutil import write_text_atomic
 from mergedistill.lock import exclusive
 from mergedistill.tables import dict_rows, markdown_table, write_csv
@@ -90,7 +90,7 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
     parameters: total, and active for the language (an X-Mod student: shared + the language's module)."""
     from mergedistill.eval.metrics import score_pll
     from mergedistill.eval.models import Export, autocast, eval_device
-    from mergedistill.train.xmod import active_parameters, with_language
+    from mergedistill.models.xmod import active_parameters, with_language
 
     problems: list[str] = []
     student = Export.open("student", export, problems, cfg.command("train"), eval_device(cfg))
@@ -112,9 +112,9 @@ def student_ppl(cfg: RunConfig, export: Path) -> dict[str, dict]:
 @exclusive("ablate", lambda cfg, archs=False: cfg.run_dir / ("archs" if archs else "ablate"))
 def run_ablate(cfg: RunConfig, *, archs: bool = False) -> Path:
     """Every routing variant end to end (vocabulary shared, data, train, scores); `cfg` is not changed.
-    archs: the dense vs X-Mod comparison instead (eval/archs.py)."""
+    archs: the dense vs X-Mod comparison instead (experiments/archs.py)."""
     if archs:
-        from mergedistill.eval.archs import run_archs
+        from mergedistill.experiments.archs import run_archs
 
         return run_archs(cfg)
     from mergedistill.vocab.stage import run_vocab

@@ -8,7 +8,7 @@ the run's config with those overrides, read by the config loader and checked aga
 before any work: every problem of every value and combination is reported together (exit 2).
 
 A variant whose settings are the run's own is the run itself; every other one runs in runs/<run>-<name>/
-(eval/variants.py): on the run's vocabulary unless it varies something the vocabulary is built from
+(experiments/variants.py): on the run's vocabulary unless it varies something the vocabulary is built from
 (vocab.*, teachers, languages, routing), and with every shard the data stage's store holds for its inputs,
 so a variant of train.* keys labels nothing. Then train (continued when trained with these settings) and
 evaluate, each skipping complete outputs: a rerun after a kill goes quickly through the finished variants.
@@ -36,7 +36,7 @@ from mergedistill.config import RunConfig, load_config
 from mergedistill.configlib import to_dict
 from mergedistill.corpus import split_problems
 from mergedistill.errors import UserError
-from mergedistill.eval.variants import as_variant, train_variant
+from mergedistill.experiments.variants import as_variant, train_variant
 from mergedistill.fsutil import atomic_dir
 from mergedistill.lock import exclusive
 from mergedistill.tables import markdown_table, write_csv

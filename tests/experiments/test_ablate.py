@@ -10,7 +10,7 @@ import yaml
 from conftest import SENTENCES, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
-from mergedistill.eval.ablate import run_ablate
+from mergedistill.experiments.ablate import run_ablate
 
 
 def test_ablate_compares_variants_and_reuses_unchanged_shards(workdir, tiny_teachers, tmp_path):

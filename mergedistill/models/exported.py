@@ -3,7 +3,7 @@ tokenizer, and predictions restricted to the ids that tokenizer can write (token
 joint vocabulary holds every teacher's tokens; without the restriction a fill-mask for Polish may answer
 with a Chinese teacher's token or with a placeholder no text produces.
 
-    from mergedistill.exported import load_student
+    from mergedistill.models.exported import load_student
     pl = load_student("runs/demo/train/export", "pl")
     pl.fill_mask("Warszawa jest stolicą <mask>.")   # [[{"token_str": "Polski", "score": 0.41, "token": 1234}, ...]]
 

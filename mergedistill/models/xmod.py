@@ -27,7 +27,7 @@ outputs LN(norm(h)) = LN(h) up to eps/var(h). It drifts as soon as that LayerNor
 Never equivalent: ln_before_adapter = True with adapter_reuse_layer_norm = True and no adapter LayerNorm
 (X-Mod's published default): r = LN(h) and the layer outputs LN(LN(h)), the teacher's affine LayerNorm
 applied twice; and pre_norm = True, a different (pre-LN) network from a post-LN teacher.
-Measured (tests/train/test_xmod.py, tiny BERT, XLM-R and RoBERTa teachers whose LayerNorms are not
+Measured (tests/models/test_xmod.py, tiny BERT, XLM-R and RoBERTa teachers whose LayerNorms are not
 identity): the exact settings give max |logit difference| 0.0; ln_before_adapter + adapter_layer_norm
 1.2e-7 to 1.5e-7; X-Mod's default 0.12 to 0.23; pre_norm 0.17 to 0.39 (the README's table).
 
@@ -46,10 +46,11 @@ from torch import nn
 from transformers import XmodConfig, XmodForMaskedLM
 from transformers.models.xmod.modeling_xmod import XmodAdapter, XmodOutput
 
+from mergedistill.config import StudentConfig
 from mergedistill.errors import UserError
-from mergedistill.mlm_models import ROBERTA_STYLE, attention_at_rows, encoder_prefix, selected_rows
-from mergedistill.train.student import _head_transform, copy_embedding_rows, layer_map
-from mergedistill.vocab.joint import CLS_ID, PAD_ID, SEP_ID, JointVocab
+from mergedistill.models.init import IdMaps, copy_embedding_rows, head_transform, layer_map
+from mergedistill.models.layers import ROBERTA_STYLE, attention_at_rows, encoder_prefix, selected_rows
+from mergedistill.tokens import CLS_ID, PAD_ID, SEP_ID
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,11 @@ def use_language(model, lang: str):
 
 
 def is_xmod(model) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", "") == "xmod"
+    """Whether `model` is an X-Mod masked LM: a model, its config, or a config.json read as a dict (the one
+    test every stage uses)."""
+    if isinstance(model, Mapping):
+        return model.get("model_type") == "xmod"
+    return getattr(getattr(model, "config", model), "model_type", "") == "xmod"
 
 
 def with_language(model, lang: str):
@@ -168,17 +173,7 @@ def xmod_config(
     *,
     vocab_size: int,
     languages: Sequence[str],
-    modules: Mapping[str, str] | None = None,
-    hidden: int = 256,
-    layers: int = 4,
-    heads: int = 4,
-    intermediate: int = 1024,
-    max_position: int = 512,
-    adapter_reduction_factor: int = 2,
-    ln_before_adapter: bool = False,
-    adapter_layer_norm: bool = False,
-    adapter_reuse_layer_norm: bool = True,
-    pre_norm: bool = False,
+    student: StudentConfig | None = None,
     dropout: float = 0.1,
     layer_norm_eps: float = 1e-12,
     default_language: str | None = None,
@@ -188,24 +183,26 @@ def xmod_config(
     max_position: the longest input (specials included); the table gets max_position + 1 rows since
     X-Mod numbers positions from padding_idx + 1. The layer-norm defaults are the ones under which a
     student initialised from a teacher starts equal to it (module docstring); X-Mod's published
-    default is ln_before_adapter=True, adapter_reuse_layer_norm=True."""
+    default is ln_before_adapter=True, adapter_reuse_layer_norm=True. `student`: its shape and X-Mod fields
+    (student.modules, adapter_reduction_factor, the layer-norm options; default: StudentConfig's defaults)."""
+    s = student if student is not None else StudentConfig()
+    hidden, heads, adapter_reduction_factor = s.hidden, s.heads, s.adapter_reduction_factor
     if hidden % heads:
         raise UserError(f"student.hidden ({hidden}) must be a multiple of student.heads ({heads})")
     if not isinstance(adapter_reduction_factor, int) or isinstance(adapter_reduction_factor, bool) \
             or not 1 <= adapter_reduction_factor <= hidden:
         raise UserError(f"student.adapter_reduction_factor must be a whole number from 1 to hidden ({hidden}); "
                         f"got {adapter_reduction_factor!r}")
-    lm = module_map(languages, modules)
+    lm = module_map(languages, s.modules)
     names = list(dict.fromkeys(lm.values()))
     if default_language is not None and default_language not in lm and default_language not in names:
         raise UnknownLanguage(f"default_language {default_language!r} is not one of the languages ({', '.join(lm)})")
     return XmodConfig(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, max_position_embeddings=max_position + PAD_ID + 1, type_vocab_size=1,
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=s.layers, num_attention_heads=heads,
+        intermediate_size=s.intermediate, max_position_embeddings=s.max_position + PAD_ID + 1, type_vocab_size=1,
         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, layer_norm_eps=layer_norm_eps,
         pad_token_id=PAD_ID, bos_token_id=CLS_ID, eos_token_id=SEP_ID, tie_word_embeddings=True,
-        adapter_reduction_factor=adapter_reduction_factor, ln_before_adapter=ln_before_adapter,
-        adapter_layer_norm=adapter_layer_norm, adapter_reuse_layer_norm=adapter_reuse_layer_norm, pre_norm=pre_norm,
+        adapter_reduction_factor=adapter_reduction_factor, **{k: getattr(s, k) for k in LN_OPTIONS},
         languages=names, language_modules=lm,
         default_language=lm.get(default_language, default_language) if default_language else None,
     )
@@ -268,7 +265,7 @@ def init_xmod_from_teacher(student: XmodForMaskedLM, teacher, name: str = "teach
     s_off = sc.pad_token_id + 1
     n = min(sc.max_position_embeddings - s_off, t_emb.position_embeddings.weight.shape[0] - t_off)
     s_emb.position_embeddings.weight[s_off: s_off + n] = t_emb.position_embeddings.weight[t_off: t_off + n]
-    s_head, t_head = _head_transform(student), _head_transform(teacher)
+    s_head, t_head = head_transform(student), head_transform(teacher)
     s_head["dense"].load_state_dict(t_head["dense"].state_dict())
     s_head["norm"].load_state_dict(t_head["norm"].state_dict())
     for norm in _adapter_norms(student):  # identity at the start (weight 1, bias 0)
@@ -285,58 +282,45 @@ def init_xmod_from_teacher(student: XmodForMaskedLM, teacher, name: str = "teach
 
 def build_xmod_student(
     *,
-    vocab: JointVocab,
+    vocab: IdMaps,
     languages: Sequence[str],
-    modules: Mapping[str, str] | None = None,
-    hidden: int = 256,
-    layers: int = 4,
-    heads: int = 4,
-    intermediate: int = 1024,
-    max_position: int = 512,
-    adapter_reduction_factor: int = 2,
-    ln_before_adapter: bool = False,
-    adapter_layer_norm: bool = False,
-    adapter_reuse_layer_norm: bool = True,
-    pre_norm: bool = False,
-    init: str = "random",
-    embeddings_from_teachers: bool = True,
+    student: StudentConfig | None = None,
     zero_init_modules: bool = True,
     load_teacher=None,
     seed: int = 0,
     embedding_teachers: Sequence[str] | None = None,
 ) -> tuple[XmodForMaskedLM, dict]:
     """The initialised X-Mod student and a description of its initialisation, like the dense student's
-    `build_student`: `init` is `random` or `teacher:<name>` (that teacher's layers, every other one);
+    `build_student`: `student` gives its shape, X-Mod fields and initialisation (default: StudentConfig's
+    defaults); `student.init` is `random` or `teacher:<name>` (that teacher's layers, every other one);
     embedding rows come from every teacher of the vocabulary whose hidden size matches, averaged where
     they share a token (`embedding_teachers`: those teachers only). `load_teacher(name)` returns a teacher
     model. Modules: down-projection random, up-projection zero when `zero_init_modules` (the student
     starts as its shared body). The first language's module is the default one."""
+    s = student if student is not None else StudentConfig()
+    init, embeddings_from_teachers = s.init, s.embeddings_from_teachers
     torch.manual_seed(seed)
     teachers_needed = init.startswith("teacher:") or embeddings_from_teachers
     if teachers_needed and load_teacher is None:
         raise ValueError("build_xmod_student: init from teachers needs load_teacher")
-    cfg = xmod_config(vocab_size=vocab.size, languages=languages, modules=modules, hidden=hidden, layers=layers,
-                      heads=heads, intermediate=intermediate, max_position=max_position,
-                      adapter_reduction_factor=adapter_reduction_factor, ln_before_adapter=ln_before_adapter,
-                      adapter_layer_norm=adapter_layer_norm, adapter_reuse_layer_norm=adapter_reuse_layer_norm,
-                      pre_norm=pre_norm, default_language=languages[0])
-    student = XmodForMaskedLM(cfg)
-    for layer in student.base_model.encoder.layer:
+    cfg = xmod_config(vocab_size=vocab.size, languages=languages, student=s, default_language=languages[0])
+    model = XmodForMaskedLM(cfg)
+    for layer in model.base_model.encoder.layer:
         for adapter in layer.output.adapter_modules.values():
             init_module(adapter, cfg.initializer_range, zero_up=zero_init_modules)
     info: dict = {"init": init, "arch": "xmod", "modules": dict(cfg.language_modules),
                   "adapter_reduction_factor": cfg.adapter_reduction_factor, **{k: getattr(cfg, k) for k in LN_OPTIONS}}
     if init.startswith("teacher:"):
         name = init.split(":", 1)[1]
-        info["layers_from"] = {name: init_xmod_from_teacher(student, load_teacher(name), name)}
+        info["layers_from"] = {name: init_xmod_from_teacher(model, load_teacher(name), name)}
     elif init != "random":
         raise UserError(f"student.init: {init!r} is neither `random` nor `teacher:<name>`")
     if embeddings_from_teachers:
         names = vocab.teachers if embedding_teachers is None else [n for n in vocab.teachers if n in embedding_teachers]
         teachers = {n: load_teacher(n) for n in names}
-        info["embedding_rows"] = copy_embedding_rows(student, vocab, teachers)
-    student.tie_weights()
-    return student, info
+        info["embedding_rows"] = copy_embedding_rows(model, vocab, teachers)
+    model.tie_weights()
+    return model, info
 
 
 def add_language_module(model: XmodForMaskedLM, lang: str, *, init_from: str | None = None) -> str:
@@ -501,7 +485,7 @@ def xmod_masked_hidden(
     lang_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The encoder's output at the N selected positions (N, H), row-major over `selected` (B, L) bool: what
-    mlm_models.masked_head_features (so masked_logits) feeds an X-Mod model's head. Every layer but the last
+    models.mlm.masked_head_features (so masked_logits) feeds an X-Mod model's head. Every layer but the last
     runs everywhere, the last only where its output is needed. lang_ids (B,): each sequence's module; None:
     the default language's. The head on it equals `model(...).logits[selected]` up to float rounding."""
     B = input_ids.shape[0]
@@ -530,7 +514,7 @@ def xmod_layer_at_positions(layer, hidden: torch.Tensor, attention_mask: torch.T
     """An X-Mod layer's output at the selected positions only: (N, H), row-major over `selected` (B, L).
     hidden: (B, L, H) the layer's input; attention_mask (B, L), 0 on padding; lang_ids (B,).
     Queries, attention output, feed-forward and the module run on the selected rows; keys and values on
-    every position (mlm_models.selected_rows / attention_at_rows, as for BERT). Follows XmodLayer:
+    every position (models.layers.selected_rows / attention_at_rows, as for BERT). Follows XmodLayer:
     post-norm (LayerNorm after each residual sum) or pre-norm (before each block)."""
     att, pre = layer.attention, layer.pre_norm
     rows, valid = selected_rows(hidden, selected)  # (B, m, H), (B, m)

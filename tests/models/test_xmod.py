@@ -15,11 +15,11 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, XmodForMaskedLM
 
 from conftest import SENTENCES, TINY_MODEL, in_dir, make_config
 from mergedistill.cli import main
-from mergedistill.config import load_config
+from mergedistill.config import StudentConfig, load_config
 from mergedistill.errors import UserError
-from mergedistill.train.losses import distill_loss
-from mergedistill.train.student import copy_embedding_rows
-from mergedistill.train.xmod import (
+from mergedistill.models.init import copy_embedding_rows
+from mergedistill.models.mlm import masked_logits
+from mergedistill.models.xmod import (
     UnknownLanguage,
     add_language_module,
     build_xmod_student,
@@ -34,7 +34,7 @@ from mergedistill.train.xmod import (
     use_language,
     xmod_config,
 )
-from mergedistill.mlm_models import masked_logits
+from mergedistill.train.losses import distill_loss
 from mergedistill.vocab.stage import load_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,8 +58,10 @@ def run(tmp_path_factory, tiny_teachers, tiny_corpora):
 
 
 def student(run, **kw) -> XmodForMaskedLM:
-    kw = {"languages": LANGS, "embeddings_from_teachers": False, **TINY_MODEL, **kw}
-    model, _ = build_xmod_student(vocab=run.vocab, load_teacher=run.teachers.__getitem__, **kw)
+    kw = {"embeddings_from_teachers": False, **TINY_MODEL, **kw}
+    extra = {k: kw.pop(k) for k in ("zero_init_modules",) if k in kw}
+    model, _ = build_xmod_student(vocab=run.vocab, languages=LANGS, student=StudentConfig(arch="xmod", **kw),
+                                  load_teacher=run.teachers.__getitem__, **extra)
     return model.eval()
 
 
@@ -137,7 +139,7 @@ def test_masked_logits_equal_the_full_head_at_the_selected_positions(run, pre_no
 
 
 def test_masked_logits_hands_xmod_models_their_lang_ids(run):
-    """mlm_models.masked_logits (what training, evaluate and select call) takes an X-Mod model's lang_ids
+    """models.mlm.masked_logits (what training, evaluate and select call) takes an X-Mod model's lang_ids
     to its masked-position head; lang_ids for a dense model are refused rather than ignored."""
     from transformers import BertConfig, BertForMaskedLM
 
@@ -160,7 +162,7 @@ def test_with_language_prepares_an_xmod_model_for_dense_code_in_bfloat16(run):
     """Evaluation code calls models without lang_ids, under bfloat16 autocast (eval.dtype): with_language
     sets the module and the routing that autocast allows (transformers' 5.x own routing fails there:
     it writes bfloat16 module outputs into a float32 buffer)."""
-    from mergedistill.train.xmod import with_language
+    from mergedistill.models.xmod import with_language
 
     model = student(run, zero_init_modules=False)
     ids, att = random_batch(run.vocab.size, B=3)
@@ -228,8 +230,9 @@ def trained_looking(teacher, seed: int = 0):
 
 def teacher_and_student_logits(run, name: str, settings: dict):
     teacher = trained_looking(run.teachers[name])
-    model, info = build_xmod_student(vocab=run.vocab, languages=LANGS, init=f"teacher:{name}", embeddings_from_teachers=False,
-                                     load_teacher={name: teacher}.__getitem__, **TINY_MODEL, **settings)
+    model, info = build_xmod_student(vocab=run.vocab, languages=LANGS, load_teacher={name: teacher}.__getitem__,
+                                     student=StudentConfig(arch="xmod", init=f"teacher:{name}", embeddings_from_teachers=False,
+                                                           **TINY_MODEL, **settings))
     copy_embedding_rows(model, run.vocab, {name: teacher})  # this teacher's rows only: no averaging
     model.tie_weights()
     model.eval()
@@ -372,7 +375,7 @@ def test_module_groupings_are_checked():
         module_map(["de", "fr"], {"xx": "g"})
     assert module_map(["es", "gl"], {"gl": "es"}) == {"es": "es", "gl": "es"}  # gl shares es's module
     with pytest.raises(UserError, match="adapter_reduction_factor"):
-        xmod_config(vocab_size=10, languages=["de"], hidden=32, heads=2, adapter_reduction_factor=0)
+        xmod_config(vocab_size=10, languages=["de"], student=StudentConfig(hidden=32, heads=2, adapter_reduction_factor=0))
 
 
 # ---- parameters -----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from mergedistill.configlib import to_dict
 from mergedistill.corpus import corpus_fingerprint
 from mergedistill.errors import UserError
 from mergedistill.eval.models import Export, Models, eval_device
-from mergedistill.eval.variants import as_variant, train_variant
+from mergedistill.experiments.variants import as_variant, train_variant
 from mergedistill.fsutil import atomic_dir, read_json, write_json_atomic
 from mergedistill.tables import dict_rows, markdown_table, write_csv
 
@@ -129,7 +129,7 @@ def step_times(cfg: RunConfig, students: dict, configs: dict[str, RunConfig], la
     from mergedistill.train.module import DistillModule
     from mergedistill.train.optim import adamw
     from mergedistill.train.stage import ShardDataModule
-    from mergedistill.train.xmod import grouped_routing, is_xmod
+    from mergedistill.models.xmod import grouped_routing, is_xmod
     from mergedistill.vocab.stage import load_vocab
 
     vocab, vrec = load_vocab(cfg)

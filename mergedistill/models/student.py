@@ -1,5 +1,5 @@
 """The student: a BERT masked LM over the joint vocabulary, so it exports as a standard folder
-(`student.arch: xmod`: an X-Mod masked LM with a module per language, built by `train/xmod.py`).
+(`student.arch: xmod`: an X-Mod masked LM with a module per language, built by `models/xmod.py`).
 
 Initialisation:
   - random (BERT's own init);
@@ -10,17 +10,17 @@ Initialisation:
 """
 from __future__ import annotations
 
-import logging
 
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from mergedistill.config import RunConfig
 from mergedistill.errors import UserError
-from mergedistill.mlm_models import ROBERTA_STYLE
-from mergedistill.vocab.joint import PAD_ID, JointVocab
+from mergedistill.models.init import IdMaps, copy_embedding_rows, head_transform, layer_map
+from mergedistill.models.layers import ROBERTA_STYLE
+from mergedistill.models.xmod import build_xmod_student
+from mergedistill.tokens import PAD_ID
 
-log = logging.getLogger(__name__)
 
 
 def student_config(cfg: RunConfig, vocab_size: int) -> BertConfig:
@@ -34,21 +34,6 @@ def student_config(cfg: RunConfig, vocab_size: int) -> BertConfig:
 
 def _layers(model) -> torch.nn.ModuleList:
     return model.base_model.encoder.layer
-
-
-def _output_bias(model) -> torch.Tensor | None:
-    out = model.get_output_embeddings()
-    return getattr(out, "bias", None)
-
-
-def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher layer for each student layer: every other one (0, 2, 4, ...) when there is room,
-    else evenly spread over the teacher's depth."""
-    if student_layers * 2 <= teacher_layers + 1:
-        return [2 * i for i in range(student_layers)]
-    if student_layers == 1:
-        return [0]
-    return [round(i * (teacher_layers - 1) / (student_layers - 1)) for i in range(student_layers)]
 
 
 @torch.no_grad()
@@ -69,70 +54,21 @@ def init_from_teacher_layers(student: BertForMaskedLM, teacher, name: str) -> li
     offset = (tc.pad_token_id + 1) if getattr(tc, "model_type", "") in ROBERTA_STYLE else 0
     n = min(sc.max_position_embeddings, t_emb.position_embeddings.weight.shape[0] - offset)
     s_emb.position_embeddings.weight[:n] = t_emb.position_embeddings.weight[offset: offset + n]
-    s_head, t_head = _head_transform(student), _head_transform(teacher)
+    s_head, t_head = head_transform(student), head_transform(teacher)
     if s_head is not None and t_head is not None:
         s_head["dense"].load_state_dict(t_head["dense"].state_dict())
         s_head["norm"].load_state_dict(t_head["norm"].state_dict())
     return src
 
 
-def _head_transform(model) -> dict | None:
-    """The MLM head's dense + LayerNorm (BERT: cls.predictions.transform; RoBERTa: lm_head)."""
-    if hasattr(model, "cls"):
-        tr = model.cls.predictions.transform
-        return {"dense": tr.dense, "norm": tr.LayerNorm}
-    if hasattr(model, "lm_head") and hasattr(model.lm_head, "layer_norm"):
-        return {"dense": model.lm_head.dense, "norm": model.lm_head.layer_norm}
-    return None
-
-
-@torch.no_grad()
-def copy_embedding_rows(student: BertForMaskedLM, vocab: JointVocab, teachers: dict) -> dict[str, int]:
-    """Student embedding rows := mean of the teachers' rows for the same token (teachers whose hidden
-    size matches). Returns how many rows each teacher contributed to."""
-    emb = student.get_input_embeddings().weight  # (V, H)
-    bias = _output_bias(student)
-    total = torch.zeros_like(emb)
-    total_bias = torch.zeros(emb.shape[0])
-    count = torch.zeros(emb.shape[0])
-    used = {}
-    for name, model in teachers.items():
-        t_emb = model.get_input_embeddings().weight
-        if t_emb.shape[1] != emb.shape[1]:
-            log.info("student: %s has hidden size %d, the student %d: its embeddings are not copied", name, t_emb.shape[1], emb.shape[1])
-            continue
-        m = torch.from_numpy(vocab.idmaps[name]).long()
-        n = min(len(m), t_emb.shape[0])
-        tid = torch.arange(n)[m[:n] >= 0]
-        sid = m[:n][m[:n] >= 0]
-        total.index_add_(0, sid, t_emb[tid].float())
-        t_bias = _output_bias(model)
-        if t_bias is not None and bias is not None:
-            total_bias.index_add_(0, sid, t_bias[tid].float())
-        count.index_add_(0, sid, torch.ones(len(sid)))
-        used[name] = int(len(sid))
-    have = count > 0
-    emb[have] = (total[have] / count[have, None]).to(emb.dtype)
-    if bias is not None:
-        bias[have] = (total_bias[have] / count[have]).to(bias.dtype)
-    return used
-
-
-def build_student(cfg: RunConfig, vocab: JointVocab, load_teacher, languages: list[str] | None = None) -> tuple[BertForMaskedLM, dict]:
+def build_student(cfg: RunConfig, vocab: IdMaps, load_teacher, languages: list[str] | None = None) -> tuple[BertForMaskedLM, dict]:
     """The initialised student and a description of its initialisation. `load_teacher(name)` returns a
     teacher model (loaded only when needed). `languages`: the X-Mod student's modules, in lang_id order
     (default: the config's languages)."""
     if cfg.student.arch == "xmod":
-        from mergedistill.train.xmod import build_xmod_student
-
-        s = cfg.student
-        return build_xmod_student(
-            vocab=vocab, languages=languages or list(cfg.languages), modules=s.modules, hidden=s.hidden, layers=s.layers,
-            heads=s.heads, intermediate=s.intermediate, max_position=s.max_position,
-            adapter_reduction_factor=s.adapter_reduction_factor, ln_before_adapter=s.ln_before_adapter,
-            adapter_layer_norm=s.adapter_layer_norm, adapter_reuse_layer_norm=s.adapter_reuse_layer_norm, pre_norm=s.pre_norm,
-            init=s.init, embeddings_from_teachers=s.embeddings_from_teachers, load_teacher=load_teacher, seed=cfg.train.seed,
-            embedding_teachers=[n for n in vocab.teachers if n in cfg.teachers])
+        return build_xmod_student(vocab=vocab, languages=languages or list(cfg.languages), student=cfg.student,
+                                  load_teacher=load_teacher, seed=cfg.train.seed,
+                                  embedding_teachers=[n for n in vocab.teachers if n in cfg.teachers])
     torch.manual_seed(cfg.train.seed)
     student = BertForMaskedLM(student_config(cfg, vocab.size))
     info: dict = {"init": cfg.student.init}

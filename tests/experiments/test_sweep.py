@@ -14,7 +14,7 @@ from conftest import SENTENCES, make_config
 from mergedistill.cli import main
 from mergedistill.config import load_config
 from mergedistill.errors import UserError
-from mergedistill.eval.sweep import Axis, Variant, plan_sweep, split_values, student_results, write_outputs
+from mergedistill.experiments.sweep import Axis, Variant, plan_sweep, split_values, student_results, write_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
