@@ -20,7 +20,7 @@ help:
 	@echo "make compress  # the demo student pruned, quantized and distilled smaller, per language: runs/demo/compress/report.md"
 	@echo "make study     # the recipe study: each lever against the demo's recipe, then three seeds (runs/demo/sweep/<name>/report.md)"
 	@echo "make bench     # benchmarks (ratios measured side by side)"
-	@echo "make battery   # 85 bad inputs, full disks, read-only folders, kills and concurrent runs: a table of how each ends"
+	@echo "make battery   # 124 bad inputs, full disks, read-only folders, kills and concurrent runs: a table of how each ends"
 
 setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt

@@ -362,6 +362,9 @@ class ExtendConfig:
     language module, with the shared body frozen."""
     compare: list[str] = field(default_factory=list)
     """Other methods trained side by side on the same batches, for the report (not exported)."""
+    compare_mlm: bool = False
+    """With a teacher for the new language: also train the exported method with the MLM loss only (alpha 0) on
+    the same batches, reported as `<method>-mlm` (not exported): what distilling from the teacher adds."""
     mini_layers: Annotated[int, at_least(1)] | None = None
     """minipost: the mini-model's depth k (the student's first k layers); null: half the student's layers
     (at least 1). minijoint uses the layer the student was trained with."""

@@ -73,9 +73,10 @@ class TeacherTokenizer:
             from mergedistill.slow_tokenizers import SlowBackend
 
             return SlowBackend(self.reference)
+        # the teacher's tokenization, never padded or truncated (a tokenizer.json may be saved with either on)
         if self.reference is not None:
-            return self.reference.backend_tokenizer
-        return Tokenizer.from_str(json.dumps(self.tj, ensure_ascii=False))
+            return plain_backend(self.reference)
+        return plain_backend(Tokenizer.from_str(json.dumps(self.tj, ensure_ascii=False)))
 
     @cached_property
     def size(self) -> int:
@@ -151,6 +152,26 @@ class TeacherTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Teacher ids of each text, without special tokens."""
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def plain_backend(tokenizer) -> "Tokenizer":
+    """The tokenizer's Rust backend with no truncation or padding. transformers leaves the backend
+    truncating after a call with `truncation=True`, and a tokenizer.json may be saved with padding or
+    truncation on (a tokenizer saved after such a call): encoding with either would count pads or cut long
+    texts. A copy keeps the caller's tokenizer as it was."""
+    from tokenizers import Tokenizer
+
+    if not isinstance(tokenizer, Tokenizer) and not getattr(tokenizer, "is_fast", True):
+        from mergedistill.slow_tokenizers import slow_backend
+
+        return slow_backend(tokenizer)  # a slow (Python) tokenizer, behind the same interface
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
+    if backend.truncation is None and backend.padding is None:
+        return backend
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
 # ---- where a teacher's files come from -----------------------------------------------------------

@@ -1,6 +1,8 @@
 """Where teachers come from: local folders, and hub ids without a network (one attempt, then a message)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import make_config
@@ -76,3 +78,44 @@ def test_a_broken_tokenizer_file_is_named(tmp_path, tiny_teachers, fname):
     (folder / fname).write_text("{ not json")
     with pytest.raises(UserError, match=rf"teachers\.wp: .*{fname} is not valid JSON \(JSONDecodeError"):
         teachers.load_teacher_tokenizer("wp", TeacherConfig(path=str(folder)))
+
+
+def _saved_padding_and_truncating(src: Path, dst: Path, max_length: int) -> Path:
+    """A copy of teacher folder `src` whose tokenizer.json was saved with padding and truncation on (what
+    save_pretrained writes after a call with padding=True, truncation=True)."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text(encoding="utf-8"))
+    tj["truncation"] = {"direction": "Right", "max_length": max_length, "strategy": "LongestFirst", "stride": 0}
+    tj["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 1,
+                     "pad_type_id": 0, "pad_token": "<pad>"}
+    (dst / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    return dst
+
+
+def test_a_tokenizer_saved_padding_and_truncating_encodes_whole_texts(tmp_path, tiny_teachers):
+    """The vocab stage's corpus counts and the data stage read a teacher's raw backend: a tokenizer.json
+    saved with padding and truncation on must neither pad the shorter texts nor cut the longer ones."""
+    from transformers import AutoTokenizer
+
+    folder = _saved_padding_and_truncating(tiny_teachers["uni"], tmp_path / "uni", max_length=6)
+    texts = ["the cat sat on the mat and looked at the dog for a very long time indeed", "a cat"]
+    t = teachers.load_teacher_tokenizer("uni", TeacherConfig(path=str(folder)))
+    ref = AutoTokenizer.from_pretrained(str(tiny_teachers["uni"]))
+    expected = [ref(x, add_special_tokens=False)["input_ids"] for x in texts]
+    assert len(expected[0]) > 6
+    assert t.encode_batch(texts) == expected
+    assert t.reference(texts[0], add_special_tokens=False)["input_ids"] == expected[0]  # the teacher's own call
+
+
+def test_vocab_with_a_teacher_saved_truncating_keeps_the_pieces_of_long_lines(workdir, tiny_teachers, tiny_corpora):
+    """Pruning counts every piece of every line, beyond the saved max_length too, so the student tokenizer
+    writes what the teacher writes on long lines (the exact check would refuse the vocabulary otherwise)."""
+    folder = _saved_padding_and_truncating(tiny_teachers["uni"], workdir / "uni", max_length=4)
+    long = workdir / "long.txt"
+    long.write_text("\n".join(" ".join(tiny_corpora["ru"].read_text(encoding="utf-8").split()[i:i + 40])
+                              for i in range(0, 400, 40)) + "\n", encoding="utf-8")
+    cfg = make_config(workdir / "c.yaml", {"uni": folder}, {"ru": long}, {"ru": "uni"}, vocab={"prune": True})
+    assert main(["vocab", "--config", str(cfg)]) == 0

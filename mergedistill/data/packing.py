@@ -16,6 +16,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from mergedistill.teachers import plain_backend
+
 
 @dataclass
 class SpecialLayout:
@@ -37,22 +39,6 @@ class SpecialLayout:
         last_b = max(i for i, s in enumerate(seq) if s == 1)
         ids = enc.ids
         return cls(prefix=ids[:first_a], mid=ids[last_a + 1:first_b], suffix=ids[last_b + 1:])
-
-
-def plain_backend(tokenizer: PreTrainedTokenizerBase | Tokenizer) -> Tokenizer:
-    """The tokenizer's Rust backend with no truncation or padding. transformers leaves the backend
-    truncating after a call with `truncation=True`; a copy keeps the caller's tokenizer as it was."""
-    if not isinstance(tokenizer, Tokenizer) and not getattr(tokenizer, "is_fast", True):
-        from mergedistill.slow_tokenizers import slow_backend
-
-        return slow_backend(tokenizer)  # a slow (Python) tokenizer, behind the same interface
-    backend = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer.backend_tokenizer
-    if backend.truncation is None and backend.padding is None:
-        return backend
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_truncation()
-    copy.no_padding()
-    return copy
 
 
 def tokenize_documents(

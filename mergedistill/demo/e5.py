@@ -723,6 +723,10 @@ def save_teacher(out: str | os.PathLike, model: BertForMaskedLM, tokenizer: PreT
     """Write a standard HF folder atomically (built in a temporary sibling, renamed into place):
     model (safetensors) + tokenizer + README.md + pretrain.json (`meta`)."""
     out = Path(out)
+    # scoring calls it with padding and truncation on, which the backend keeps and save_pretrained would write
+    # into tokenizer.json: the teacher is saved as the hub's XLM-R tokenizer is, with neither
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

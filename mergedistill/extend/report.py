@@ -23,7 +23,7 @@ def goal_rows(results: dict[str, dict]) -> list[list]:
         return rows
     target = full["curve"]["values"][-1] - TOLERANCE
     for m, r in results.items():
-        if m == "full" or not r["curve"]["values"]:
+        if m == "full" or r.get("mlm_only") or not r["curve"]["values"]:  # a method without its teacher is no mini-model
             continue
         c = r["curve"]
         i = next((j for j, v in enumerate(c["values"]) if v >= target), None)

@@ -168,6 +168,9 @@ def preflight(cfg: RunConfig, lang: str) -> Plan:
         elif x.module_init not in export.languages:
             problems.append(f"extend.module_init: {x.module_init!r} is not a language of the student ({', '.join(export.languages)})")
     teacher = None
+    if x.compare_mlm and lc.teacher is None:
+        problems.append(f"extend.compare_mlm: {where} has no teacher, so every method is trained on the MLM loss only "
+                        f"already; name one (`{where}.teacher: <name>`) or set extend.compare_mlm: false")
     if lc.teacher is not None:
         try:
             teacher = load_teacher_tokenizer(lc.teacher, cfg.teachers[lc.teacher])
@@ -243,7 +246,8 @@ def _lines(cfg: RunConfig) -> int | None:
 def inputs_of(cfg: RunConfig, plan: Plan) -> dict:
     """What the learned parameters depend on (the exported method and the report settings aside)."""
     lc = plan.lc
-    x = {k: v for k, v in to_dict(cfg.extend).items() if k not in ("languages", "method", "compare", "old_lines", "device")}
+    x = {k: v for k, v in to_dict(cfg.extend).items()
+         if k not in ("languages", "method", "compare", "compare_mlm", "old_lines", "device")}
     return {
         "format": EXTEND_FORMAT, "language": plan.lang, "student": plan.student_fp, "vocab": plan.vrec["vocab"],
         "corpora": {s: corpus_fingerprint(getattr(lc, s)) for s in ("train", "valid", "test") if getattr(lc, s)},
@@ -477,18 +481,23 @@ def _load_module_state(student, name: str, state: dict[str, torch.Tensor]) -> No
 
 
 def run_method(cfg: RunConfig, plan: Plan, method: str, base, nv: NewVocab, init: tuple[torch.Tensor, torch.Tensor], batches,
-               curve_set: list[Batch], inputs: dict, work: Path, device, guard: Guard | None = None) -> tuple[object, dict]:
+               curve_set: list[Batch], inputs: dict, work: Path, device, guard: Guard | None = None,
+               mlm_only: bool = False) -> tuple[object, dict]:
     """Train one method (or reuse its saved parameters when its inputs are unchanged). Returns the
-    plugged student (on the CPU) and the method's figures."""
+    plugged student (on the CPU) and the method's figures. `mlm_only`: the MLM loss alone (alpha 0) on the same
+    batches, whatever the teacher (extend.compare_mlm), saved under `<method>-mlm`."""
     from safetensors.torch import load_file, save_file
 
     x = cfg.extend
-    folder = work / "methods" / method
-    inputs = {**inputs, "method": method, "k": plan.k_post if method == "minipost" else plan.k_joint, "flops_rules": FLOPS_RULES}
+    name = f"{method}-mlm" if mlm_only else method
+    alpha = 0.0 if mlm_only else _alpha(cfg, plan)
+    folder = work / "methods" / name
+    inputs = {**inputs, "method": method, "k": plan.k_post if method == "minipost" else plan.k_joint, "flops_rules": FLOPS_RULES,
+              "alpha": alpha}
     student, lang_id, module = _student_for(base, plan, method, x.module_init)
     done = read_json_or_none(folder / "result.json")
     if done is not None and done.get("inputs") == inputs and (folder / "params.safetensors").is_file():
-        log.info("extend %s: %s is trained for these inputs (%s); reusing it", plan.lang, method, folder)
+        log.info("extend %s: %s is trained for these inputs (%s); reusing it", plan.lang, name, folder)
         params = load_file(str(folder / "params.safetensors"))
         if module is not None and method == "xmod":
             _load_module_state(student, module, {k[7:]: v for k, v in params.items() if k.startswith("module.")})
@@ -505,16 +514,17 @@ def run_method(cfg: RunConfig, plan: Plan, method: str, base, nv: NewVocab, init
     pred_ids = predicted.nonzero().squeeze(1)
     out_ids = pred_ids if x.softmax == "language" else None
     adapter.train()
-    res = train_loop(adapter.trainable(), adapter_step(adapter, out_ids, _alpha(cfg, plan), cfg.train.temperature, guard), batches,
+    res = train_loop(adapter.trainable(), adapter_step(adapter, out_ids, alpha, cfg.train.temperature, guard), batches,
                      adapter_flops(adapter, out_ids, guard), steps=x.steps, lr=x.lr, warmup=x.warmup_steps,
-                     weight_decay=x.weight_decay, device=device, label=f"extend {plan.lang} {method}",
+                     weight_decay=x.weight_decay, device=device, label=f"extend {plan.lang} {name}",
                      curve_fn=(lambda: curve_accuracy(adapter, curve_set, pred_ids, device)) if curve_set else None,
                      eval_every=x.eval_every, seed=x.seed)
     adapter.eval()
     trained = sum(p.numel() for _, p in adapter.trainable())
     result = {"trainable": trained, "steps": res.steps, "seconds": res.seconds, "flops": res.flops, "first_loss": res.first_loss,
               "last_loss": res.last_loss, "curve": res.curve.__dict__,
-              "k": adapter.k, "setup_seconds": setup.get("seconds", 0.0), "setup_flops": setup.get("flops", 0.0)}
+              "k": adapter.k, "setup_seconds": setup.get("seconds", 0.0), "setup_flops": setup.get("flops", 0.0),
+              "alpha": alpha, "mlm_only": mlm_only}
     params = {"rows": rows.rows.detach().cpu(), "bias": rows.bias.detach().cpu()}
     if method == "xmod":
         params.update({f"module.{k}": v for k, v in _module_state(student, module).items()})
@@ -553,7 +563,8 @@ def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
     x, e = cfg.extend, cfg.eval
     out = extend_dir(cfg, language)
     inputs = inputs_of(cfg, plan)
-    state_inputs = {**inputs, "method": x.method, "methods": plan.methods, "old_lines": x.old_lines, "eval": to_dict(e)}
+    state_inputs = {**inputs, "method": x.method, "methods": plan.methods, "compare_mlm": x.compare_mlm, "old_lines": x.old_lines,
+                    "eval": to_dict(e)}
     if force and out.exists():
         shutil.rmtree(out)
     done = read_json_or_none(out / "state.json")
@@ -592,8 +603,12 @@ def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
     plugged, results = {}, {}
     for m in plan.methods:
         plugged[m], results[m] = run_method(cfg, plan, m, base, nv, init, batches, curve_set, inputs, work, device, guard)
+    if x.compare_mlm:  # the exported method without its teacher, on the same batches (preflight: there is a teacher)
+        name = f"{x.method}-mlm"
+        plugged[name], results[name] = run_method(cfg, plan, x.method, base, nv, init, batches, curve_set, inputs, work, device,
+                                                  guard, mlm_only=True)
 
-    log.info("extend %s: evaluating %s on the test split and the old languages", language, ", ".join(plan.methods))
+    log.info("extend %s: evaluating %s on the test split and the old languages", language, ", ".join(plugged))
     test = sample_lines(plan.lc.test, f"extend.languages.{language}.test", None)  # type: ignore[arg-type]
     acc_texts, pll_texts = spread_subset(test, e.max_lines, e.seed), spread_subset(test, e.pll_lines, e.seed)
     unit = "char" if language in e.char_languages else "word"
@@ -608,7 +623,7 @@ def run_extend(cfg: RunConfig, *, language: str, force: bool = False) -> Path:
         teacher_eval = (teacher_model.eval(), inverse_idmap(nv.idmap, nv.vocab.size), t_allowed, nv.idmap.astype(np.int64))
     original = base.to(device)
     old: dict[str, dict[str, dict]] = {}
-    for m in plan.methods:
+    for m in list(plugged):
         model = ev.with_language(plugged[m].to(device).eval(), language)
         results[m]["test"] = ev.new_language_metrics(
             model, tok, acc_texts, pll_texts, predicted, seq_len=seq_len, mask_prob=e.mask_prob, seed=e.seed,
@@ -720,6 +735,8 @@ def _card_section(plan: Plan, nv: NewVocab, method: str, sub: str, test: dict | 
 
 
 DEFINITIONS = """\
+- **<method>-mlm** (extend.compare_mlm): the exported method trained on the same batches with the MLM loss
+  only (alpha 0), the teacher's top-k unused: what distilling from the teacher adds.
 - **train s / train FLOPs**: wall time of the training steps themselves (forward, backward, optimizer; batch
   reading and learning-curve evaluations excluded), measured; FLOPs estimated from the shapes each step
   computes (extend/flops.py: matrix products, backward = 1x forward through frozen matrices, 2x for trained ones).

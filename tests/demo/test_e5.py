@@ -546,3 +546,18 @@ pretrained:
     assert "pretrained.e5b.model_file: no file 'nowhere.bin'" in msg
     assert "lr_hed" in msg and "did you mean 'lr_head'" in msg
     assert "xx/train.txt" in msg
+
+
+def test_the_teacher_is_saved_without_padding_or_truncation(tiny, tmp_path):
+    """Scoring calls the tokenizer with padding and truncation on, and the backend keeps them: the saved
+    tokenizer.json must not (the vocab and data stages would otherwise read padded, cut texts)."""
+    import json
+
+    path, _ = tiny
+    e5 = read_e5_file(path)
+    tok, model = et.e5_tokenizer(e5), et.e5_masked_lm(e5)
+    tok(["hello world!", "hello"], padding=True, truncation=True, max_length=8)
+    assert tok.backend_tokenizer.padding is not None  # what the save must not keep
+    out = et.save_teacher(tmp_path / "e5", model, tok, "readme", {})
+    saved = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert saved["padding"] is None and saved["truncation"] is None

@@ -341,3 +341,30 @@ def test_with_nothing_new_an_xmod_student_trains_the_module_alone(run, tiny_teac
         ids = tok(_lines(lang)[:6], padding=True, truncation=True, max_length=32, return_tensors="pt")  # the run's seq_len
         with torch.no_grad():
             assert torch.equal(use_language(old, lang)(**ids).logits, use_language(new, lang)(**ids).logits), lang
+
+
+def test_compare_mlm_trains_the_method_without_its_teacher_on_the_same_batches(run, tiny_teachers):
+    """extend.compare_mlm: the exported method again with alpha 0 (MLM only) on the same batches, reported beside
+    it as `<method>-mlm` and never exported; the two learn different rows from the same start."""
+    from safetensors.torch import load_file
+
+    cfg = write(run, tiny_teachers, "c_mlm.yaml", steps=6, eval_every=3, compare=[], method="full", compare_mlm=True)
+    assert main(["extend", "--config", cfg, "--language", "fr"]) == 0
+    out = run / "runs/t/extend/fr"
+    kd, mlm = (load_file(str(out / f"work/methods/{m}/params.safetensors")) for m in ("full", "full-mlm"))
+    assert kd["rows"].shape == mlm["rows"].shape and not torch.equal(kd["rows"], mlm["rows"])
+    results = {m: json.loads((out / f"work/methods/{m}/result.json").read_text())["result"] for m in ("full", "full-mlm")}
+    assert results["full"]["alpha"] == 0.5 and results["full-mlm"]["alpha"] == 0.0 and results["full-mlm"]["mlm_only"]
+    assert results["full"]["steps"] == results["full-mlm"]["steps"] == 6
+    report = (out / "report.md").read_text()
+    assert "| full-mlm |" in report and "| full (exported) |" in report
+    assert {r.split(",")[0] for r in (out / "results.csv").read_text().splitlines()[1:]} == {"full", "full-mlm"}
+    assert json.loads((out / "export/mergedistill.json").read_text())["extended"]["method"] == "full"
+
+
+def test_compare_mlm_without_a_teacher_is_refused(run, tiny_teachers, capsys):
+    cfg = config(run, tiny_teachers, compare=[], method="full", compare_mlm=True)
+    del cfg["extend"]["languages"]["fr"]["teacher"]
+    (run / "c_noteacher.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["extend", "--config", "c_noteacher.yaml", "--language", "fr"]) == 2
+    assert "extend.compare_mlm: extend.languages.fr has no teacher" in capsys.readouterr().err
