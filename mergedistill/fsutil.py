@@ -82,6 +82,24 @@ def writing(target: str | os.PathLike, tmp: str | os.PathLike | None = None) -> 
         raise cannot_write(where, e) from None
 
 
+@contextlib.contextmanager
+def library_write_errors(path: str | Path) -> Iterator[None]:
+    """Run a block that writes `path` through a Rust-backed library (safetensors, tokenizers), which raises a
+    failed write as a plain exception ("... No space left on device (os error 28)"): re-raised as the OSError
+    it is, naming `path`, so that `atomic_dir` / `atomic_path` report a file that cannot be written (exit 2)
+    instead of an internal error."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def make_dirs(path: str | os.PathLike) -> Path:
     """`mkdir -p path`, a failure raised as WriteError."""
     path = Path(path)

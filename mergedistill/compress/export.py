@@ -14,13 +14,9 @@ has one head count for all layers); `quantize.load_quantized(folder)` for int8. 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 from torch import nn
 
@@ -30,7 +26,7 @@ from mergedistill.compress.quantize import load_quantized, save_quantized
 from mergedistill.compress.structured import load_pruned, needs_pruned_class
 from mergedistill.compress.variants import Variant
 from mergedistill.eval.models import Export
-from mergedistill.fsutil import atomic_dir, read_json_or_none
+from mergedistill.fsutil import atomic_dir, library_write_errors, read_json_or_none
 
 RECORD = "mergedistill.json"
 
@@ -46,24 +42,6 @@ def loader_of(model: nn.Module, quantized: bool) -> str:
     if quantized:
         return "load_quantized"
     return "load_pruned" if needs_pruned_class(model.config) else "from_pretrained"
-
-
-@contextlib.contextmanager
-def library_write_errors(path: str | Path) -> Iterator[None]:
-    """Run a block that writes `path` through a Rust-backed library (safetensors, tokenizers), which raises a
-    failed write as a plain exception ("... No space left on device (os error 28)"): re-raised as the OSError
-    it is, naming `path`, so that `atomic_dir` / `atomic_path` report a file that cannot be written (exit 2)
-    instead of an internal error. (The extend stage uses it too; its home would be fsutil.writing.)"""
-    try:
-        yield
-    except OSError:
-        raise
-    except Exception as e:
-        m = re.search(r"\(os error (\d+)\)", str(e))
-        if m is None:
-            raise
-        code = int(m.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def write_variant(folder: Path, model: nn.Module, student: Export, variant: Variant, inputs: dict, quantized: bool = False,

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from mergedistill import __version__
-from mergedistill.compress.export import library_write_errors
 from mergedistill.config import LanguageConfig, RunConfig, TeacherConfig
 from mergedistill.configlib import to_dict
 from mergedistill.corpus import check_corpus, corpus_fingerprint, iter_lines, sample_lines, spread_subset
@@ -55,7 +54,14 @@ from mergedistill.extend.vocab import (
     predicted_ids,
     unigram_bias,
 )
-from mergedistill.fsutil import atomic_dir, atomic_path, read_json_or_none, write_json_atomic, write_text_atomic
+from mergedistill.fsutil import (
+    atomic_dir,
+    atomic_path,
+    library_write_errors,
+    read_json_or_none,
+    write_json_atomic,
+    write_text_atomic,
+)
 from mergedistill.lock import exclusive
 from mergedistill.models.xmod import is_xmod
 from mergedistill.preflight import seq_len_problems, top_k_problems
